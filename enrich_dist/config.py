@@ -1,0 +1,169 @@
+"""Configuration: one dataclass per stage, a run config that holds them, sizes as counts or fractions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Size = Union[int, float, str]
+
+
+def parse_size(value: Size) -> int | float:
+    """A size written with a decimal point is a fraction of the archive, an integer is a count."""
+    if isinstance(value, bool):
+        raise ValueError(f"size must be a number, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"a fractional size must be in (0, 1], got {value}")
+        return value
+    text = str(value).strip()
+    if "." in text or "e" in text.lower():
+        return parse_size(float(text))
+    try:
+        return parse_size(int(text))
+    except ValueError:
+        raise ValueError(f"size {value!r} is neither a count (5000) nor a fraction (0.44)") from None
+
+
+def resolve_size(value: Size, n: int) -> int:
+    """A size as a count of images out of ``n`` (fractions round to nearest, at least 1 when n > 0)."""
+    size = parse_size(value)
+    if isinstance(size, float):
+        return min(n, max(1 if n > 0 else 0, int(round(size * n))))
+    return min(n, size)
+
+
+def parse_list(value: str | list | tuple, item=float) -> list:
+    """``"0.5,0.7"`` or a list into a list of ``item``."""
+    if isinstance(value, (list, tuple)):
+        return [item(v) for v in value]
+    return [item(v) for v in str(value).split(",") if v.strip()]
+
+
+@dataclass
+class ManifestConfig:
+    """How the archive is scanned."""
+
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".bmp")
+    shard_size: int = 4096
+
+
+@dataclass
+class EncoderConfig:
+    """The beta-VAE and its training (Burgess et al. architecture, 64x64 inputs)."""
+
+    sample: Size = 5000
+    epochs: int = 20
+    beta: float = 4.0
+    latent_dim: int = 128
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class EmbedConfig:
+    """The embedding stage's actor pool."""
+
+    batch_size: int = 256
+    num_actors: int | None = None
+    decode_threads: int = 2
+    device: str = "auto"
+
+
+@dataclass
+class SimilarityConfig:
+    """Blocked all-pairs similarity."""
+
+    block_size: int = 4096
+    top_k: int = 10
+    thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
+    bins: int = 200
+
+
+@dataclass
+class SelectConfig:
+    """Greedy selection (the paper's batch mode by default)."""
+
+    mode: str = "batch"
+    seed_size: Size = 0.022
+    batch_size: Size = 0.11
+    budgets: tuple[float, ...] = (0.07, 0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 1.0)
+    replicates: int = 10
+    aggregate: str = "max"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; stored (without secrets) in ``run.json``."""
+
+    input: str | None = None
+    output: str = "run"
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a nested dict; unknown keys are an error naming the key."""
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in sections:
+                raise ValueError(f"unknown config key {key!r}; known: {sorted(sections)}")
+            sub = _SECTION_TYPES.get(key)
+            kwargs[key] = _build(sub, value, key) if sub else value
+        return cls(**kwargs)
+
+
+_SECTION_TYPES = {
+    "manifest": ManifestConfig,
+    "encoder": EncoderConfig,
+    "embed": EmbedConfig,
+    "similarity": SimilarityConfig,
+    "select": SelectConfig,
+}
+
+
+def _build(cls, value: dict[str, Any], where: str):
+    if not isinstance(value, dict):
+        raise ValueError(f"config section {where!r} must be a mapping, got {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise ValueError(f"unknown keys in config section {where!r}: {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+def load_config(path: str | None) -> RunConfig:
+    """Read a YAML or JSON config file (or return defaults when ``path`` is None)."""
+    if path is None:
+        return RunConfig()
+    from .storage import read_uri
+
+    text = read_uri(path).decode("utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    try:
+        return RunConfig.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

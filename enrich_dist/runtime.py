@@ -1,0 +1,84 @@
+"""The only module that starts or attaches Ray, and reads what the cluster offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Environment passed to every Ray worker: S3 endpoint/credentials and botocore checksum settings.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "ENRICH_PSEUDONYM_KEY",
+)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """CPUs and GPUs the attached Ray cluster has in total."""
+
+    cpus: int
+    gpus: int
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Resources]:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; shut down only what we started.
+
+    Reuses an already-initialised Ray (tests share one session-wide instance).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield cluster_resources()
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {
+        "runtime_env": {"env_vars": _worker_env()} if _worker_env() else None,
+        "log_to_driver": True,
+        "configure_logging": False,
+    }
+    if address:
+        log.info("attaching to Ray at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    _quiet_ray_data()
+    try:
+        yield cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def cluster_resources() -> Resources:
+    """Total CPUs and GPUs of the attached cluster (GPU count 0 when there are none)."""
+    import ray
+
+    res = ray.cluster_resources()
+    return Resources(cpus=int(res.get("CPU", 0)), gpus=int(res.get("GPU", 0)))
+

@@ -1,0 +1,79 @@
+"""Arrow schemas of the artifacts every stage exchanges (the contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MANIFEST_DIR = "manifest"
+ENCODER_DIR = "encoder"
+EMBEDDINGS_DIR = "embeddings"
+SIMILARITY_DIR = "similarity"
+NEIGHBORS_DIR = "similarity/neighbors"
+SELECTION_DIR = "selection"
+REPORT_DIR = "report"
+
+MANIFEST = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("patient_id", pa.string()),
+        ("clip_id", pa.string()),
+        ("frame", pa.int32()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("mask_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+OPTIONAL_MANIFEST_COLUMNS = ("patient_id", "clip_id", "frame", "label", "split", "mask_uri")
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """``image_id`` and an L2-normalised float32 vector of length ``dim``."""
+    return pa.schema([("image_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+EMBED_ERRORS = pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("error", pa.string())])
+
+
+def neighbors_schema(thresholds: tuple[float, ...] | list[float]) -> pa.Schema:
+    """Per-image nearest neighbours and threshold counts."""
+    fields = [
+        ("image_id", pa.int64()),
+        ("max_sim", pa.float32()),
+        ("nn_ids", pa.list_(pa.int64())),
+        ("nn_sims", pa.list_(pa.float32())),
+    ]
+    fields += [(threshold_column(t), pa.int64()) for t in thresholds]
+    return pa.schema(fields)
+
+
+def threshold_column(t: float) -> str:
+    """Column name of the count of neighbours strictly above ``t`` (``n_above_0.7``)."""
+    return f"n_above_{t:g}"
+
+
+RANKING = pa.schema(
+    [
+        ("replicate", pa.int32()),
+        ("rank", pa.int64()),
+        ("image_id", pa.int64()),
+        ("is_seed", pa.bool_()),
+        ("round", pa.int32()),
+        ("score", pa.float32()),
+    ]
+)
+
+SUBSETS = pa.schema(
+    [
+        ("method", pa.string()),
+        ("replicate", pa.int32()),
+        ("budget", pa.float64()),
+        ("n_images", pa.int64()),
+        ("n_patients", pa.int64()),
+        ("n_clips", pa.int64()),
+        ("label_counts", pa.map_(pa.string(), pa.int64())),
+    ]
+)

@@ -1,0 +1,272 @@
+"""One run-directory abstraction over fsspec: every stage reads and writes through it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+DONE_NAME = "_SUCCESS"
+
+
+def shard_name(index: int, ext: str = "parquet") -> str:
+    """Fixed, zero-padded shard file name (``part-00007.parquet``)."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"part-{index:05d}.{ext}"
+
+
+def shard_index(name: str) -> int:
+    """Inverse of :func:`shard_name` for a base name like ``part-00007.parquet``."""
+    base = posixpath.basename(name)
+    if not base.startswith("part-"):
+        raise ValueError(f"not a shard file name: {name!r}")
+    return int(base[len("part-") :].split(".", 1)[0])
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into (protocol, path); plain paths are ``file``."""
+    if "://" in uri:
+        protocol, path = uri.split("://", 1)
+        return protocol, path
+    return "file", os.path.abspath(os.path.expanduser(uri))
+
+
+def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for a path or URI."""
+    protocol, path = split_uri(uri)
+    fs = fsspec.filesystem(protocol, **(storage_options or {}) if protocol != "file" else {})
+    if protocol == "file":
+        return fs, path
+    return fs, path.rstrip("/")
+
+
+def join_uri(base: str, rel: str) -> str:
+    """Join a relative path onto a path or URI."""
+    if "://" in base:
+        return base.rstrip("/") + "/" + rel.lstrip("/")
+    return os.path.join(base, rel)
+
+
+def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
+    """Read one whole file given by path or URI."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file found under an input prefix."""
+
+    uri: str
+    size: int
+
+
+def walk_files(uri: str, storage_options: dict | None = None) -> list[FileInfo]:
+    """All files below a folder or URI prefix, recursively, sorted by URI (hidden files skipped)."""
+    fs, root = filesystem(uri, storage_options)
+    protocol, _ = split_uri(uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"input {uri!r} does not exist: check the path or URI")
+    if not fs.isdir(root):
+        return [FileInfo(uri, int(fs.size(root)))]
+    found = fs.find(root, detail=True, withdirs=False)
+    out = []
+    for path, info in found.items():
+        rel = posixpath.relpath(path, root) if protocol != "file" else os.path.relpath(path, root)
+        if any(part.startswith(".") for part in rel.replace(os.sep, "/").split("/")):
+            continue
+        full = path if protocol == "file" else f"{protocol}://{path}"
+        out.append(FileInfo(full, int(info.get("size") or 0)))
+    out.sort(key=lambda f: f.uri)
+    return out
+
+
+class RunDir:
+    """A run directory (local folder or object-store prefix) with atomic, resumable writes.
+
+    Files are written whole to a temporary name and committed by rename on local disks; on object
+    stores a single PUT is already atomic, so the object appears only when complete. A stage marks
+    itself complete with a ``_SUCCESS`` file written last.
+    """
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+        self.storage_options = dict(storage_options or {})
+        self.protocol, _ = split_uri(self.uri)
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["uri"], state["storage_options"])
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs, self._root = filesystem(self.uri, self.storage_options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 - resolves root
+        assert self._root is not None
+        return self._root
+
+    def path(self, rel: str) -> str:
+        """Path inside the filesystem for a path relative to the run dir."""
+        if rel in ("", "."):
+            return self.root
+        return posixpath.join(self.root, rel) if not self.is_local else os.path.join(self.root, rel)
+
+    def uri_of(self, rel: str) -> str:
+        """Full URI (or local path) of a file in the run dir."""
+        return join_uri(self.uri, rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def listdir(self, rel: str, suffix: str = "") -> list[str]:
+        """Committed file names (relative to the run dir) directly under ``rel``, sorted."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        names = []
+        for entry in self.fs.ls(base, detail=False):
+            name = posixpath.basename(entry.rstrip("/"))
+            if name.startswith(TMP_PREFIX) or not name.endswith(suffix):
+                continue
+            if self.fs.isdir(entry):
+                continue
+            names.append(posixpath.join(rel, name))
+        return sorted(names)
+
+    def shards(self, rel: str, ext: str = "parquet") -> dict[int, str]:
+        """Committed ``part-NNNNN`` shards under ``rel`` by index."""
+        out = {}
+        for name in self.listdir(rel, suffix="." + ext):
+            base = posixpath.basename(name)
+            if base.startswith("part-"):
+                out[shard_index(base)] = name
+        return dict(sorted(out.items()))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open(self.path(rel), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.uri_of(rel)} not found") from exc
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file atomically: it is either absent or complete."""
+        path = self.path(rel)
+        if self.is_local:
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel).decode("utf-8"))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        """Write one Parquet file atomically."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet file, or every committed shard of a folder concatenated in shard order."""
+        if rel.endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+        shards = self.shards(rel)
+        if not shards:
+            raise FileNotFoundError(f"no committed shards under {self.uri_of(rel)}")
+        return pa.concat_tables(
+            [pq.read_table(pa.BufferReader(self.read_bytes(p)), columns=columns) for p in shards.values()]
+        )
+
+    def remove(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def is_done(self, stage: str) -> bool:
+        return self.exists(posixpath.join(stage, DONE_NAME))
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        """Write the stage's completion marker last."""
+        self.write_json(posixpath.join(stage, DONE_NAME), info)
+
+    def clear_done(self, stage: str) -> None:
+        self.remove(posixpath.join(stage, DONE_NAME))
+
+    def remove_stale_tmp(self, rel: str) -> int:
+        """Delete temporary files a crashed writer left under ``rel``; returns how many."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return 0
+        stale = [e for e in self.fs.find(base) if posixpath.basename(e).startswith(TMP_PREFIX)]
+        for entry in stale:
+            self.fs.rm(entry)
+        return len(stale)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def uris_exist(uris: Iterable[str], storage_options: dict | None = None) -> list[bool]:
+    """Whether each URI exists (one filesystem per protocol)."""
+    out = []
+    cache: dict[str, fsspec.AbstractFileSystem] = {}
+    for uri in uris:
+        protocol, path = split_uri(uri)
+        if protocol not in cache:
+            cache[protocol] = filesystem(uri, storage_options)[0]
+        out.append(cache[protocol].exists(path))
+    return out
