@@ -82,3 +82,24 @@ def cluster_resources() -> Resources:
     res = ray.cluster_resources()
     return Resources(cpus=int(res.get("CPU", 0)), gpus=int(res.get("GPU", 0)))
 
+
+
+def as_completed(refs: list, label: str, logger: logging.Logger | None = None, every: float = 0.1) -> Iterator:
+    """Yield (index, result) of Ray object refs as they finish, logging progress every ``every`` share."""
+    import time
+
+    import ray
+
+    logger = logger or log
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    total, done, next_log, start = len(refs), 0, every, time.monotonic()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            yield index[ref], ray.get(ref)
+            done += 1
+        if total and (done / total >= next_log or not pending):
+            rate = done / max(time.monotonic() - start, 1e-9)
+            logger.info("%s: %d/%d done (%.0f%%, %.1f/s)", label, done, total, 100 * done / total, rate)
+            next_log = (int(done / total / every) + 1) * every

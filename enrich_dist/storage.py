@@ -232,6 +232,13 @@ class RunDir:
         """Write the stage's completion marker last."""
         self.write_json(posixpath.join(stage, DONE_NAME), info)
 
+    def require(self, stage: str, command: str) -> None:
+        """Raise a clear error naming ``command`` when ``stage`` has not completed in this run dir."""
+        if not self.is_done(stage):
+            raise FileNotFoundError(
+                f"{self.uri} has no completed {stage!r} stage: run `enrich {command} --output {self.uri}` first"
+            )
+
     def clear_done(self, stage: str) -> None:
         self.remove(posixpath.join(stage, DONE_NAME))
 

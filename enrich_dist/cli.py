@@ -1,0 +1,151 @@
+"""The ``enrich`` command line: parses arguments and calls the pipeline, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import RunConfig, load_config, parse_list, parse_size
+from .pipeline import STAGES, run_stages
+from .storage import join_uri
+
+log = logging.getLogger("enrich_dist")
+
+# option -> (config section, field, parser)
+_OVERRIDES = {
+    "sample": ("encoder", "sample", parse_size),
+    "epochs": ("encoder", "epochs", int),
+    "beta": ("encoder", "beta", float),
+    "latent_dim": ("encoder", "latent_dim", int),
+    "embed_batch_size": ("embed", "batch_size", int),
+    "device": ("embed", "device", str),
+    "block_size": ("similarity", "block_size", int),
+    "top_k": ("similarity", "top_k", int),
+    "thresholds": ("similarity", "thresholds", lambda v: tuple(parse_list(v))),
+    "mode": ("select", "mode", str),
+    "seed_size": ("select", "seed_size", parse_size),
+    "batch_size": ("select", "batch_size", parse_size),
+    "budgets": ("select", "budgets", lambda v: tuple(parse_size(b) for b in parse_list(v, str))),
+    "replicates": ("select", "replicates", int),
+    "aggregate": ("select", "aggregate", str),
+    "seed": ("select", "seed", int),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="run directory: local folder or URI (s3://bucket/prefix)")
+    p.add_argument("--config", help="YAML or JSON config file (sections: manifest, encoder, embed, similarity, select)")
+    p.add_argument("--ray-address", help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument(
+        "--storage-options", type=json.loads, default=None,
+        help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials come from the environment',
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _encoder_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
+    p.add_argument("--epochs", help="training epochs (default 20)")
+    p.add_argument("--beta", help="KL weight of the beta-VAE (default 4)")
+    p.add_argument("--latent-dim", help="embedding size (default 128)")
+
+
+def _embed_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embed-batch-size", help="images per encoder batch (default 256)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="encoder device (default auto: GPU if Ray has one)")
+
+
+def _similarity_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", help="rows per similarity block (default 4096)")
+    p.add_argument("--top-k", help="neighbours kept per image (default 10)")
+    p.add_argument("--thresholds", help="similarity thresholds (default 0.5,0.7,0.9)")
+
+
+def _select_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["batch", "exact"], help="batch (the paper) or exact farthest-first")
+    p.add_argument("--seed-size", help="random seed set: count or fraction (default 0.022)")
+    p.add_argument("--batch-size", help="images added per round in batch mode: count or fraction (default 0.11)")
+    p.add_argument("--budgets", help="subset sizes to report, fractions or counts (default 0.07,...,1.0)")
+    p.add_argument("--replicates", help="independent rankings from different seeds (default 10)")
+    p.add_argument("--aggregate", choices=["max", "mean"], help="similarity to the chosen set (default max)")
+    p.add_argument("--seed", help="random seed of the selection (and, for demo, of the synthetic archive; default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``enrich`` command."""
+    parser = argparse.ArgumentParser(prog="enrich", description="ENRICH redundancy analysis for image archives")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="make a synthetic echo archive in RUN/archive, then run every stage")
+    demo.add_argument("--images", type=int, default=3000, help="synthetic images (default 3000)")
+    run = sub.add_parser("run", help="every stage in order")
+    run.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
+    man = sub.add_parser("manifest", help="list the archive's images")
+    man.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
+    enc = sub.add_parser("train-encoder", help="fit the beta-VAE on a sample")
+    emb = sub.add_parser("embed", help="embed every image")
+    sim = sub.add_parser("similarity", help="all-pairs cosine similarity statistics")
+    sel = sub.add_parser("select", help="rank images from least to most redundant")
+    rep = sub.add_parser("report", help="write report/index.html")
+    for p in (demo, run, man, enc, emb, sim, sel, rep):
+        _common(p)
+    for p in (demo, run, enc):
+        _encoder_opts(p)
+    for p in (demo, run, emb):
+        _embed_opts(p)
+    for p in (demo, run, sim):
+        _similarity_opts(p)
+    for p in (demo, run, sel):
+        _select_opts(p)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config: file (if any), then command-line overrides."""
+    cfg = load_config(args.config)
+    cfg.output = args.output
+    cfg.input = getattr(args, "input", None) or cfg.input
+    cfg.ray_address = args.ray_address or cfg.ray_address
+    cfg.num_cpus = args.num_cpus or cfg.num_cpus
+    for opt, (section, field, parse) in _OVERRIDES.items():
+        value = getattr(args, opt, None)
+        if value is not None:
+            try:
+                setattr(getattr(cfg, section), field, parse(value))
+            except ValueError as exc:
+                raise ValueError(f"--{opt.replace('_', '-')} {value!r}: {exc}") from None
+    return cfg
+
+
+def _stages_for(command: str) -> tuple[str, ...]:
+    if command in ("run", "demo"):
+        return STAGES
+    return (command,)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``enrich`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        cfg = config_from_args(args)
+        if args.command == "demo":
+            from .datasets import make_echo_archive
+            from .storage import RunDir
+
+            archive = join_uri(cfg.output, "archive")
+            if not RunDir(archive, args.storage_options).exists("manifest.csv"):
+                make_echo_archive(archive, args.images, int(args.seed or 0), storage_options=args.storage_options)
+            cfg.input = join_uri(archive, "manifest.csv")
+        results = run_stages(cfg, _stages_for(args.command), args.storage_options)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    if "report" in results:
+        log.info("report: %s", join_uri(cfg.output, "report/index.html"))
+    return 0

@@ -1,0 +1,414 @@
+"""A seeded synthetic fetal-echocardiography archive at the paper's shape (ECHO-F).
+
+Patients -> clips -> consecutive frames. Each frame is a 300x400 grayscale ultrasound sector with
+speckle; anatomy and gain are per patient, probe pose per clip, cardiac motion per frame, so frames
+of one clip are near-duplicates and clips of one patient are similar. Two labels: ``A4C`` (apical
+four-chamber view) and ``NT`` (non-target views: a short-axis ring ``SAX`` or the three-vessel view
+``3VV``). Masks hold 0 for background and 1..4 for the chambers named in :data:`CHAMBERS`; NT
+frames have all-zero masks, because the four-chamber segmentation task is defined on A4C frames only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from ..storage import RunDir
+
+logger = logging.getLogger("enrich_dist.datasets")
+
+HEIGHT, WIDTH = 300, 400
+CHAMBERS = ("LV", "RV", "LA", "RA")
+VIEWS = ("A4C", "SAX", "3VV")
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("uri", "mask_uri", "patient_id", "clip_id", "frame", "label", "split")
+
+# ECHO-F training set in the paper: 45,460 images (20,378 A4C), 933 patients, 4,344 clips.
+FRAMES_PER_CLIP = 45460 / 4344
+CLIPS_PER_PATIENT = 4344 / 933
+A4C_FRACTION = 20378 / 45460
+TEST_FRACTION = 0.15
+
+APEX_X, APEX_Y = WIDTH / 2, 8.0
+SECTOR_RADIUS = 282.0
+SECTOR_HALF_ANGLE = math.radians(40.0)
+BLOOD = 0.05
+FLUID = 0.06
+EDGE = 0.08
+SPECKLE_SHAPE = (150, 100)
+SPECKLE_MEMORY = 0.7
+PNG_COMPRESS_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class PatientParams:
+    """Anatomy and machine settings shared by every clip of one patient."""
+
+    heart_size: float
+    aspect: float
+    chamber_scale: tuple[float, float, float, float]
+    wall: float
+    wall_brightness: float
+    tissue_brightness: float
+    thorax_scale: float
+    maternal_depth: float
+    orientation: float
+    gain: float
+    beat_frames: float
+    motion: float
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """View and probe pose of one clip."""
+
+    view: str
+    rotation: float
+    center: tuple[float, float]
+    depth: float
+    phase: float
+
+    @property
+    def label(self) -> str:
+        """``A4C`` or ``NT``."""
+        return "A4C" if self.view == "A4C" else "NT"
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """One blood pool with its wall, in heart units (u to the right, w down)."""
+
+    center: tuple[float, float]
+    radii: tuple[float, float]
+    group: str
+    wall: float
+    mask_value: int
+    carved: bool = False
+
+
+@dataclass(frozen=True)
+class _ClipPlan:
+    """Everything a worker needs to render and write one clip."""
+
+    patient_id: str
+    clip_id: str
+    label: str
+    split: str
+    n_frames: int
+    rng_seed: int
+    patient: PatientParams
+    clip: ClipParams
+
+
+def sample_patient(rng: np.random.Generator) -> PatientParams:
+    """Draw one patient's anatomy and gain."""
+    return PatientParams(
+        heart_size=float(rng.uniform(48.0, 66.0)),
+        aspect=float(rng.uniform(0.9, 1.1)),
+        chamber_scale=tuple(float(s) for s in rng.uniform(0.85, 1.15, 4)),
+        wall=float(rng.uniform(0.25, 0.45)),
+        wall_brightness=float(rng.uniform(0.65, 0.95)),
+        tissue_brightness=float(rng.uniform(0.22, 0.38)),
+        thorax_scale=float(rng.uniform(1.6, 2.0)),
+        maternal_depth=float(rng.uniform(30.0, 60.0)),
+        orientation=float(rng.uniform(-0.7, 0.7)),
+        gain=float(rng.uniform(0.75, 1.25)),
+        beat_frames=float(rng.uniform(9.0, 16.0)),
+        motion=float(rng.uniform(0.07, 0.12)),
+    )
+
+
+def sample_clip(rng: np.random.Generator, patient: PatientParams, view: str) -> ClipParams:
+    """Draw one clip's probe pose around the patient's fetal orientation."""
+    return ClipParams(
+        view=view,
+        rotation=float(patient.orientation + rng.normal(0.0, 0.15)),
+        center=(float(APEX_X + rng.normal(0.0, 18.0)), float(165.0 + rng.normal(0.0, 15.0))),
+        depth=float(rng.uniform(0.88, 1.12)),
+        phase=float(rng.uniform(0.0, 2 * math.pi)),
+    )
+
+
+def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (F,300,400), masks uint8 (F,300,400) with 0=background, 1..4 = four chambers)."""
+    if clip.view not in VIEWS:
+        raise ValueError(f"unknown view {clip.view!r}; known: {VIEWS}")
+    rng = np.random.default_rng(rng_seed)
+    x, y, r, theta = _polar_grid()
+    scale = patient.heart_size / clip.depth
+    cos, sin = math.cos(clip.rotation), math.sin(clip.rotation)
+    dx, dy = x - np.float32(clip.center[0]), y - np.float32(clip.center[1])
+    u = (dx * cos + dy * sin) / np.float32(scale * patient.aspect)
+    w = (dy * cos - dx * sin) / np.float32(scale)
+
+    background = _static_tissue(patient, clip, u, w, r, theta, scale, cos, sin)
+    blobs = _layout(patient, clip.view)
+    window, rhos = _blob_distances(blobs, u, w, patient.motion)
+    base_speckle = rng.standard_normal((2, *SPECKLE_SHAPE), dtype=np.float32)
+    frame_gain = _sector_gain() * np.float32(patient.gain * 255.0)
+
+    frames = np.empty((n_frames, HEIGHT, WIDTH), np.uint8)
+    masks = np.zeros((n_frames, HEIGHT, WIDTH), np.uint8)
+    for t in range(n_frames):
+        angle = clip.phase + 2 * math.pi * t / patient.beat_frames
+        swell = {"v": 1 + patient.motion * math.cos(angle), "a": 1 - 0.8 * patient.motion * math.cos(angle),
+                 "g": 1 + 0.4 * patient.motion * math.cos(angle)}
+        tissue = background.copy()
+        blood = np.zeros(rhos[0].shape, np.float32) if blobs else None
+        myo = np.zeros_like(blood) if blobs else None
+        for blob, rho in zip(blobs, rhos):
+            s = swell[blob.group]
+            inner = np.clip((s + EDGE / 2 - rho) / EDGE, 0.0, 1.0)
+            outer = np.clip((s * (1 + blob.wall) + EDGE / 2 - rho) / EDGE, 0.0, 1.0)
+            if blob.carved:
+                inner *= 1.0 - myo
+            np.maximum(blood, inner, out=blood)
+            np.maximum(myo, outer, out=myo)
+            if blob.mask_value:
+                masks[t][window][rho < s] = blob.mask_value
+        if blobs:
+            heart = myo * (np.float32(patient.wall_brightness) * (1.0 - blood) + np.float32(BLOOD) * blood)
+            tissue[window] = tissue[window] * (1.0 - myo) + heart
+        tissue *= frame_gain
+        tissue *= _speckle(rng, base_speckle)
+        np.clip(tissue, 0.0, 255.0, out=tissue)
+        frames[t] = tissue.astype(np.uint8)
+    return frames, masks
+
+
+def make_echo_archive(out: str, n_images: int = 3000, seed: int = 0, *, storage_options: dict | None = None,
+                      workers: int | None = None, progress: bool = True) -> dict:
+    """Write PNG frames, PNG masks and manifest.csv under ``out``; return counts and seconds."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    start = time.perf_counter()
+    run = RunDir(out, storage_options)
+    run.remove(MANIFEST_NAME)
+    plans = plan_archive(n_images, seed)
+    n_chunks = min(len(plans), max(20, 4 * workers))
+    bounds = np.linspace(0, len(plans), n_chunks + 1).round().astype(int)
+    chunks = [plans[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    done, next_report = 0, 0.1
+    for count in _run_chunks(run, chunks, min(workers, len(chunks))):
+        done += count
+        if progress and done >= next_report * n_images:
+            logger.info("echo archive: %d/%d frames (%.0f%%) in %.1fs", done, n_images,
+                        100.0 * done / n_images, time.perf_counter() - start)
+            next_report = math.floor(10 * done / n_images) / 10 + 0.1
+    run.write_bytes(MANIFEST_NAME, _manifest_csv(plans))
+    stats = {
+        "n_images": n_images,
+        "n_patients": len({p.patient_id for p in plans}),
+        "n_clips": len(plans),
+        "n_a4c": sum(p.n_frames for p in plans if p.label == "A4C"),
+        "n_nt": sum(p.n_frames for p in plans if p.label == "NT"),
+        "n_train": sum(p.n_frames for p in plans if p.split == "train"),
+        "n_test": sum(p.n_frames for p in plans if p.split == "test"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if progress:
+        logger.info("echo archive written to %s: %s", run.uri, stats)
+    return stats
+
+
+def archive_shape(n_images: int) -> tuple[int, int]:
+    """(n_patients, n_clips) keeping the paper's frames-per-clip and clips-per-patient ratios."""
+    n_clips = max(1, round(n_images / FRAMES_PER_CLIP))
+    return max(1, round(n_clips / CLIPS_PER_PATIENT)), n_clips
+
+
+def plan_archive(n_images: int, seed: int) -> list[_ClipPlan]:
+    """Every clip of the archive with its patient, view, split, frame count and speckle seed."""
+    rng = np.random.default_rng(seed)
+    n_patients, n_clips = archive_shape(n_images)
+    frames = split_counts(n_images, rng.uniform(0.5, 1.5, n_clips))
+    clips_per_patient = split_counts(n_clips, rng.uniform(0.5, 1.5, n_patients))
+    patients = [sample_patient(rng) for _ in range(n_patients)]
+    is_a4c = _choose_a4c(frames, rng)
+    nt_views = rng.choice(["SAX", "3VV"], n_clips)
+    n_test = 0 if n_patients == 1 else min(n_patients - 1, max(1, round(TEST_FRACTION * n_patients)))
+    test = set(rng.permutation(n_patients)[:n_test].tolist())
+    seeds = rng.integers(0, 2**63 - 1, n_clips)
+    owner = np.repeat(np.arange(n_patients), clips_per_patient)
+    width = max(4, len(str(n_patients)))
+    plans = []
+    for c in range(n_clips):
+        p = int(owner[c])
+        patient_id = f"P{p + 1:0{width}d}"
+        clip = sample_clip(rng, patients[p], "A4C" if is_a4c[c] else str(nt_views[c]))
+        clip_no = c - int(np.searchsorted(owner, p))
+        plans.append(_ClipPlan(patient_id, f"{patient_id}-C{clip_no + 1:02d}", clip.label,
+                               "test" if p in test else "train", int(frames[c]), int(seeds[c]),
+                               patients[p], clip))
+    return plans
+
+
+def split_counts(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split ``total`` into ``len(weights)`` parts >= 1 proportional to ``weights`` (largest remainder)."""
+    n = len(weights)
+    shares = weights / weights.sum() * (total - n)
+    counts = np.floor(shares).astype(np.int64)
+    leftover = total - n - int(counts.sum())
+    counts[np.argsort(-(shares - counts), kind="stable")[:leftover]] += 1
+    return counts + 1
+
+
+def _choose_a4c(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mark random clips A4C until their frames come closest to the paper's A4C share."""
+    order = rng.permutation(len(frames))
+    reached = np.concatenate([[0], np.cumsum(frames[order])])
+    k = int(np.argmin(np.abs(reached - A4C_FRACTION * frames.sum())))
+    is_a4c = np.zeros(len(frames), bool)
+    is_a4c[order[:k]] = True
+    return is_a4c
+
+
+def _layout(patient: PatientParams, view: str) -> list[_Blob]:
+    """The blood pools of a view, sized by the patient's chamber proportions."""
+    lv, rv, la, ra = patient.chamber_scale
+    wall = patient.wall
+    if view == "A4C":
+        return [
+            _Blob((0.42, -0.56), (0.30 * lv, 0.50 * lv), "v", wall, 1),
+            _Blob((-0.42, -0.52), (0.32 * rv, 0.46 * rv), "v", wall * 0.8, 2),
+            _Blob((0.40, 0.40), (0.30 * la, 0.27 * la), "a", wall * 0.6, 3),
+            _Blob((-0.40, 0.40), (0.31 * ra, 0.28 * ra), "a", wall * 0.6, 4),
+        ]
+    if view == "SAX":
+        return [
+            _Blob((0.15, 0.0), (0.40 * lv, 0.40 * lv), "v", wall * 1.6, 0),
+            _Blob((-0.45, 0.05), (0.40 * rv, 0.60 * rv), "v", wall * 0.5, 0, carved=True),
+        ]
+    vessel = (lv + rv) / 2
+    return [
+        _Blob((-0.55, -0.25), (0.26 * vessel, 0.26 * vessel), "g", 0.35, 0),
+        _Blob((0.0, 0.0), (0.20 * vessel, 0.20 * vessel), "g", 0.35, 0),
+        _Blob((0.42, 0.2), (0.13 * vessel, 0.13 * vessel), "g", 0.45, 0),
+    ]
+
+
+def _blob_distances(blobs: list[_Blob], u: np.ndarray, w: np.ndarray,
+                    motion: float) -> tuple[tuple[slice, slice], list[np.ndarray]]:
+    """The smallest window holding every blob at its largest, and each blob's elliptic radius there."""
+    rhos = [np.hypot((u - b.center[0]) / b.radii[0], (w - b.center[1]) / b.radii[1]) for b in blobs]
+    reach = np.zeros(u.shape, bool)
+    for blob, rho in zip(blobs, rhos):
+        reach |= rho < (1 + motion) * (1 + blob.wall) + EDGE
+    rows, cols = np.flatnonzero(reach.any(axis=1)), np.flatnonzero(reach.any(axis=0))
+    if len(rows) == 0:
+        return (slice(0, 0), slice(0, 0)), []
+    window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    return window, [rho[window] for rho in rhos]
+
+
+def _static_tissue(patient: PatientParams, clip: ClipParams, u: np.ndarray, w: np.ndarray, r: np.ndarray,
+                   theta: np.ndarray, scale: float, cos: float, sin: float) -> np.ndarray:
+    """Echogenicity of everything that does not beat: fluid, maternal wall, fetal thorax, spine."""
+    tissue = np.full(u.shape, FLUID, np.float32)
+    maternal = np.clip((patient.maternal_depth - r) / 6.0 + 0.5, 0.0, 1.0)
+    tissue += maternal * np.float32(0.4 - FLUID)
+    t = patient.thorax_scale
+    thorax = np.hypot((u - 0.15) / t, (w - 0.35) / (0.9 * t))
+    body = np.clip((1.0 - thorax) / 0.03, 0.0, 1.0)
+    rim = np.clip(1.0 - np.abs(thorax - 0.96) / 0.04, 0.0, 1.0)
+    tissue += body * np.float32(patient.tissue_brightness - FLUID) + rim * np.float32(0.35)
+    spine_u, spine_w = 0.15, 0.35 + 0.75 * 0.9 * t
+    spine = np.hypot(u - spine_u, w - spine_w)
+    tissue += np.clip((0.22 - spine) / 0.05, 0.0, 1.0) * np.float32(0.6)
+    sx = clip.center[0] + scale * (spine_u * patient.aspect * cos - spine_w * sin)
+    sy = clip.center[1] + scale * (spine_u * patient.aspect * sin + spine_w * cos)
+    spine_r = math.hypot(sx - APEX_X, sy - APEX_Y)
+    spine_theta = math.atan2(sx - APEX_X, sy - APEX_Y)
+    shadow = np.clip((0.2 * scale / spine_r - np.abs(theta - spine_theta)) * spine_r / 4.0, 0.0, 1.0)
+    shadow *= np.clip((r - spine_r) / 4.0, 0.0, 1.0)
+    tissue *= 1.0 - 0.7 * shadow
+    return tissue
+
+
+def _speckle(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    """Multiplicative speckle (Rayleigh, mean 1), laterally elongated, partly persistent within a clip."""
+    fresh = rng.standard_normal(base.shape, dtype=np.float32)
+    field = np.float32(SPECKLE_MEMORY) * base + np.float32(math.sqrt(1 - SPECKLE_MEMORY**2)) * fresh
+    magnitude = np.hypot(field[0], field[1]) * np.float32(0.55 / math.sqrt(math.pi / 2) / math.sqrt(2) * 2)
+    magnitude += np.float32(0.45)
+    return np.asarray(Image.fromarray(magnitude).resize((WIDTH, HEIGHT), Image.BILINEAR))
+
+
+@lru_cache(maxsize=1)
+def _polar_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel coordinates and their radius and angle from the probe apex."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    r = np.hypot(x - APEX_X, y - APEX_Y)
+    theta = np.arctan2(x - APEX_X, y - APEX_Y)
+    return x, y, r, theta
+
+
+@lru_cache(maxsize=1)
+def _sector_gain() -> np.ndarray:
+    """Soft-edged fan with depth attenuation; exactly zero outside the sector."""
+    _, _, r, theta = _polar_grid()
+    sides = np.clip((SECTOR_HALF_ANGLE - np.abs(theta)) * r / 2.0, 0.0, 1.0)
+    bottom = np.clip((SECTOR_RADIUS - r) / 2.0, 0.0, 1.0)
+    return (sides * bottom * (1.15 - 0.5 * r / SECTOR_RADIUS)).astype(np.float32)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def _frame_paths(plan: _ClipPlan, frame: int) -> tuple[str, str]:
+    rel = f"{plan.patient_id}/{plan.clip_id}/{frame:03d}.png"
+    return f"images/{rel}", f"masks/{rel}"
+
+
+def _render_chunk(run: RunDir, chunk: list[_ClipPlan]) -> int:
+    """Render and write every frame and mask of a run of clips; returns the frame count."""
+    count = 0
+    for plan in chunk:
+        frames, masks = render_clip(plan.patient, plan.clip, plan.n_frames, plan.rng_seed)
+        for f in range(plan.n_frames):
+            image_rel, mask_rel = _frame_paths(plan, f)
+            run.write_bytes(image_rel, _png(frames[f]))
+            run.write_bytes(mask_rel, _png(masks[f]))
+        count += plan.n_frames
+    return count
+
+
+def _run_chunks(run: RunDir, chunks: list[list[_ClipPlan]], workers: int) -> Iterator[int]:
+    """Frame counts of finished chunks, from this process or a process pool."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield _render_chunk(run, chunk)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_render_chunk, run, chunk) for chunk in chunks]
+        for future in futures:
+            yield future.result()
+
+
+def _manifest_csv(plans: list[_ClipPlan]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for plan in plans:
+        for f in range(plan.n_frames):
+            image_rel, mask_rel = _frame_paths(plan, f)
+            writer.writerow([image_rel, mask_rel, plan.patient_id, plan.clip_id, f, plan.label, plan.split])
+    return buf.getvalue().encode("utf-8")

@@ -1,0 +1,93 @@
+"""The beta-VAE of Burgess et al. 2018 ("Understanding disentangling in beta-VAE") for grayscale inputs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHANNELS = 32
+HIDDEN = 256
+BOTTOM = 4  # spatial size after the last stride-2 convolution
+
+
+def conv_layers(image_size: int) -> int:
+    """Stride-2 convolutions that take ``image_size`` down to 4x4 (4 for 64x64 inputs)."""
+    if image_size < 2 * BOTTOM or image_size & (image_size - 1):
+        raise ValueError(f"image_size must be a power of two >= {2 * BOTTOM}, got {image_size}")
+    return int(math.log2(image_size // BOTTOM))
+
+
+class BetaVAE(nn.Module):
+    """Conv encoder to a Gaussian latent (mu, logvar) and a mirrored decoder producing Bernoulli logits."""
+
+    def __init__(self, latent_dim: int = 128, image_size: int = 64):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self.image_size = image_size
+        layers = conv_layers(image_size)
+        convs: list[nn.Module] = []
+        for i in range(layers):
+            convs += [nn.Conv2d(1 if i == 0 else CHANNELS, CHANNELS, 4, stride=2, padding=1), nn.ReLU()]
+        flat = CHANNELS * BOTTOM * BOTTOM
+        self.encoder = nn.Sequential(
+            *convs,
+            nn.Flatten(),
+            nn.Linear(flat, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, 2 * latent_dim),
+        )
+        deconvs: list[nn.Module] = []
+        for i in range(layers):
+            last = i == layers - 1
+            deconvs.append(nn.ConvTranspose2d(CHANNELS, 1 if last else CHANNELS, 4, stride=2, padding=1))
+            if not last:
+                deconvs.append(nn.ReLU())
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, flat),
+            nn.ReLU(),
+            nn.Unflatten(1, (CHANNELS, BOTTOM, BOTTOM)),
+            *deconvs,
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance for images (B, H, W) or (B, 1, H, W)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if tuple(x.shape[1:]) != (1, self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of shape (B, 1, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+            )
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel logits (B, 1, H, W) for latents (B, latent_dim)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction logits, mu, logvar; samples z in training mode and uses z = mu in eval mode."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+def vae_loss(
+    logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(recon + beta * KL, recon, KL): BCE summed over pixels and KL over latents, averaged over the batch."""
+    target = x.reshape(logits.shape)
+    batch = logits.shape[0]
+    recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / batch
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / batch
+    return recon + beta * kl, recon, kl

@@ -1,0 +1,90 @@
+"""Runs the stages in order on one run dir and records config, versions and timings in ``run.json``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+from .config import RunConfig
+from .runtime import ray_session
+from .storage import RunDir
+
+log = logging.getLogger(__name__)
+
+STAGES = ("manifest", "train-encoder", "embed", "similarity", "select", "report")
+RUN_JSON = "run.json"
+_PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callable[[RunDir], dict]:
+    if name == "manifest":
+        from .manifest import run_manifest
+
+        if not cfg.input:
+            raise ValueError("the manifest stage needs --input (a folder, URI prefix or table of URIs)")
+        return lambda run: run_manifest(run, cfg.input, cfg.manifest, storage_options)
+    if name == "train-encoder":
+        from .encoder import run_train_encoder
+
+        return lambda run: run_train_encoder(run, cfg.encoder)
+    if name == "embed":
+        from .embed import run_embed
+
+        return lambda run: run_embed(run, cfg.embed)
+    if name == "similarity":
+        from .similarity import run_similarity
+
+        return lambda run: run_similarity(run, cfg.similarity)
+    if name == "select":
+        from .selection import run_select
+
+        return lambda run: run_select(run, cfg.select)
+    if name == "report":
+        from .report import run_report
+
+        return run_report
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
+    state = run.read_json(RUN_JSON) if run.exists(RUN_JSON) else {"created": _now(), "stages": {}}
+    state["config"] = cfg.to_dict()
+    state["versions"] = versions()
+    state["stages"][stage] = entry
+    run.write_json(RUN_JSON, state)
+
+
+def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: dict | None = None) -> dict:
+    """Run ``stages`` in order on ``cfg.output`` inside one Ray session; returns stats per stage."""
+    run = RunDir(cfg.output, storage_options)
+    fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]
+    results = {}
+    with ray_session(cfg.ray_address, cfg.num_cpus):
+        for name, fn in fns:
+            log.info("stage %s: starting on %s", name, run.uri)
+            started, t0 = _now(), time.monotonic()
+            stats = fn(run)
+            seconds = round(time.monotonic() - t0, 3)
+            _record(run, cfg, name, {"started": started, "ended": _now(), "seconds": seconds, "stats": stats})
+            log.info("stage %s: finished in %.1fs", name, seconds)
+            results[name] = stats
+    return results

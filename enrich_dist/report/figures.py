@@ -1,0 +1,117 @@
+"""The report's pictures: matplotlib charts and image thumbnails, each rendered to PNG bytes."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps
+
+from ..imaging import decode
+from ..storage import read_uri
+
+THUMB_SIZE = 96
+METHOD_COLORS = {"enrich": "#1b7837", "random": "#762a83"}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def similarity_histogram(edges: Sequence[float], counts: Sequence[int], thresholds: Sequence[float]) -> bytes:
+    """Bars of the all-pairs similarity histogram (log y when counts span decades), thresholds dashed."""
+    edges_a = np.asarray(edges, dtype=np.float64)
+    counts_a = np.asarray(counts, dtype=np.float64)
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.add_subplot()
+    ax.bar(edges_a[:-1], counts_a, width=np.diff(edges_a), align="edge", color="#4575b4", linewidth=0)
+    positive = counts_a[counts_a > 0]
+    if positive.size and positive.max() > 100 * positive.min():
+        ax.set_yscale("log")
+    for t in thresholds:
+        ax.axvline(t, color="#d73027", linestyle="--", linewidth=1)
+    ax.set_xlabel("cosine similarity of an image pair")
+    ax.set_ylabel("pairs")
+    ax.set_xlim(edges_a[0], edges_a[-1])
+    return _png(fig)
+
+
+def paper_bins(labels: Sequence[str], fractions: Sequence[float]) -> bytes:
+    """Bar chart of the share of pairs in the paper's Figure 1 similarity bins."""
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
+    percents = [100.0 * f for f in fractions]
+    bars = ax.bar(range(len(labels)), percents, color="#4575b4")
+    ax.bar_label(bars, labels=[f"{p:.1f}%" for p in percents], fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("% of pairs")
+    ax.margins(y=0.15)
+    return _png(fig)
+
+
+def coverage(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
+    """Patients and clips covered vs budget, one line with error bars per method.
+
+    ``series[method]`` holds equal-length ``budget``, ``patients_mean``, ``patients_std``,
+    ``clips_mean`` and ``clips_std`` sequences.
+    """
+    fig = Figure(figsize=(9, 3.4))
+    for i, (what, title) in enumerate((("patients", "patients covered"), ("clips", "clips covered"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for method, s in series.items():
+            budget = 100.0 * np.asarray(s["budget"], dtype=np.float64)
+            ax.errorbar(
+                budget, s[f"{what}_mean"], yerr=s[f"{what}_std"], label=method, marker="o", markersize=3,
+                capsize=3, color=METHOD_COLORS.get(method),
+            )
+        ax.set_xlabel("budget (% of images)")
+        ax.set_ylabel(title)
+        ax.legend()
+    return _png(fig)
+
+
+LOSS_PANELS = (("train_total", "val_total"), ("train_recon", "val_recon", "train_kl", "val_kl"))
+
+
+def loss_curves(history: Mapping[str, Sequence[float]]) -> bytes | None:
+    """Encoder losses per epoch (totals, then reconstruction and KL terms); None without any curve."""
+    panels = [[k for k in keys if history.get(k)] for keys in LOSS_PANELS]
+    panels = [keys for keys in panels if keys]
+    if not panels:
+        return None
+    epochs = list(history.get("epoch") or [])
+    fig = Figure(figsize=(4.5 * len(panels), 3.2))
+    for i, keys in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in keys:
+            values = np.asarray(history[key], dtype=np.float64)
+            x = epochs[: len(values)] if len(epochs) >= len(values) else np.arange(1, len(values) + 1)
+            ax.plot(x, values, label=key, linestyle="--" if key.startswith("val") else "-")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def thumbnail(uri: str, storage_options: dict | None = None, size: int = THUMB_SIZE) -> bytes:
+    """A grayscale PNG thumbnail (longest side ``size``) of one archive image."""
+    gray = decode(read_uri(uri, storage_options), uri)
+    img = Image.fromarray(np.round(gray * 255.0).astype(np.uint8), mode="L")
+    return _encode_png(ImageOps.contain(img, (size, size)))
+
+
+def _encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URI embedding PNG bytes in the page."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

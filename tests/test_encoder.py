@@ -1,0 +1,209 @@
+"""The beta-VAE: shapes, learning, determinism, checkpoints, embeddings and the train-encoder stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from enrich_dist import schema
+from enrich_dist.config import EncoderConfig
+from enrich_dist.encoder import (
+    CHECKPOINT,
+    RECONSTRUCTIONS,
+    TRAIN_STATS,
+    BetaVAE,
+    embed_images,
+    encoder_bytes,
+    load_encoder,
+    run_train_encoder,
+    train_vae,
+    vae_loss,
+)
+from enrich_dist.encoder import train as train_module
+from enrich_dist.storage import RunDir, shard_name
+
+TINY = EncoderConfig(
+    sample=1.0, epochs=2, beta=4.0, latent_dim=128, batch_size=16, learning_rate=1e-3, seed=0
+)
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Keep torch to at most 2 threads on the shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+def discs(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Bright discs of random radius at random positions on a black background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, size, size), dtype=np.float32)
+    for i in range(n):
+        r = rng.uniform(size / 10, size / 4)
+        cy, cx = rng.uniform(r, size - r, size=2)
+        out[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(0.6, 1.0)
+    return out
+
+
+def test_forward_backward_shapes_and_finite_loss():
+    torch.manual_seed(0)
+    model = BetaVAE(latent_dim=10, image_size=64)
+    x = torch.from_numpy(discs(5))
+    logits, mu, logvar = model(x)
+    assert logits.shape == (5, 1, 64, 64)
+    assert mu.shape == logvar.shape == (5, 10)
+    total, recon, kl = vae_loss(logits, x, mu, logvar, beta=4.0)
+    assert all(torch.isfinite(t) for t in (total, recon, kl))
+    assert total.item() == pytest.approx(recon.item() + 4.0 * kl.item(), rel=1e-5)
+    assert kl.item() >= 0
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.decode(mu).shape == (5, 1, 64, 64)
+
+
+def test_architecture_follows_burgess():
+    model = BetaVAE()
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    deconvs = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(convs) == len(deconvs) == 4
+    assert all(c.out_channels == 32 and c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+    linears = [m.out_features for m in model.encoder if isinstance(m, torch.nn.Linear)]
+    assert linears == [256, 256, 2 * 128]
+    assert [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)] == [256, 256, 32 * 4 * 4]
+
+
+def test_bad_image_size_is_rejected():
+    with pytest.raises(ValueError, match="power of two"):
+        BetaVAE(image_size=48)
+    with pytest.raises(ValueError, match=r"\(N, 64, 64\)"):
+        train_vae(np.zeros((4, 32, 32), np.float32), TINY)
+
+
+def test_loss_decreases_on_discs():
+    images = discs(64)
+    cfg = dataclasses.replace(TINY, epochs=6, latent_dim=16, beta=1.0)
+    _, history = train_vae(images, cfg)
+    assert history["n_train"] == 58 and history["n_val"] == 6
+    assert len(history["epoch"]) == 6 and len(history["seconds"]) == 6
+    assert history["train_total"][-1] < 0.7 * history["train_total"][0]
+    assert history["val_recon"][-1] < 0.7 * history["val_recon"][0]
+    assert history["best_epoch"] == 1 + int(np.argmin(history["val_total"]))
+
+
+def test_training_is_deterministic():
+    images = discs(32, seed=1)
+    a, hist_a = train_vae(images, TINY)
+    b, hist_b = train_vae(images, TINY)
+    c, _ = train_vae(images, dataclasses.replace(TINY, seed=1))
+    state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert hist_a["train_total"] == hist_b["train_total"]
+    assert not all(torch.equal(state_a[k], state_c[k]) for k in state_a)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings():
+    images = discs(24, seed=2)
+    model, _ = train_vae(images, dataclasses.replace(TINY, epochs=1))
+    data = encoder_bytes(model, TINY)
+    raw = torch.load(io.BytesIO(data), weights_only=True)
+    assert raw["config"]["latent_dim"] == 128 and raw["config"]["beta"] == 4.0
+    loaded = load_encoder(data)
+    np.testing.assert_array_equal(embed_images(model, images), embed_images(loaded, images))
+    np.testing.assert_allclose(
+        embed_images(loaded, images, batch_size=7), embed_images(model, images), atol=1e-6
+    )
+
+
+def test_load_encoder_rejects_other_files():
+    buf = io.BytesIO()
+    torch.save({"weights": torch.zeros(2)}, buf)
+    with pytest.raises(ValueError, match="not an enrich_dist encoder checkpoint"):
+        load_encoder(buf.getvalue())
+
+
+def test_embeddings_are_unit_norm_float32():
+    torch.manual_seed(0)
+    model = BetaVAE()
+    emb = embed_images(model, discs(10), batch_size=4)
+    assert emb.shape == (10, 128) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_zero_norm_embedding_is_an_error():
+    model = BetaVAE(latent_dim=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with pytest.raises(ValueError, match="3 of 3 embeddings"):
+        embed_images(model, discs(3))
+
+
+def write_archive(tmp_path, n: int) -> RunDir:
+    """A run dir whose manifest lists ``n`` disc PNGs, one unreadable file and one status=error row."""
+    images = discs(n, size=80, seed=3)
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    uris = []
+    for i, img in enumerate(images):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray((img * 255).astype(np.uint8)).save(path)
+        uris.append(str(path))
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not a png")
+    uris += [str(broken), str(folder / "missing.png")]
+    status = ["ok"] * (n + 1) + ["error"]
+    rows = {name: [None] * len(uris) for name in schema.MANIFEST.names}
+    rows.update(image_id=list(range(len(uris))), uri=uris, status=status)
+    run = RunDir(str(tmp_path / "run"))
+    run.write_table(
+        f"{schema.MANIFEST_DIR}/{shard_name(0)}", pa.Table.from_pydict(rows, schema=schema.MANIFEST)
+    )
+    return run
+
+
+def test_run_train_encoder_writes_artifacts_and_skips_when_done(tmp_path, monkeypatch):
+    run = write_archive(tmp_path, 24)
+    cfg = dataclasses.replace(TINY, epochs=1)
+    stats = run_train_encoder(run, cfg)
+    assert stats["n_sampled"] == 25 and stats["n_failed"] == 1
+    assert stats["n_train"] + stats["n_val"] == 24 and stats["n_val"] == 2
+    assert run.is_done("encoder")
+    model = load_encoder(run.read_bytes(CHECKPOINT))
+    assert model.latent_dim == 128
+    info = run.read_json(TRAIN_STATS)
+    assert info["config"]["epochs"] == 1 and len(info["history"]["train_total"]) == 1
+    assert info["failures"][0]["uri"].endswith("broken.png")
+    with Image.open(io.BytesIO(run.read_bytes(RECONSTRUCTIONS))) as grid:
+        assert grid.size[1] == 2 * 64 + 6
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a done stage must not train again")
+
+    monkeypatch.setattr(train_module, "train_vae", fail)
+    assert run_train_encoder(run, cfg) == stats
+
+
+def test_run_train_encoder_samples_a_seeded_subset(tmp_path):
+    run = write_archive(tmp_path, 12)
+    ids, uris = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
+    again, _ = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
+    assert len(ids) == 5 and list(ids) == sorted(ids) and np.array_equal(ids, again)
+    assert 13 not in ids
+    assert all(u.endswith(".png") for u in uris)
+
+
+def test_run_train_encoder_without_manifest_says_what_to_run(tmp_path):
+    run = RunDir(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"run `enrich manifest` first") as err:
+        run_train_encoder(run, TINY)
+    assert str(tmp_path / "empty") in str(err.value)
