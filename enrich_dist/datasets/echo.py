@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -166,9 +166,9 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
         swell = {"v": 1 + patient.motion * math.cos(angle), "a": 1 - 0.8 * patient.motion * math.cos(angle),
                  "g": 1 + 0.4 * patient.motion * math.cos(angle)}
         tissue = background.copy()
-        blood = np.zeros(rhos[0].shape, np.float32) if blobs else None
-        myo = np.zeros_like(blood) if blobs else None
-        for blob, rho in zip(blobs, rhos):
+        blood = np.zeros(rhos[0].shape, np.float32)
+        myo = np.zeros_like(blood)
+        for blob, rho in zip(blobs, rhos, strict=True):
             s = swell[blob.group]
             inner = np.clip((s + EDGE / 2 - rho) / EDGE, 0.0, 1.0)
             outer = np.clip((s * (1 + blob.wall) + EDGE / 2 - rho) / EDGE, 0.0, 1.0)
@@ -178,9 +178,8 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
             np.maximum(myo, outer, out=myo)
             if blob.mask_value:
                 masks[t][window][rho < s] = blob.mask_value
-        if blobs:
-            heart = myo * (np.float32(patient.wall_brightness) * (1.0 - blood) + np.float32(BLOOD) * blood)
-            tissue[window] = tissue[window] * (1.0 - myo) + heart
+        heart = myo * (np.float32(patient.wall_brightness) * (1.0 - blood) + np.float32(BLOOD) * blood)
+        tissue[window] = tissue[window] * (1.0 - myo) + heart
         tissue *= frame_gain
         tissue *= _speckle(rng, base_speckle)
         np.clip(tissue, 0.0, 255.0, out=tissue)
@@ -193,7 +192,7 @@ def make_echo_archive(out: str, n_images: int = 3000, seed: int = 0, *, storage_
     """Write PNG frames, PNG masks and manifest.csv under ``out``; return counts and seconds."""
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.perf_counter()
@@ -202,7 +201,7 @@ def make_echo_archive(out: str, n_images: int = 3000, seed: int = 0, *, storage_
     plans = plan_archive(n_images, seed)
     n_chunks = min(len(plans), max(20, 4 * workers))
     bounds = np.linspace(0, len(plans), n_chunks + 1).round().astype(int)
-    chunks = [plans[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [plans[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     done, next_report = 0, 0.1
     for count in _run_chunks(run, chunks, min(workers, len(chunks))):
         done += count
@@ -307,12 +306,13 @@ def _blob_distances(blobs: list[_Blob], u: np.ndarray, w: np.ndarray,
     """The smallest window holding every blob at its largest, and each blob's elliptic radius there."""
     rhos = [np.hypot((u - b.center[0]) / b.radii[0], (w - b.center[1]) / b.radii[1]) for b in blobs]
     reach = np.zeros(u.shape, bool)
-    for blob, rho in zip(blobs, rhos):
+    for blob, rho in zip(blobs, rhos, strict=True):
         reach |= rho < (1 + motion) * (1 + blob.wall) + EDGE
     rows, cols = np.flatnonzero(reach.any(axis=1)), np.flatnonzero(reach.any(axis=0))
     if len(rows) == 0:
-        return (slice(0, 0), slice(0, 0)), []
-    window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        window = (slice(0, 0), slice(0, 0))
+    else:
+        window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
     return window, [rho[window] for rho in rhos]
 
 
@@ -344,7 +344,7 @@ def _speckle(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     """Multiplicative speckle (Rayleigh, mean 1), laterally elongated, partly persistent within a clip."""
     fresh = rng.standard_normal(base.shape, dtype=np.float32)
     field = np.float32(SPECKLE_MEMORY) * base + np.float32(math.sqrt(1 - SPECKLE_MEMORY**2)) * fresh
-    magnitude = np.hypot(field[0], field[1]) * np.float32(0.55 / math.sqrt(math.pi / 2) / math.sqrt(2) * 2)
+    magnitude = np.hypot(field[0], field[1]) * np.float32(0.55 / math.sqrt(math.pi / 2))
     magnitude += np.float32(0.45)
     return np.asarray(Image.fromarray(magnitude).resize((WIDTH, HEIGHT), Image.BILINEAR))
 
@@ -399,7 +399,7 @@ def _run_chunks(run: RunDir, chunks: list[list[_ClipPlan]], workers: int) -> Ite
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_render_chunk, run, chunk) for chunk in chunks]
-        for future in futures:
+        for future in as_completed(futures):
             yield future.result()
 
 

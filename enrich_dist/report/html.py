@@ -71,11 +71,11 @@ def tag(name: str, body: object = "", **attrs: object) -> Markup:
     return Markup(f"<{name}{attr}>{esc(body)}</{name}>")
 
 
-def table(headers: Sequence[object], rows: Iterable[Sequence[object]], text_columns: int = 1) -> Markup:
-    """A table; the first ``text_columns`` columns are left-aligned, the rest (numbers) right-aligned."""
+def table(headers: Sequence[object], rows: Iterable[Sequence[object]], align: str = "l") -> Markup:
+    """A table; ``align`` gives "l" (text) or "r" (number) per column, missing letters mean "r"."""
 
     def cells(name: str, row: Sequence[object]) -> Markup:
-        return join(tag(name, v, cls="text" if i < text_columns else None) for i, v in enumerate(row))
+        return join(tag(name, v, cls="text" if align[i : i + 1] == "l" else None) for i, v in enumerate(row))
 
     head = tag("tr", cells("th", headers))
     body = join(tag("tr", cells("td", row)) for row in rows)
@@ -98,13 +98,15 @@ def figure(src: str, alt: str, caption: object = None) -> Markup:
     return tag("figure", join([img, tag("figcaption", caption) if caption else ""]))
 
 
-def thumb(src: str | None, caption: object, error: str | None = None, anchor: bool = False) -> Markup:
+def thumb(
+    src: str | None, caption: object, error: str | None = None, anchor: bool = False, title: str | None = None
+) -> Markup:
     """A thumbnail with a caption, or a placeholder that shows why it could not be drawn."""
     if src is None:
         pic = tag("div", error or "no image", cls="placeholder", title=error or "no image")
     else:
         pic = Markup(f'<img src="{esc(src)}" alt="{esc(caption)}">')
-    return tag("div", join([pic, tag("div", caption)]), cls="thumb anchor" if anchor else "thumb")
+    return tag("div", join([pic, tag("div", caption)]), cls="thumb anchor" if anchor else "thumb", title=title)
 
 
 def section(anchor: str, title: str, parts: Iterable[object]) -> Markup:
