@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -47,9 +48,11 @@ SECTOR_HALF_ANGLE = math.radians(40.0)
 BLOOD = 0.05
 FLUID = 0.06
 EDGE = 0.08
-SPECKLE_SHAPE = (150, 100)
-SPECKLE_MEMORY = 0.7
-PNG_COMPRESS_LEVEL = 1
+SPECKLE_BANK_SEED = 20240101
+SPECKLE_CONTRAST = 0.55
+SPECKLE_MEMORY = 0.6
+# Heart body (myocardium and pericardium around the chambers): centre and radii in heart units.
+HEART_BODY = {"A4C": ((0.0, -0.2), (0.9, 1.2)), "SAX": ((-0.05, 0.02), (0.85, 0.8))}
 
 
 @dataclass(frozen=True)
@@ -146,26 +149,23 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
     if clip.view not in VIEWS:
         raise ValueError(f"unknown view {clip.view!r}; known: {VIEWS}")
     rng = np.random.default_rng(rng_seed)
-    x, y, r, theta = _polar_grid()
-    scale = patient.heart_size / clip.depth
-    cos, sin = math.cos(clip.rotation), math.sin(clip.rotation)
-    dx, dy = x - np.float32(clip.center[0]), y - np.float32(clip.center[1])
-    u = (dx * cos + dy * sin) / np.float32(scale * patient.aspect)
-    w = (dy * cos - dx * sin) / np.float32(scale)
-
-    background = _static_tissue(patient, clip, u, w, r, theta, scale, cos, sin)
+    pose = _Pose(patient, clip)
+    u, w = pose.heart_coords()
+    gain = _sector_gain() * np.float32(patient.gain * 255.0)
+    lit = _static_tissue(patient, clip.view, pose, u, w) * gain
     blobs = _layout(patient, clip.view)
-    window, rhos = _blob_distances(blobs, u, w, patient.motion)
-    base_speckle = rng.standard_normal((2, *SPECKLE_SHAPE), dtype=np.float32)
-    frame_gain = _sector_gain() * np.float32(patient.gain * 255.0)
+    window = _window(blobs, pose, patient.motion)
+    rhos = [np.hypot((u[window] - b.center[0]) / b.radii[0], (w[window] - b.center[1]) / b.radii[1]) for b in blobs]
+    heart_gain = np.float32(patient.wall_brightness) * gain[window]
+    blood_gain = np.float32(BLOOD) * gain[window]
+    persistent = np.float32(1 - SPECKLE_CONTRAST) + np.float32(SPECKLE_CONTRAST * SPECKLE_MEMORY) * _bank_crop(rng)
+    fresh_weight = np.float32(SPECKLE_CONTRAST * (1 - SPECKLE_MEMORY))
 
     frames = np.empty((n_frames, HEIGHT, WIDTH), np.uint8)
     masks = np.zeros((n_frames, HEIGHT, WIDTH), np.uint8)
     for t in range(n_frames):
-        angle = clip.phase + 2 * math.pi * t / patient.beat_frames
-        swell = {"v": 1 + patient.motion * math.cos(angle), "a": 1 - 0.8 * patient.motion * math.cos(angle),
-                 "g": 1 + 0.4 * patient.motion * math.cos(angle)}
-        tissue = background.copy()
+        beat = patient.motion * math.cos(clip.phase + 2 * math.pi * t / patient.beat_frames)
+        swell = {"v": 1 + beat, "a": 1 - 0.8 * beat, "g": 1 + 0.4 * beat}
         blood = np.zeros(rhos[0].shape, np.float32)
         myo = np.zeros_like(blood)
         for blob, rho in zip(blobs, rhos, strict=True):
@@ -178,12 +178,11 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
             np.maximum(myo, outer, out=myo)
             if blob.mask_value:
                 masks[t][window][rho < s] = blob.mask_value
-        heart = myo * (np.float32(patient.wall_brightness) * (1.0 - blood) + np.float32(BLOOD) * blood)
-        tissue[window] = tissue[window] * (1.0 - myo) + heart
-        tissue *= frame_gain
-        tissue *= _speckle(rng, base_speckle)
-        np.clip(tissue, 0.0, 255.0, out=tissue)
-        frames[t] = tissue.astype(np.uint8)
+        tissue = lit.copy()
+        tissue[window] = lit[window] * (1.0 - myo) + myo * (heart_gain * (1.0 - blood) + blood_gain * blood)
+        tissue *= persistent + fresh_weight * _bank_crop(rng)
+        np.minimum(tissue, 255.0, out=tissue)
+        frames[t] = tissue
     return frames, masks
 
 
@@ -301,52 +300,80 @@ def _layout(patient: PatientParams, view: str) -> list[_Blob]:
     ]
 
 
-def _blob_distances(blobs: list[_Blob], u: np.ndarray, w: np.ndarray,
-                    motion: float) -> tuple[tuple[slice, slice], list[np.ndarray]]:
-    """The smallest window holding every blob at its largest, and each blob's elliptic radius there."""
-    rhos = [np.hypot((u - b.center[0]) / b.radii[0], (w - b.center[1]) / b.radii[1]) for b in blobs]
-    reach = np.zeros(u.shape, bool)
-    for blob, rho in zip(blobs, rhos, strict=True):
-        reach |= rho < (1 + motion) * (1 + blob.wall) + EDGE
-    rows, cols = np.flatnonzero(reach.any(axis=1)), np.flatnonzero(reach.any(axis=0))
-    if len(rows) == 0:
-        window = (slice(0, 0), slice(0, 0))
-    else:
-        window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-    return window, [rho[window] for rho in rhos]
+class _Pose:
+    """Where the heart sits in the image: centre, scale (pixels per heart unit), rotation."""
+
+    def __init__(self, patient: PatientParams, clip: ClipParams):
+        self.cx, self.cy = clip.center
+        self.scale = patient.heart_size / clip.depth
+        self.aspect = patient.aspect
+        self.cos, self.sin = math.cos(clip.rotation), math.sin(clip.rotation)
+
+    def heart_coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pixel in heart units (u to the heart's right, w towards the atria)."""
+        x, y, _, _ = _polar_grid()
+        dx, dy = x - np.float32(self.cx), y - np.float32(self.cy)
+        u = (dx * self.cos + dy * self.sin) / np.float32(self.scale * self.aspect)
+        w = (dy * self.cos - dx * self.sin) / np.float32(self.scale)
+        return u, w
+
+    def to_pixels(self, u: float, w: float) -> tuple[float, float]:
+        """Image (x, y) of a point in heart units."""
+        du, dw = u * self.scale * self.aspect, w * self.scale
+        return self.cx + du * self.cos - dw * self.sin, self.cy + du * self.sin + dw * self.cos
 
 
-def _static_tissue(patient: PatientParams, clip: ClipParams, u: np.ndarray, w: np.ndarray, r: np.ndarray,
-                   theta: np.ndarray, scale: float, cos: float, sin: float) -> np.ndarray:
-    """Echogenicity of everything that does not beat: fluid, maternal wall, fetal thorax, spine."""
+def _window(blobs: list[_Blob], pose: _Pose, motion: float) -> tuple[slice, slice]:
+    """The image rows and columns any blob's wall can reach during the beat."""
+    top, left, bottom, right = HEIGHT, WIDTH, 0, 0
+    for blob in blobs:
+        x, y = pose.to_pixels(*blob.center)
+        reach = pose.scale * max(pose.aspect, 1.0) * (max(blob.radii) * (1 + motion) * (1 + blob.wall) + EDGE) + 2
+        top, bottom = min(top, math.floor(y - reach)), max(bottom, math.ceil(y + reach))
+        left, right = min(left, math.floor(x - reach)), max(right, math.ceil(x + reach))
+    top, left = min(max(top, 0), HEIGHT), min(max(left, 0), WIDTH)
+    return slice(top, max(top, min(bottom, HEIGHT))), slice(left, max(left, min(right, WIDTH)))
+
+
+def _static_tissue(patient: PatientParams, view: str, pose: _Pose, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Echogenicity of everything that does not beat: fluid, maternal wall, thorax, spine, heart body."""
+    _, _, r, theta = _polar_grid()
     tissue = np.full(u.shape, FLUID, np.float32)
-    maternal = np.clip((patient.maternal_depth - r) / 6.0 + 0.5, 0.0, 1.0)
-    tissue += maternal * np.float32(0.4 - FLUID)
+    tissue += np.clip((patient.maternal_depth - r) / 6.0 + 0.5, 0.0, 1.0) * np.float32(0.4 - FLUID)
     t = patient.thorax_scale
     thorax = np.hypot((u - 0.15) / t, (w - 0.35) / (0.9 * t))
     body = np.clip((1.0 - thorax) / 0.03, 0.0, 1.0)
     rim = np.clip(1.0 - np.abs(thorax - 0.96) / 0.04, 0.0, 1.0)
     tissue += body * np.float32(patient.tissue_brightness - FLUID) + rim * np.float32(0.35)
     spine_u, spine_w = 0.15, 0.35 + 0.75 * 0.9 * t
-    spine = np.hypot(u - spine_u, w - spine_w)
-    tissue += np.clip((0.22 - spine) / 0.05, 0.0, 1.0) * np.float32(0.6)
-    sx = clip.center[0] + scale * (spine_u * patient.aspect * cos - spine_w * sin)
-    sy = clip.center[1] + scale * (spine_u * patient.aspect * sin + spine_w * cos)
-    spine_r = math.hypot(sx - APEX_X, sy - APEX_Y)
-    spine_theta = math.atan2(sx - APEX_X, sy - APEX_Y)
-    shadow = np.clip((0.2 * scale / spine_r - np.abs(theta - spine_theta)) * spine_r / 4.0, 0.0, 1.0)
+    tissue += np.clip((0.22 - np.hypot(u - spine_u, w - spine_w)) / 0.05, 0.0, 1.0) * np.float32(0.6)
+    if view in HEART_BODY:
+        (bu, bw), (ru, rw) = HEART_BODY[view]
+        inside = np.clip((1.0 - np.hypot((u - bu) / ru, (w - bw) / rw)) / 0.04, 0.0, 1.0)
+        tissue += inside * (np.float32(0.6 * patient.wall_brightness) - tissue)
+    sx, sy = pose.to_pixels(spine_u, spine_w)
+    spine_r, spine_theta = math.hypot(sx - APEX_X, sy - APEX_Y), math.atan2(sx - APEX_X, sy - APEX_Y)
+    shadow = np.clip((0.2 * pose.scale / spine_r - np.abs(theta - spine_theta)) * spine_r / 4.0, 0.0, 1.0)
     shadow *= np.clip((r - spine_r) / 4.0, 0.0, 1.0)
     tissue *= 1.0 - 0.7 * shadow
     return tissue
 
 
-def _speckle(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
-    """Multiplicative speckle (Rayleigh, mean 1), laterally elongated, partly persistent within a clip."""
-    fresh = rng.standard_normal(base.shape, dtype=np.float32)
-    field = np.float32(SPECKLE_MEMORY) * base + np.float32(math.sqrt(1 - SPECKLE_MEMORY**2)) * fresh
-    magnitude = np.hypot(field[0], field[1]) * np.float32(0.55 / math.sqrt(math.pi / 2))
-    magnitude += np.float32(0.45)
-    return np.asarray(Image.fromarray(magnitude).resize((WIDTH, HEIGHT), Image.BILINEAR))
+def _bank_crop(rng: np.random.Generator) -> np.ndarray:
+    """A random window (maybe mirrored) of the speckle bank: fresh-looking speckle for one frame."""
+    bank = _speckle_bank()
+    top = int(rng.integers(0, bank.shape[0] - HEIGHT + 1))
+    left = int(rng.integers(0, bank.shape[1] - WIDTH + 1))
+    crop = bank[top : top + HEIGHT, left : left + WIDTH]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+@lru_cache(maxsize=1)
+def _speckle_bank() -> np.ndarray:
+    """Rayleigh speckle (mean 1) at twice the frame size, grains elongated laterally, same in every process."""
+    field = np.random.default_rng(SPECKLE_BANK_SEED).standard_normal((2, HEIGHT, WIDTH // 2), dtype=np.float32)
+    magnitude = np.hypot(field[0], field[1]) / np.float32(math.sqrt(math.pi / 2))
+    return np.asarray(Image.fromarray(magnitude).resize((2 * WIDTH, 2 * HEIGHT), Image.BILINEAR))
 
 
 @lru_cache(maxsize=1)
@@ -369,7 +396,7 @@ def _sector_gain() -> np.ndarray:
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 

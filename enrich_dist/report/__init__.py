@@ -96,7 +96,7 @@ def run_report(run: RunDir) -> dict:
     out = _Page(run)
     run_info = _read_json(run, "run.json")
     top, unique = _load_neighbors(run)
-    groups = redundant_groups(top, N_GROUPS, N_GROUP_NEIGHBORS)
+    groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
     manifest = _load_manifest(run, _gallery_ids(groups, unique))
     sections = [
         ("redundancy", "Redundancy", _redundancy(out, _read_json(run, SUMMARY))),
@@ -123,7 +123,11 @@ def run_report(run: RunDir) -> dict:
     }
     logger.info(
         "report written to %s (%d figures, %d thumbnails, %d failed, missing: %s)",
-        stats["report"], len(out.figures), out.thumbnails, out.thumbnail_errors, ", ".join(out.missing) or "none",
+        stats["report"],
+        len(out.figures),
+        out.thumbnails,
+        out.thumbnail_errors,
+        ", ".join(out.missing) or "none",
     )
     return stats
 
@@ -158,7 +162,9 @@ def _read_json(run: RunDir, rel: str) -> Any:
     try:
         return run.read_json(rel)
     except ValueError as exc:
-        raise ValueError(f"{run.uri_of(rel)} is not valid JSON ({exc}); rerun the stage that writes it") from None
+        raise ValueError(
+            f"{run.uri_of(rel)} is not valid JSON ({exc}); rerun the stage that writes it"
+        ) from None
 
 
 def _extreme(table: pa.Table, k: int, largest: bool) -> pa.Table:
@@ -200,7 +206,7 @@ def _load_manifest(run: RunDir, wanted: set[int]) -> _Manifest | None:
         m.n_error += t.num_rows - good.num_rows
         for col in ("patient_id", "clip_id"):
             if col in t.column_names:
-                uniques[col].append(pc.unique(good[col].drop_null()).combine_chunks())
+                uniques[col].append(pc.unique(good[col].drop_null()))
         if "label" in t.column_names:
             for entry in pc.value_counts(good["label"].drop_null()).to_pylist():
                 m.labels[entry["values"]] += entry["counts"]
@@ -275,16 +281,31 @@ def _redundancy(out: _Page, summary: dict | None) -> list[Markup]:
     edges, counts = hist.get("edges") or [], hist.get("counts") or []
     if counts and len(edges) == len(counts) + 1:
         png = figures.similarity_histogram(edges, counts, [float(t) for t, _ in thresholds])
-        parts.append(figure(out.add_figure("similarity_histogram.png", png), "similarity histogram",
-                            "Similarity of all image pairs (dashed: thresholds)."))
+        parts.append(
+            figure(
+                out.add_figure("similarity_histogram.png", png),
+                "similarity histogram",
+                "Similarity of all image pairs (dashed: thresholds).",
+            )
+        )
     bins = _paper_bins(summary)
     if bins:
         png = figures.paper_bins([b for b, _ in bins], [f for _, f in bins])
-        parts.append(figure(out.add_figure("paper_bins.png", png), "share of pairs per similarity bin",
-                            "Share of pairs per similarity bin (the paper's Figure 1)."))
+        parts.append(
+            figure(
+                out.add_figure("paper_bins.png", png),
+                "share of pairs per similarity bin",
+                "Share of pairs per similarity bin (the paper's Figure 1).",
+            )
+        )
     rows = [
-        (f"> {t}", fmt_int(v.get("pairs")), fmt_pct(v.get("pair_fraction")),
-         fmt_int(v.get("images_with_neighbor")), fmt_pct(v.get("image_fraction")))
+        (
+            f"> {t}",
+            fmt_int(v.get("pairs")),
+            fmt_pct(v.get("pair_fraction")),
+            fmt_int(v.get("images_with_neighbor")),
+            fmt_pct(v.get("image_fraction")),
+        )
         for t, v in thresholds
     ]
     headers = ["similarity", "pairs above", "% of pairs", "images with a neighbour above", "% of images"]
@@ -293,7 +314,9 @@ def _redundancy(out: _Page, summary: dict | None) -> list[Markup]:
     return parts
 
 
-def _thumbnails(out: _Page, ids: set[int], manifest: _Manifest | None) -> dict[int, tuple[str | None, str | None]]:
+def _thumbnails(
+    out: _Page, ids: set[int], manifest: _Manifest | None
+) -> dict[int, tuple[str | None, str | None]]:
     """Thumbnail data URI (or the error instead) of each image id, decoded in a few threads."""
     images = manifest.images if manifest else {}
 
@@ -315,8 +338,12 @@ def _thumbnails(out: _Page, ids: set[int], manifest: _Manifest | None) -> dict[i
     failed = {i: e for i, (_, e) in result.items() if e}
     out.thumbnail_errors += len(failed)
     if failed:
-        logger.warning("%d of %d thumbnails could not be drawn (e.g. image %d: %s)",
-                       len(failed), len(result), *next(iter(failed.items())))
+        logger.warning(
+            "%d of %d thumbnails could not be drawn (e.g. image %d: %s)",
+            len(failed),
+            len(result),
+            *next(iter(failed.items())),
+        )
     return result
 
 
@@ -339,17 +366,28 @@ def _galleries(
         hover = " ".join(str(row[k]) for k in ("uri", "label") if row.get(k))
         return thumb(src, caption, error, anchor=anchor, title=hover or None)
 
-    parts = [tag("h3", "Most redundant groups"),
-             note("Each row: an image with the highest similarity to any other image (outlined), "
-                  "then its nearest neighbours with their similarity.")]
+    parts = [
+        tag("h3", "Most redundant groups"),
+        note(
+            "Each row: an image with the highest similarity to any other image (outlined), "
+            "then its nearest neighbours with their similarity."
+        ),
+    ]
     for row, nbrs in groups:
         cells = [cell(row["image_id"], f"#{row['image_id']} max {row['max_sim']:.3f}", anchor=True)]
         cells += [cell(i, f"#{i} {s:.3f}") for i, s in nbrs]
         parts.append(tag("div", join(cells), cls="group"))
-    parts += [tag("h3", "Most unique images"),
-              note("Images whose nearest neighbour is least similar (max similarity shown).")]
-    parts.append(tag("div", join(cell(r["image_id"], f"#{r['image_id']} max {r['max_sim']:.3f}") for r in unique),
-                     cls="thumbs"))
+    parts += [
+        tag("h3", "Most unique images"),
+        note("Images whose nearest neighbour is least similar (max similarity shown)."),
+    ]
+    parts.append(
+        tag(
+            "div",
+            join(cell(r["image_id"], f"#{r['image_id']} max {r['max_sim']:.3f}") for r in unique),
+            cls="thumbs",
+        )
+    )
     return parts
 
 
@@ -387,14 +425,29 @@ def _selection(out: _Page, manifest: _Manifest | None) -> list[Markup]:
                 series[m][f"{what}_std"].append(std)
             if group:
                 series[m]["budget"].append(b)
-        table_rows.append((fmt_pct(b), fmt_int(float(np.mean(n_images))), *cells["patients"], *cells["clips"]))
+        table_rows.append(
+            (fmt_pct(b), fmt_int(float(np.mean(n_images))), *cells["patients"], *cells["clips"])
+        )
     of_p = f" (of {fmt_int(manifest.n_patients)})" if manifest and manifest.n_patients else ""
     of_c = f" (of {fmt_int(manifest.n_clips)})" if manifest and manifest.n_clips else ""
-    headers = ["budget", "images", *(f"patients{of_p}, {m}" for m in methods), *(f"clips{of_c}, {m}" for m in methods)]
-    parts = [note(f"Mean ± sd over {replicates} replicate(s) per method and budget."), table(headers, table_rows)]
+    headers = [
+        "budget",
+        "images",
+        *(f"patients{of_p}, {m}" for m in methods),
+        *(f"clips{of_c}, {m}" for m in methods),
+    ]
+    parts = [
+        note(f"Mean ± sd over {replicates} replicate(s) per method and budget."),
+        table(headers, table_rows),
+    ]
     png = figures.coverage({m: dict(s) for m, s in series.items()})
-    parts.append(figure(out.add_figure("coverage.png", png), "patients and clips covered vs budget",
-                        "Patients and clips covered by each subset (mean ± sd over replicates)."))
+    parts.append(
+        figure(
+            out.add_figure("coverage.png", png),
+            "patients and clips covered vs budget",
+            "Patients and clips covered by each subset (mean ± sd over replicates).",
+        )
+    )
     parts += _label_table(rows, methods, budgets)
     return parts
 
@@ -415,12 +468,19 @@ def _label_table(rows: list[dict], methods: list[str], budgets: list[float]) -> 
         for label in labels:
             per[(r["method"], float(r["budget"]), label)].append(counts.get(label, 0))
     table_rows = [
-        (fmt_pct(b), *(" / ".join(f"{np.mean(per[(m, b, lab)]):,.1f}" if per[(m, b, lab)] else "-"
-                                  for m in methods) for lab in labels))
+        (
+            fmt_pct(b),
+            *(
+                " / ".join(f"{np.mean(per[(m, b, lab)]):,.1f}" if per[(m, b, lab)] else "-" for m in methods)
+                for lab in labels
+            ),
+        )
         for b in budgets
     ]
-    parts = [tag("h3", "Images per label"),
-             note(f"Mean images per label in each subset ({' / '.join(methods)}); labels are not used to select.")]
+    parts = [
+        tag("h3", "Images per label"),
+        note(f"Mean images per label in each subset ({' / '.join(methods)}); labels are not used to select."),
+    ]
     if len(totals) > len(labels):
         parts.append(note(f"Showing the {len(labels)} most frequent of {len(totals)} labels."))
     return [*parts, table(["budget", *labels], table_rows)]
@@ -436,8 +496,13 @@ def _encoder(out: _Page) -> list[Markup]:
     if train is not None:
         png = figures.loss_curves(train.get("history") or {})
         if png is not None:
-            parts.append(figure(out.add_figure("encoder_loss.png", png), "encoder loss curves",
-                                "beta-VAE losses per epoch (dashed: validation)."))
+            parts.append(
+                figure(
+                    out.add_figure("encoder_loss.png", png),
+                    "encoder loss curves",
+                    "beta-VAE losses per epoch (dashed: validation).",
+                )
+            )
         else:
             parts.append(note("encoder/train.json holds no loss history."))
         config = train.get("config") or {}
@@ -469,9 +534,13 @@ def _config(out: _Page, run_info: dict | None) -> list[Markup]:
     stages = run_info.get("stages") or {}
     if stages:
         rows = [
-            (name, s.get("started", "-"), s.get("ended", "-"),
-             f"{s['seconds']:,.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
-             json.dumps(s.get("stats") or {}, default=str))
+            (
+                name,
+                s.get("started", "-"),
+                s.get("ended", "-"),
+                f"{s['seconds']:,.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
+                json.dumps(s.get("stats") or {}, default=str),
+            )
             for name, s in stages.items()
         ]
         parts.append(table(["stage", "started", "ended", "seconds", "stats"], rows, align="lllrl"))

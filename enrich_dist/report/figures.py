@@ -67,8 +67,14 @@ def coverage(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
         for method, s in series.items():
             budget = 100.0 * np.asarray(s["budget"], dtype=np.float64)
             ax.errorbar(
-                budget, s[f"{what}_mean"], yerr=s[f"{what}_std"], label=method, marker="o", markersize=3,
-                capsize=3, color=METHOD_COLORS.get(method),
+                budget,
+                s[f"{what}_mean"],
+                yerr=s[f"{what}_std"],
+                label=method,
+                marker="o",
+                markersize=3,
+                capsize=3,
+                color=METHOD_COLORS.get(method),
             )
         ax.set_xlabel("budget (% of images)")
         ax.set_ylabel(title)

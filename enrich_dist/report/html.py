@@ -106,7 +106,9 @@ def thumb(
         pic = tag("div", error or "no image", cls="placeholder", title=error or "no image")
     else:
         pic = Markup(f'<img src="{esc(src)}" alt="{esc(caption)}">')
-    return tag("div", join([pic, tag("div", caption)]), cls="thumb anchor" if anchor else "thumb", title=title)
+    return tag(
+        "div", join([pic, tag("div", caption)]), cls="thumb anchor" if anchor else "thumb", title=title
+    )
 
 
 def section(anchor: str, title: str, parts: Iterable[object]) -> Markup:
@@ -119,6 +121,6 @@ def page(title: str, header: Iterable[object], sections: Sequence[tuple[str, str
     nav = tag("nav", join(tag("a", t, href=f"#{a}") for a, t, _ in sections))
     body = join([tag("h1", title), *header, nav, *(s for _, _, s in sections)])
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>{body}</body></html>\n"
     )

@@ -1,0 +1,90 @@
+"""Embedding stage on a real local Ray: unit norm, every image once, errors recorded, resume."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from enrich_dist import imaging, schema
+from enrich_dist.config import EmbedConfig, EncoderConfig, ManifestConfig
+from enrich_dist.embed import ERRORS_DIR, plan_actors, run_embed
+from enrich_dist.encoder import BetaVAE, embed_images, encoder_bytes, load_encoder
+from enrich_dist.manifest import run_manifest
+from enrich_dist.runtime import Resources
+
+
+def make_run(run_dir, tmp_path, n=23, shard_size=7):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(n):
+        arr = np.zeros((40, 50), np.uint8)
+        r, c = rng.integers(0, 30), rng.integers(0, 40)
+        arr[r : r + 10, c : c + 10] = rng.integers(60, 255)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        (root / f"{i:03d}.png").write_bytes(buf.getvalue())
+    run_manifest(run_dir, str(root), ManifestConfig(shard_size=shard_size))
+    import torch
+
+    torch.manual_seed(0)
+    run_dir.write_bytes("encoder/vae.pt", encoder_bytes(BetaVAE(latent_dim=16), EncoderConfig(latent_dim=16)))
+    run_dir.mark_done("encoder", {})
+    return root
+
+
+def test_plan_actors_never_waits_for_absent_gpus():
+    assert plan_actors(Resources(cpus=2, gpus=0), EmbedConfig()) == (1, 1.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig()) == (15, 1.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig()) == (4, 1.0, 1.0, "cuda")
+    assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig(device="cpu"))[3] == "cpu"
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_actors(Resources(cpus=2, gpus=0), EmbedConfig(device="cuda"))
+
+
+def test_embed_matches_direct_encoding_and_resumes(ray_local, run_dir, tmp_path):
+    root = make_run(run_dir, tmp_path)
+    # a file that passed the manifest check but is corrupt by embed time: recorded, not fatal
+    (root / "005.png").write_bytes(b"garbage now")
+    stats = run_embed(run_dir, EmbedConfig(batch_size=4))
+    assert stats["n_embedded"] == 22 and stats["n_errors"] == 1
+    emb = run_dir.read_table(schema.EMBEDDINGS_DIR)
+    assert emb.schema == schema.embeddings_schema(16)
+    ids = emb.column("image_id").to_numpy()
+    assert sorted(ids) == [i for i in range(23) if i != 5]
+    vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    errs = run_dir.read_table(ERRORS_DIR).to_pylist()
+    assert errs[0]["image_id"] == 5 and "recognised" in errs[0]["error"]
+
+    model = load_encoder(run_dir.read_bytes("encoder/vae.pt"))
+    uris = [str(root / f"{i:03d}.png") for i in ids]
+    images, errors = imaging.load_images(uris, 64)
+    assert not any(errors)
+    np.testing.assert_allclose(vecs, embed_images(model, images), atol=1e-5)
+
+    # resume: drop one shard, rerun; the others are not rewritten, the redone one is byte-identical
+    shards = run_dir.shards(schema.EMBEDDINGS_DIR)
+    assert list(shards) == [0, 1, 2, 3]
+    before = {i: (os.stat(run_dir.path(p)).st_mtime_ns, run_dir.read_bytes(p)) for i, p in shards.items()}
+    os.remove(run_dir.path(shards[2]))
+    run_dir.clear_done(schema.EMBEDDINGS_DIR)
+    run_embed(run_dir, EmbedConfig(batch_size=4))
+    after = {i: (os.stat(run_dir.path(p)).st_mtime_ns, run_dir.read_bytes(p)) for i, p in run_dir.shards(schema.EMBEDDINGS_DIR).items()}
+    for i in (0, 1, 3):
+        assert after[i] == before[i]
+    assert after[2][1] == before[2][1] and after[2][0] != before[2][0]
+
+
+def test_embed_requires_earlier_stages(ray_local, run_dir):
+    with pytest.raises(FileNotFoundError, match="enrich manifest"):
+        run_embed(run_dir, EmbedConfig())
+    run_dir.write_table("manifest/part-00000.parquet", pa.table({"image_id": [0]}))
+    run_dir.mark_done("manifest", {})
+    with pytest.raises(FileNotFoundError, match="enrich train-encoder"):
+        run_embed(run_dir, EmbedConfig())
