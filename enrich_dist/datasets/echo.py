@@ -19,7 +19,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -51,6 +51,7 @@ EDGE = 0.08
 SPECKLE_BANK_SEED = 20240101
 SPECKLE_CONTRAST = 0.55
 SPECKLE_MEMORY = 0.6
+WRITE_THREADS = 8
 # Heart body (myocardium and pericardium around the chambers): centre and radii in heart units.
 HEART_BODY = {"A4C": ((0.0, -0.2), (0.9, 1.2)), "SAX": ((-0.05, 0.02), (0.85, 0.8))}
 
@@ -68,6 +69,7 @@ class PatientParams:
     thorax_scale: float
     maternal_depth: float
     orientation: float
+    position: tuple[float, float]
     gain: float
     beat_frames: float
     motion: float
@@ -127,6 +129,7 @@ def sample_patient(rng: np.random.Generator) -> PatientParams:
         thorax_scale=float(rng.uniform(1.6, 2.0)),
         maternal_depth=float(rng.uniform(30.0, 60.0)),
         orientation=float(rng.uniform(-0.7, 0.7)),
+        position=(float(APEX_X + rng.normal(0.0, 16.0)), float(165.0 + rng.normal(0.0, 12.0))),
         gain=float(rng.uniform(0.75, 1.25)),
         beat_frames=float(rng.uniform(9.0, 16.0)),
         motion=float(rng.uniform(0.07, 0.12)),
@@ -134,17 +137,22 @@ def sample_patient(rng: np.random.Generator) -> PatientParams:
 
 
 def sample_clip(rng: np.random.Generator, patient: PatientParams, view: str) -> ClipParams:
-    """Draw one clip's probe pose around the patient's fetal orientation."""
+    """Draw one clip's probe pose around the patient's fetal orientation and position."""
     return ClipParams(
         view=view,
-        rotation=float(patient.orientation + rng.normal(0.0, 0.15)),
-        center=(float(APEX_X + rng.normal(0.0, 18.0)), float(165.0 + rng.normal(0.0, 15.0))),
-        depth=float(rng.uniform(0.88, 1.12)),
+        rotation=float(patient.orientation + rng.normal(0.0, 0.12)),
+        center=(
+            float(patient.position[0] + rng.normal(0.0, 8.0)),
+            float(patient.position[1] + rng.normal(0.0, 6.0)),
+        ),
+        depth=float(rng.uniform(0.9, 1.1)),
         phase=float(rng.uniform(0.0, 2 * math.pi)),
     )
 
 
-def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_seed: int) -> tuple[np.ndarray, np.ndarray]:
+def render_clip(
+    patient: PatientParams, clip: ClipParams, n_frames: int, rng_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(frames uint8 (F,300,400), masks uint8 (F,300,400) with 0=background, 1..4 = four chambers)."""
     if clip.view not in VIEWS:
         raise ValueError(f"unknown view {clip.view!r}; known: {VIEWS}")
@@ -155,10 +163,13 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
     lit = _static_tissue(patient, clip.view, pose, u, w) * gain
     blobs = _layout(patient, clip.view)
     window = _window(blobs, pose, patient.motion)
-    rhos = [np.hypot((u[window] - b.center[0]) / b.radii[0], (w[window] - b.center[1]) / b.radii[1]) for b in blobs]
+    u, w = u[window], w[window]
+    rhos = [np.hypot((u - b.center[0]) / b.radii[0], (w - b.center[1]) / b.radii[1]) for b in blobs]
+    visible = gain[window] > 0
     heart_gain = np.float32(patient.wall_brightness) * gain[window]
     blood_gain = np.float32(BLOOD) * gain[window]
-    persistent = np.float32(1 - SPECKLE_CONTRAST) + np.float32(SPECKLE_CONTRAST * SPECKLE_MEMORY) * _bank_crop(rng)
+    memory_weight = np.float32(SPECKLE_CONTRAST * SPECKLE_MEMORY)
+    persistent = np.float32(1 - SPECKLE_CONTRAST) + memory_weight * _bank_crop(rng)
     fresh_weight = np.float32(SPECKLE_CONTRAST * (1 - SPECKLE_MEMORY))
 
     frames = np.empty((n_frames, HEIGHT, WIDTH), np.uint8)
@@ -177,7 +188,7 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
             np.maximum(blood, inner, out=blood)
             np.maximum(myo, outer, out=myo)
             if blob.mask_value:
-                masks[t][window][rho < s] = blob.mask_value
+                masks[t][window][(rho < s) & visible] = blob.mask_value
         tissue = lit.copy()
         tissue[window] = lit[window] * (1.0 - myo) + myo * (heart_gain * (1.0 - blood) + blood_gain * blood)
         tissue *= persistent + fresh_weight * _bank_crop(rng)
@@ -186,9 +197,16 @@ def render_clip(patient: PatientParams, clip: ClipParams, n_frames: int, rng_see
     return frames, masks
 
 
-def make_echo_archive(out: str, n_images: int = 3000, seed: int = 0, *, storage_options: dict | None = None,
-                      workers: int | None = None, progress: bool = True) -> dict:
-    """Write PNG frames, PNG masks and manifest.csv under ``out``; return counts and seconds."""
+def make_echo_archive(
+    out: str,
+    n_images: int = 3000,
+    seed: int = 0,
+    *,
+    storage_options: dict | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write PNG frames, PNG masks and manifest.csv under ``out``; return image counts and seconds."""
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -205,8 +223,13 @@ def make_echo_archive(out: str, n_images: int = 3000, seed: int = 0, *, storage_
     for count in _run_chunks(run, chunks, min(workers, len(chunks))):
         done += count
         if progress and done >= next_report * n_images:
-            logger.info("echo archive: %d/%d frames (%.0f%%) in %.1fs", done, n_images,
-                        100.0 * done / n_images, time.perf_counter() - start)
+            logger.info(
+                "echo archive: %d/%d frames (%.0f%%) in %.1fs",
+                done,
+                n_images,
+                100.0 * done / n_images,
+                time.perf_counter() - start,
+            )
             next_report = math.floor(10 * done / n_images) / 10 + 0.1
     run.write_bytes(MANIFEST_NAME, _manifest_csv(plans))
     stats = {
@@ -250,9 +273,18 @@ def plan_archive(n_images: int, seed: int) -> list[_ClipPlan]:
         patient_id = f"P{p + 1:0{width}d}"
         clip = sample_clip(rng, patients[p], "A4C" if is_a4c[c] else str(nt_views[c]))
         clip_no = c - int(np.searchsorted(owner, p))
-        plans.append(_ClipPlan(patient_id, f"{patient_id}-C{clip_no + 1:02d}", clip.label,
-                               "test" if p in test else "train", int(frames[c]), int(seeds[c]),
-                               patients[p], clip))
+        plans.append(
+            _ClipPlan(
+                patient_id,
+                f"{patient_id}-C{clip_no + 1:02d}",
+                clip.label,
+                "test" if p in test else "train",
+                int(frames[c]),
+                int(seeds[c]),
+                patients[p],
+                clip,
+            )
+        )
     return plans
 
 
@@ -328,14 +360,18 @@ def _window(blobs: list[_Blob], pose: _Pose, motion: float) -> tuple[slice, slic
     top, left, bottom, right = HEIGHT, WIDTH, 0, 0
     for blob in blobs:
         x, y = pose.to_pixels(*blob.center)
-        reach = pose.scale * max(pose.aspect, 1.0) * (max(blob.radii) * (1 + motion) * (1 + blob.wall) + EDGE) + 2
+        reach = (
+            pose.scale * max(pose.aspect, 1.0) * (max(blob.radii) * (1 + motion) * (1 + blob.wall) + EDGE) + 2
+        )
         top, bottom = min(top, math.floor(y - reach)), max(bottom, math.ceil(y + reach))
         left, right = min(left, math.floor(x - reach)), max(right, math.ceil(x + reach))
     top, left = min(max(top, 0), HEIGHT), min(max(left, 0), WIDTH)
     return slice(top, max(top, min(bottom, HEIGHT))), slice(left, max(left, min(right, WIDTH)))
 
 
-def _static_tissue(patient: PatientParams, view: str, pose: _Pose, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _static_tissue(
+    patient: PatientParams, view: str, pose: _Pose, u: np.ndarray, w: np.ndarray
+) -> np.ndarray:
     """Echogenicity of everything that does not beat: fluid, maternal wall, thorax, spine, heart body."""
     _, _, r, theta = _polar_grid()
     tissue = np.full(u.shape, FLUID, np.float32)
@@ -350,7 +386,7 @@ def _static_tissue(patient: PatientParams, view: str, pose: _Pose, u: np.ndarray
     if view in HEART_BODY:
         (bu, bw), (ru, rw) = HEART_BODY[view]
         inside = np.clip((1.0 - np.hypot((u - bu) / ru, (w - bw) / rw)) / 0.04, 0.0, 1.0)
-        tissue += inside * (np.float32(0.6 * patient.wall_brightness) - tissue)
+        tissue += inside * (np.float32(0.75 * patient.wall_brightness) - tissue)
     sx, sy = pose.to_pixels(spine_u, spine_w)
     spine_r, spine_theta = math.hypot(sx - APEX_X, sy - APEX_Y), math.atan2(sx - APEX_X, sy - APEX_Y)
     shadow = np.clip((0.2 * pose.scale / spine_r - np.abs(theta - spine_theta)) * spine_r / 4.0, 0.0, 1.0)
@@ -371,7 +407,9 @@ def _bank_crop(rng: np.random.Generator) -> np.ndarray:
 @lru_cache(maxsize=1)
 def _speckle_bank() -> np.ndarray:
     """Rayleigh speckle (mean 1) at twice the frame size, grains elongated laterally, same in every process."""
-    field = np.random.default_rng(SPECKLE_BANK_SEED).standard_normal((2, HEIGHT, WIDTH // 2), dtype=np.float32)
+    field = np.random.default_rng(SPECKLE_BANK_SEED).standard_normal(
+        (2, HEIGHT, WIDTH // 2), dtype=np.float32
+    )
     magnitude = np.hypot(field[0], field[1]) / np.float32(math.sqrt(math.pi / 2))
     return np.asarray(Image.fromarray(magnitude).resize((2 * WIDTH, 2 * HEIGHT), Image.BILINEAR))
 
@@ -405,16 +443,31 @@ def _frame_paths(plan: _ClipPlan, frame: int) -> tuple[str, str]:
     return f"images/{rel}", f"masks/{rel}"
 
 
+def _write_png(run: RunDir, rel: str, array: np.ndarray) -> None:
+    run.write_bytes(rel, _png(array), fsync=False)
+
+
 def _render_chunk(run: RunDir, chunk: list[_ClipPlan]) -> int:
-    """Render and write every frame and mask of a run of clips; returns the frame count."""
+    """Render and write every frame and mask of a run of clips; returns the frame count.
+
+    PNG encoding and writing run in threads, so the next clip renders while the previous one waits
+    on fsync.
+    """
     count = 0
-    for plan in chunk:
-        frames, masks = render_clip(plan.patient, plan.clip, plan.n_frames, plan.rng_seed)
-        for f in range(plan.n_frames):
-            image_rel, mask_rel = _frame_paths(plan, f)
-            run.write_bytes(image_rel, _png(frames[f]))
-            run.write_bytes(mask_rel, _png(masks[f]))
-        count += plan.n_frames
+    pending: list[Future] = []
+    with ThreadPoolExecutor(WRITE_THREADS) as writers:
+        for plan in chunk:
+            frames, masks = render_clip(plan.patient, plan.clip, plan.n_frames, plan.rng_seed)
+            for future in pending:
+                future.result()
+            pending = []
+            for f in range(plan.n_frames):
+                image_rel, mask_rel = _frame_paths(plan, f)
+                pending.append(writers.submit(_write_png, run, image_rel, frames[f]))
+                pending.append(writers.submit(_write_png, run, mask_rel, masks[f]))
+            count += plan.n_frames
+        for future in pending:
+            future.result()
     return count
 
 

@@ -75,11 +75,15 @@ class BetaVAE(nn.Module):
         """Pixel logits (B, 1, H, W) for latents (B, latent_dim)."""
         return self.decoder(z)
 
+    @staticmethod
+    def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A latent drawn from N(mu, exp(logvar)) by the reparameterisation trick."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction logits, mu, logvar; samples z in training mode and uses z = mu in eval mode."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        return self.decode(z), mu, logvar
+        return self.decode(self.sample(mu, logvar) if self.training else mu), mu, logvar
 
 
 def vae_loss(

@@ -32,6 +32,7 @@ MIN_IMAGES_FOR_VAL = 20
 PATIENCE = 5
 GRID_IMAGES = 8
 MAX_LISTED_FAILURES = 20
+LOSSES = ("total", "recon", "kl")
 
 
 def validation_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,18 +65,38 @@ def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     return arr
 
 
-def _evaluate(model: BetaVAE, data: torch.Tensor, beta: float, batch_size: int) -> tuple[float, float, float]:
-    """Mean per-image (total, recon, KL) with z = mu, in eval mode."""
+def _train_epoch(
+    model: BetaVAE,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    order: torch.Tensor,
+    cfg: EncoderConfig,
+) -> np.ndarray:
+    """One pass over ``data[order]`` in mini-batches; mean per-image (total, recon, KL)."""
+    model.train()
+    sums = np.zeros(len(LOSSES))
+    for first in range(0, len(order), cfg.batch_size):
+        xb = data[order[first : first + cfg.batch_size]]
+        logits, mu, logvar = model(xb)
+        losses = vae_loss(logits, xb, mu, logvar, cfg.beta)
+        optimizer.zero_grad(set_to_none=True)
+        losses[0].backward()
+        optimizer.step()
+        sums += [v.item() * len(xb) for v in losses]
+    return sums / len(order)
+
+
+def _evaluate(model: BetaVAE, data: torch.Tensor, cfg: EncoderConfig) -> np.ndarray:
+    """Mean per-image (total, recon, KL) of held-out images, z sampled as in training."""
     model.eval()
-    sums = np.zeros(3)
+    sums = np.zeros(len(LOSSES))
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            xb = data[start : start + batch_size]
-            logits, mu, logvar = model(xb)
-            losses = vae_loss(logits, xb, mu, logvar, beta)
-            sums += [float(v) * len(xb) for v in losses]
-    total, recon, kl = sums / len(data)
-    return total, recon, kl
+        for first in range(0, len(data), cfg.batch_size):
+            xb = data[first : first + cfg.batch_size]
+            mu, logvar = model.encode(xb)
+            losses = vae_loss(model.decode(model.sample(mu, logvar)), xb, mu, logvar, cfg.beta)
+            sums += [v.item() * len(xb) for v in losses]
+    return sums / len(data)
 
 
 def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tuple[BetaVAE, dict]:
@@ -86,60 +107,36 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     train_idx, val_idx = validation_split(len(data), cfg.seed)
+    val_data = data[torch.from_numpy(val_idx)]
     monitor = "val_total" if len(val_idx) else "train_total"
-    history: dict = {"n_train": len(train_idx), "n_val": len(val_idx), "monitor": monitor}
-    for key in (
-        "epoch",
-        "train_total",
-        "train_recon",
-        "train_kl",
-        "val_total",
-        "val_recon",
-        "val_kl",
-        "seconds",
-    ):
-        history[key] = []
+    history: dict = {"n_train": len(train_idx), "n_val": len(val_idx), "monitor": monitor, "epoch": []}
+    history.update({f"{part}_{name}": [] for part in ("train", "val") for name in LOSSES}, seconds=[])
     log.info(
         "training beta-VAE (latent %d, beta %g) on %d images, %d held out, up to %d epochs",
-        cfg.latent_dim,
-        cfg.beta,
-        len(train_idx),
-        len(val_idx),
-        cfg.epochs,
+        *(cfg.latent_dim, cfg.beta, len(train_idx), len(val_idx), cfg.epochs),
     )
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
-    best_loss, best_epoch, best_state = math.inf, 0, None
+    best_loss, best_epoch, best_state = math.inf, 0, {}
     with _deterministic():
         torch.manual_seed(cfg.seed)
         model = BetaVAE(cfg.latent_dim, cfg.image_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
-            model.train()
-            sums = np.zeros(3)
             order = torch.from_numpy(shuffle_rng.permutation(train_idx))
-            for first in range(0, len(order), cfg.batch_size):
-                xb = data[order[first : first + cfg.batch_size]]
-                logits, mu, logvar = model(xb)
-                total, recon, kl = vae_loss(logits, xb, mu, logvar, cfg.beta)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                sums += [total.item() * len(xb), recon.item() * len(xb), kl.item() * len(xb)]
-            train = sums / len(order)
-            if not math.isfinite(train[0]):
-                raise FloatingPointError(
-                    f"beta-VAE training diverged at epoch {epoch} (loss {train[0]}): lower the learning rate"
-                )
-            history["epoch"].append(epoch)
-            for name, value in zip(("train_total", "train_recon", "train_kl"), train, strict=True):
-                history[name].append(float(value))
+            results = {"train": _train_epoch(model, optimizer, data, order, cfg)}
             if len(val_idx):
-                val = _evaluate(model, data[torch.from_numpy(val_idx)], cfg.beta, cfg.batch_size)
-                for name, value in zip(("val_total", "val_recon", "val_kl"), val, strict=True):
-                    history[name].append(float(value))
+                results["val"] = _evaluate(model, val_data, cfg)
+            history["epoch"].append(epoch)
+            for part, values in results.items():
+                for name, value in zip(LOSSES, values, strict=True):
+                    history[f"{part}_{name}"].append(float(value))
             history["seconds"].append(time.perf_counter() - start)
             current = history[monitor][-1]
+            if not math.isfinite(current):
+                raise FloatingPointError(
+                    f"beta-VAE training diverged at epoch {epoch} ({monitor} {current}): lower the learning rate"
+                )
             if current < best_loss:
                 best_loss, best_epoch = current, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -147,21 +144,16 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
             if epoch % log_every == 0 or stop or epoch == cfg.epochs:
                 log.info(
                     "epoch %d/%d: train %.1f (recon %.1f, kl %.2f)%s, %.1fs",
-                    epoch,
-                    cfg.epochs,
-                    *train,
-                    f", val {history['val_total'][-1]:.1f}" if len(val_idx) else "",
+                    *(epoch, cfg.epochs, *results["train"]),
+                    f", val {results['val'][0]:.1f}" if len(val_idx) else "",
                     history["seconds"][-1],
                 )
             if stop:
                 log.info("early stop: %s has not improved for %d epochs", monitor, PATIENCE)
                 break
-    assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    history.update(
-        best_epoch=best_epoch, best_loss=best_loss, stopped_early=history["epoch"][-1] < cfg.epochs
-    )
+    history.update(best_epoch=best_epoch, best_loss=best_loss, stopped_early=epoch < cfg.epochs)
     return model, history
 
 

@@ -98,6 +98,7 @@ def run_report(run: RunDir) -> dict:
     top, unique = _load_neighbors(run)
     groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
     manifest = _load_manifest(run, _gallery_ids(groups, unique))
+    header = _header(out, manifest)
     sections = [
         ("redundancy", "Redundancy", _redundancy(out, _read_json(run, SUMMARY))),
         ("galleries", "Galleries", _galleries(out, top is not None, groups, unique, manifest)),
@@ -105,7 +106,6 @@ def run_report(run: RunDir) -> dict:
         ("encoder", "Encoder", _encoder(out)),
         ("config", "Config and timings", _config(out, run_info)),
     ]
-    header = _header(out, manifest)
     doc = page(
         f"ENRICH report: {posixpath.basename(run.uri.rstrip('/'))}",
         header,
@@ -426,7 +426,7 @@ def _selection(out: _Page, manifest: _Manifest | None) -> list[Markup]:
             if group:
                 series[m]["budget"].append(b)
         table_rows.append(
-            (fmt_pct(b), fmt_int(float(np.mean(n_images))), *cells["patients"], *cells["clips"])
+            (f"{100 * b:.3g}%", fmt_int(float(np.mean(n_images))), *cells["patients"], *cells["clips"])
         )
     of_p = f" (of {fmt_int(manifest.n_patients)})" if manifest and manifest.n_patients else ""
     of_c = f" (of {fmt_int(manifest.n_clips)})" if manifest and manifest.n_clips else ""
@@ -469,7 +469,7 @@ def _label_table(rows: list[dict], methods: list[str], budgets: list[float]) -> 
             per[(r["method"], float(r["budget"]), label)].append(counts.get(label, 0))
     table_rows = [
         (
-            fmt_pct(b),
+            f"{100 * b:.3g}%",
             *(
                 " / ".join(f"{np.mean(per[(m, b, lab)]):,.1f}" if per[(m, b, lab)] else "-" for m in methods)
                 for lab in labels
@@ -529,7 +529,7 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
 def _config(out: _Page, run_info: dict | None) -> list[Markup]:
     """The resolved config, package versions and per-stage timings from run.json."""
     if run_info is None:
-        return [out.absent("run.json", "enrich manifest (or any enrich stage command)")]
+        return [out.absent("run.json (each stage records its timing there)", "enrich run")]
     parts: list[Markup] = [tag("h3", "Stage timings")]
     stages = run_info.get("stages") or {}
     if stages:

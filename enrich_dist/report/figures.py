@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
 from ..imaging import decode
@@ -19,7 +20,7 @@ METHOD_COLORS = {"enrich": "#1b7837", "random": "#762a83"}
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
 
 
@@ -27,7 +28,7 @@ def similarity_histogram(edges: Sequence[float], counts: Sequence[int], threshol
     """Bars of the all-pairs similarity histogram (log y when counts span decades), thresholds dashed."""
     edges_a = np.asarray(edges, dtype=np.float64)
     counts_a = np.asarray(counts, dtype=np.float64)
-    fig = Figure(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.add_subplot()
     ax.bar(edges_a[:-1], counts_a, width=np.diff(edges_a), align="edge", color="#4575b4", linewidth=0)
     positive = counts_a[counts_a > 0]
@@ -43,7 +44,7 @@ def similarity_histogram(edges: Sequence[float], counts: Sequence[int], threshol
 
 def paper_bins(labels: Sequence[str], fractions: Sequence[float]) -> bytes:
     """Bar chart of the share of pairs in the paper's Figure 1 similarity bins."""
-    fig = Figure(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.add_subplot()
     percents = [100.0 * f for f in fractions]
     bars = ax.bar(range(len(labels)), percents, color="#4575b4")
@@ -61,7 +62,7 @@ def coverage(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
     ``series[method]`` holds equal-length ``budget``, ``patients_mean``, ``patients_std``,
     ``clips_mean`` and ``clips_std`` sequences.
     """
-    fig = Figure(figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
     for i, (what, title) in enumerate((("patients", "patients covered"), ("clips", "clips covered"))):
         ax = fig.add_subplot(1, 2, i + 1)
         for method, s in series.items():
@@ -82,25 +83,30 @@ def coverage(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
     return _png(fig)
 
 
-LOSS_PANELS = (("train_total", "val_total"), ("train_recon", "val_recon", "train_kl", "val_kl"))
+LOSS_PANELS = (
+    ("total loss", ("train_total", "val_total")),
+    ("reconstruction", ("train_recon", "val_recon")),
+    ("KL divergence", ("train_kl", "val_kl")),
+)
 
 
 def loss_curves(history: Mapping[str, Sequence[float]]) -> bytes | None:
-    """Encoder losses per epoch (totals, then reconstruction and KL terms); None without any curve."""
-    panels = [[k for k in keys if history.get(k)] for keys in LOSS_PANELS]
-    panels = [keys for keys in panels if keys]
+    """Encoder losses per epoch, one panel per term present; None without any curve."""
+    panels = [(title, [k for k in keys if history.get(k)]) for title, keys in LOSS_PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
         return None
     epochs = list(history.get("epoch") or [])
-    fig = Figure(figsize=(4.5 * len(panels), 3.2))
-    for i, keys in enumerate(panels):
+    fig = Figure(figsize=(3.6 * len(panels), 3.0), layout="constrained")
+    for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
             values = np.asarray(history[key], dtype=np.float64)
             x = epochs[: len(values)] if len(epochs) >= len(values) else np.arange(1, len(values) + 1)
-            ax.plot(x, values, label=key, linestyle="--" if key.startswith("val") else "-")
+            ax.plot(x, values, label=key.split("_")[0], linestyle="--" if key.startswith("val") else "-")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
         ax.legend(fontsize=8)
     return _png(fig)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 AGGREGATES = ("max", "mean")
 GEMM_BYTES = 256 * 2**20
-DEFAULT_POOL = 256
+DEFAULT_POOL = 1024
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,11 @@ class _Candidates:
         for start in range(0, len(self.vectors), step):
             sims = self.vectors[start : start + step] @ new.T
             if self.sums is None:
-                np.maximum(self.scores[start : start + step], sims.max(axis=1).astype(np.float32),
-                           out=self.scores[start : start + step])
+                np.maximum(
+                    self.scores[start : start + step],
+                    sims.max(axis=1).astype(np.float32),
+                    out=self.scores[start : start + step],
+                )
             else:
                 self.sums[start : start + step] += sims.sum(axis=1)
         self.n_chosen += len(new)
