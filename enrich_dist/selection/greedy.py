@@ -32,14 +32,13 @@ class Ranking:
 
 
 class _Candidates:
-    """Rows not chosen yet: float64 vectors, scores (inf once chosen), compacted when half are chosen."""
+    """Rows not chosen yet: float64 vectors, scores (inf once chosen), compacted as chosen rows pile up."""
 
     def __init__(self, x: np.ndarray, aggregate: str):
         self.vectors = np.array(x, dtype=np.float64)
         self.rows = np.arange(len(x), dtype=np.int64)
         self.alive = np.ones(len(x), dtype=bool)
         self.n_alive = len(x)
-        self.aggregate = aggregate
         self.scores = np.full(len(x), -np.inf, dtype=np.float32)
         self.sums = np.zeros(len(x), dtype=np.float64) if aggregate == "mean" else None
         self.n_chosen = 0
@@ -62,27 +61,25 @@ class _Candidates:
 
     def update(self, new: np.ndarray) -> None:
         """Fold the similarities to the newly chosen rows ``new`` into every score (chunked GEMM)."""
-        if len(new) == 0:
+        self.n_chosen += len(new)
+        if len(new) == 0 or self.n_alive == 0:
             return
+        reduce = np.max if self.sums is None else np.sum
         step = max(1, GEMM_BYTES // (8 * len(new)))
         for start in range(0, len(self.vectors), step):
-            sims = self.vectors[start : start + step] @ new.T
+            part = slice(start, start + step)
+            folded = reduce(self.vectors[part] @ new.T, axis=1)
             if self.sums is None:
-                np.maximum(
-                    self.scores[start : start + step],
-                    sims.max(axis=1).astype(np.float32),
-                    out=self.scores[start : start + step],
-                )
+                np.maximum(self.scores[part], folded.astype(np.float32), out=self.scores[part])
             else:
-                self.sums[start : start + step] += sims.sum(axis=1)
-        self.n_chosen += len(new)
+                self.sums[part] += folded
         if self.sums is not None:
             self.scores = (self.sums / self.n_chosen).astype(np.float32)
             self.scores[~self.alive] = np.inf
 
     def compact(self) -> None:
-        """Drop chosen rows once they are at least half of the arrays (positions change)."""
-        if self.n_alive * 2 > len(self.alive):
+        """Drop chosen rows once they are 1/16 of the arrays, so GEMMs skip them (positions change)."""
+        if (len(self.alive) - self.n_alive) * 16 < len(self.alive):
             return
         keep = self.alive
         self.vectors, self.rows, self.scores = self.vectors[keep], self.rows[keep], self.scores[keep]
@@ -100,16 +97,18 @@ class _Builder:
         self.score = [np.full(len(seed_rows), np.nan, dtype=np.float32)]
 
     def add(self, rows: np.ndarray, round_: int | np.ndarray, scores: np.ndarray) -> None:
+        """Append picked rows with their round (one for all, or one each) and scores."""
         self.order.append(np.asarray(rows, dtype=np.int64))
         self.round.append(np.broadcast_to(np.asarray(round_, dtype=np.int32), len(self.order[-1])))
         self.score.append(np.asarray(scores, dtype=np.float32))
 
     def build(self) -> Ranking:
+        """The ranking so far as flat arrays."""
         return Ranking(np.concatenate(self.order), np.concatenate(self.round), np.concatenate(self.score))
 
 
 def _start(x: np.ndarray, seed_idx: np.ndarray, aggregate: str) -> tuple[_Candidates, _Builder]:
-    """Validate inputs, choose the seeds and score every other row against them."""
+    """Validate inputs, take the seeds and score every other row against them."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (rows x dim), got shape {x.shape}")

@@ -1,4 +1,12 @@
-"""The select stage: rank every embedded image per replicate (Ray tasks) and report subset coverage."""
+"""The select stage: rank every embedded image per replicate (Ray tasks) and report subset coverage.
+
+Replicate ``r`` draws its seed set with ``np.random.default_rng([seed, r])`` and lists the seeds first
+in that generator's random order, so a budget smaller than the seed set is still a uniform sample.
+The random baseline shares those seeds, then takes every other image in a seeded random order: each
+prefix is a uniform random subset, paired with the ENRICH subset of the same replicate. It is written
+to ``selection/random_ranking.parquet`` (the ``RANKING`` schema, null scores) so later stages train
+on exactly the subsets counted here. A budget given as a count is reported as the fraction count / N.
+"""
 
 from __future__ import annotations
 
