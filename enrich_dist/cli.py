@@ -19,6 +19,8 @@ _OVERRIDES = {
     "sample": ("encoder", "sample", parse_size),
     "epochs": ("encoder", "epochs", int),
     "beta": ("encoder", "beta", float),
+    "objective": ("encoder", "objective", str),
+    "capacity": ("encoder", "capacity", float),
     "latent_dim": ("encoder", "latent_dim", int),
     "embed_batch_size": ("embed", "batch_size", int),
     "device": ("embed", "device", str),
@@ -50,7 +52,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
     p.add_argument("--epochs", help="training epochs (default 20)")
+    p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss (default) or capacity-annealed")
     p.add_argument("--beta", help="KL weight of the beta-VAE (default 4)")
+    p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
     p.add_argument("--latent-dim", help="embedding size (default 128)")
 
 

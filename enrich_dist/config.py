@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-Size = Union[int, float, str]
+Size = int | float | str
 
 
 def parse_size(value: Size) -> int | float:
@@ -56,11 +56,19 @@ class ManifestConfig:
 
 @dataclass
 class EncoderConfig:
-    """The beta-VAE and its training (Burgess et al. architecture, 64x64 inputs)."""
+    """The beta-VAE and its training (Burgess et al. architecture, 64x64 inputs).
+
+    ``objective`` "beta" is the plain recon + beta * KL (the paper's loss); "capacity" is Burgess et
+    al.'s recon + gamma * |KL - C| with the KL target C raised linearly from 0 to ``capacity`` nats
+    over the first 3/4 of training, which keeps the KL from collapsing to zero.
+    """
 
     sample: Size = 5000
     epochs: int = 20
+    objective: str = "beta"
     beta: float = 4.0
+    capacity: float = 25.0
+    gamma: float = 100.0
     latent_dim: int = 128
     batch_size: int = 64
     learning_rate: float = 5e-4

@@ -36,14 +36,14 @@ def plan_actors(res: Resources, cfg: EmbedConfig) -> tuple[int, float, float, st
 class ShardEmbedder:
     """A Ray Data actor holding one encoder replica; embeds whole manifest shards and commits them."""
 
-    def __init__(self, run: RunDir, weights_ref: list, cfg: EmbedConfig, device: str, threads: int):
+    def __init__(self, run: RunDir, cfg: EmbedConfig, device: str, threads: int):
         import torch
 
         from .encoder import load_encoder
 
         torch.set_num_threads(max(1, threads))
         self.run, self.cfg, self.device = run, cfg, device
-        self.model = load_encoder(ray.get(weights_ref[0])).to(device).eval()
+        self.model = load_encoder(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt")).to(device).eval()
         self.image_size = self.model.image_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads))
 
@@ -89,7 +89,7 @@ class ShardEmbedder:
         vecs = np.concatenate(out_vecs) if out_vecs else np.zeros((0, dim), np.float32)
         emb_ids = np.concatenate(out_ids).astype(np.int64) if out_ids else np.zeros(0, np.int64)
         if err_rows:
-            err_ids, err_uris, err_msgs = zip(*err_rows)
+            err_ids, err_uris, err_msgs = zip(*err_rows, strict=True)
             self.run.write_table(
                 f"{ERRORS_DIR}/{shard_name(shard)}",
                 pa.table({"image_id": list(err_ids), "uri": list(err_uris), "error": list(err_msgs)}, schema=schema.EMBED_ERRORS),
@@ -107,7 +107,7 @@ class ShardEmbedder:
     def __call__(self, batch: dict) -> dict:
         stats = [
             self.embed_shard(int(s), list(i), list(u))
-            for s, i, u in zip(batch["shard"], batch["ids"], batch["uris"])
+            for s, i, u in zip(batch["shard"], batch["ids"], batch["uris"], strict=True)
         ]
         return {key: np.array([s[key] for s in stats]) for key in ("shard", "n", "n_errors", "seconds")}
 
@@ -147,7 +147,6 @@ def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
     )
     done_images = 0
     if work:
-        weights_ref = ray.put(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt"))
         total_images = sum(len(w["ids"]) for w in work)
         ds = ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
             ShardEmbedder,
@@ -156,7 +155,7 @@ def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
             num_cpus=cpus,
             num_gpus=gpus,
             fn_constructor_kwargs={
-                "run": run, "weights_ref": [weights_ref], "cfg": cfg, "device": device, "threads": threads,
+                "run": run, "cfg": cfg, "device": device, "threads": threads,
             },
         )
         for row in ds.iter_rows():

@@ -87,11 +87,21 @@ class BetaVAE(nn.Module):
 
 
 def vae_loss(
-    logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: float,
+    capacity: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(recon + beta * KL, recon, KL): BCE summed over pixels and KL over latents, averaged over the batch."""
+    """(total, recon, KL): BCE summed over pixels and KL over latents, averaged over the batch.
+
+    total is recon + beta * KL, or with a ``capacity`` C (Burgess et al.) recon + beta * |KL - C|.
+    """
     target = x.reshape(logits.shape)
     batch = logits.shape[0]
     recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / batch
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / batch
-    return recon + beta * kl, recon, kl
+    if capacity is None:
+        return recon + beta * kl, recon, kl
+    return recon + beta * (kl - capacity).abs(), recon, kl

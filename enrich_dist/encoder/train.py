@@ -65,20 +65,37 @@ def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     return arr
 
 
+def _weight(cfg: EncoderConfig) -> float:
+    return cfg.gamma if cfg.objective == "capacity" else cfg.beta
+
+
+def capacity_schedule(cfg: EncoderConfig, epoch: int) -> tuple[float | None, float | None]:
+    """KL target at the start and end of ``epoch`` (1-based): 0 -> capacity over the first 3/4 of epochs."""
+    if cfg.objective == "beta":
+        return None, None
+    if cfg.objective != "capacity":
+        raise ValueError(f"encoder objective must be 'capacity' or 'beta', got {cfg.objective!r}")
+    ramp = max(1, math.ceil(0.75 * cfg.epochs))
+    return cfg.capacity * min(1.0, (epoch - 1) / ramp), cfg.capacity * min(1.0, epoch / ramp)
+
+
 def _train_epoch(
     model: BetaVAE,
     optimizer: torch.optim.Optimizer,
     data: torch.Tensor,
     order: torch.Tensor,
     cfg: EncoderConfig,
+    capacity: tuple[float | None, float | None],
 ) -> np.ndarray:
     """One pass over ``data[order]`` in mini-batches; mean per-image (total, recon, KL)."""
     model.train()
     sums = np.zeros(len(LOSSES))
+    c0, c1 = capacity
     for first in range(0, len(order), cfg.batch_size):
         xb = data[order[first : first + cfg.batch_size]]
         logits, mu, logvar = model(xb)
-        losses = vae_loss(logits, xb, mu, logvar, cfg.beta)
+        c = None if c0 is None else c0 + (c1 - c0) * first / len(order)
+        losses = vae_loss(logits, xb, mu, logvar, _weight(cfg), c)
         optimizer.zero_grad(set_to_none=True)
         losses[0].backward()
         optimizer.step()
@@ -94,7 +111,9 @@ def _evaluate(model: BetaVAE, data: torch.Tensor, cfg: EncoderConfig) -> np.ndar
         for first in range(0, len(data), cfg.batch_size):
             xb = data[first : first + cfg.batch_size]
             mu, logvar = model.encode(xb)
-            losses = vae_loss(model.decode(model.sample(mu, logvar)), xb, mu, logvar, cfg.beta)
+            losses = vae_loss(
+                model.decode(model.sample(mu, logvar)), xb, mu, logvar, _weight(cfg), capacity_schedule(cfg, cfg.epochs)[1]
+            )
             sums += [v.item() * len(xb) for v in losses]
     return sums / len(data)
 
@@ -112,8 +131,10 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
     history: dict = {"n_train": len(train_idx), "n_val": len(val_idx), "monitor": monitor, "epoch": []}
     history.update({f"{part}_{name}": [] for part in ("train", "val") for name in LOSSES}, seconds=[])
     log.info(
-        "training beta-VAE (latent %d, beta %g) on %d images, %d held out, up to %d epochs",
-        *(cfg.latent_dim, cfg.beta, len(train_idx), len(val_idx), cfg.epochs),
+        "training beta-VAE (latent %d, %s) on %d images, %d held out, up to %d epochs",
+        cfg.latent_dim,
+        f"capacity {cfg.capacity:g} nats, gamma {cfg.gamma:g}" if cfg.objective == "capacity" else f"beta {cfg.beta:g}",
+        *(len(train_idx), len(val_idx), cfg.epochs),
     )
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
     best_loss, best_epoch, best_state = math.inf, 0, {}
@@ -124,7 +145,8 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             order = torch.from_numpy(shuffle_rng.permutation(train_idx))
-            results = {"train": _train_epoch(model, optimizer, data, order, cfg)}
+            schedule = capacity_schedule(cfg, epoch)
+            results = {"train": _train_epoch(model, optimizer, data, order, cfg, schedule)}
             if len(val_idx):
                 results["val"] = _evaluate(model, val_data, cfg)
             history["epoch"].append(epoch)
@@ -140,7 +162,8 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
             if current < best_loss:
                 best_loss, best_epoch = current, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            stop = epoch - best_epoch >= PATIENCE
+            annealing = schedule[1] is not None and schedule[1] < cfg.capacity
+            stop = not annealing and epoch - best_epoch >= PATIENCE
             if epoch % log_every == 0 or stop or epoch == cfg.epochs:
                 log.info(
                     "epoch %d/%d: train %.1f (recon %.1f, kl %.2f)%s, %.1fs",
@@ -162,7 +185,10 @@ def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
     config = {
         "latent_dim": int(model.latent_dim),
         "image_size": int(model.image_size),
+        "objective": cfg.objective,
         "beta": float(cfg.beta),
+        "capacity": float(cfg.capacity),
+        "gamma": float(cfg.gamma),
         "seed": int(cfg.seed),
         "epochs": int(cfg.epochs),
         "batch_size": int(cfg.batch_size),
