@@ -13,6 +13,7 @@ from .pipeline import STAGES, run_stages
 from .storage import join_uri
 
 log = logging.getLogger("enrich_dist")
+DEMO_EPOCHS = 10  # the demo trains the encoder for fewer epochs so it finishes in minutes on 2 cores
 
 # option -> (config section, field, parser)
 _OVERRIDES = {
@@ -51,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
-    p.add_argument("--epochs", help="training epochs (default 20)")
+    p.add_argument("--epochs", help="training epochs (default 20; demo 10)")
     p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss (default) or capacity-annealed")
     p.add_argument("--beta", help="KL weight of the beta-VAE (default 4)")
     p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not RunDir(archive, args.storage_options).exists("manifest.csv"):
                 make_echo_archive(archive, args.images, int(args.seed or 0), storage_options=args.storage_options)
             cfg.input = join_uri(archive, "manifest.csv")
+            if args.epochs is None and args.config is None:
+                cfg.encoder.epochs = DEMO_EPOCHS
         results = run_stages(cfg, _stages_for(args.command), args.storage_options)
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
