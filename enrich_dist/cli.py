@@ -24,6 +24,9 @@ _OVERRIDES = {
     "capacity": ("encoder", "capacity", float),
     "latent_dim": ("encoder", "latent_dim", int),
     "embed_batch_size": ("embed", "batch_size", int),
+    "embedder": ("embed", "embedder", str),
+    "embeddings": ("embed", "embeddings", str),
+    "pixel_size": ("embed", "pixel_size", int),
     "device": ("embed", "device", str),
     "block_size": ("similarity", "block_size", int),
     "top_k": ("similarity", "top_k", int),
@@ -60,6 +63,12 @@ def _encoder_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _embed_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--embedder", choices=["vae", "pixels", "byo"],
+        help="vae: the trained beta-VAE (default); pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
+    )
+    p.add_argument("--embeddings", help="bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy")
+    p.add_argument("--pixel-size", help="side of the pixels embedder's grid (default 16: 256-d)")
     p.add_argument("--embed-batch-size", help="images per encoder batch (default 256)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="encoder device (default auto: GPU if Ray has one)")
 
@@ -115,6 +124,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.input = getattr(args, "input", None) or cfg.input
     cfg.ray_address = args.ray_address or cfg.ray_address
     cfg.num_cpus = args.num_cpus or cfg.num_cpus
+    if getattr(args, "embeddings", None) and not getattr(args, "embedder", None):
+        args.embedder = "byo"
     for opt, (section, field, parse) in _OVERRIDES.items():
         value = getattr(args, opt, None)
         if value is not None:

@@ -78,8 +78,16 @@ class EncoderConfig:
 
 @dataclass
 class EmbedConfig:
-    """The embedding stage's actor pool."""
+    """The embedding stage: which embedder, and its actor pool.
 
+    ``embedder`` is "vae" (the trained beta-VAE's encoder mean, the paper's), "pixels" (the 64x64
+    input block-averaged to ``pixel_size`` x ``pixel_size``, mean-centred per image: a baseline), or
+    "byo" (vectors from ``embeddings``, a Parquet/.npy/.npz file made by any other model).
+    """
+
+    embedder: str = "vae"
+    pixel_size: int = 16
+    embeddings: str | None = None
     batch_size: int = 256
     num_actors: int | None = None
     decode_threads: int = 2
@@ -110,6 +118,35 @@ class SelectConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Models trained on ENRICH vs random subsets (and the full training set), and their statistics.
+
+    ``model`` "auto" is the paper's ResNet-18 when the cluster has GPUs and the small CNN otherwise
+    (classification), or the U-Net (segmentation). ``image_size`` None uses the model's default (ResNet
+    80, CNN and linear probe 32, U-Net 64). ``budgets`` None takes the selection's budgets; a budget is
+    a fraction (or count) of the training images. ``replicates`` None uses every selection replicate.
+    ``seconds_per_image`` None is 1 s (classification) or 300 s (segmentation) of expert labelling.
+    """
+
+    task: str = "classification"
+    model: str = "auto"
+    image_size: int | None = None
+    width: int | None = None
+    budgets: tuple[Size, ...] | None = None
+    replicates: int | None = None
+    epochs: int = 10
+    min_steps: int = 100
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    test_fraction: float = 0.2
+    alpha: float = 0.05
+    seconds_per_image: float | None = None
+    gpu_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; stored (without secrets) in ``run.json``."""
 
@@ -122,6 +159,7 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +183,7 @@ _SECTION_TYPES = {
     "embed": EmbedConfig,
     "similarity": SimilarityConfig,
     "select": SelectConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

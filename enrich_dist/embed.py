@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,12 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from . import imaging, schema
 from .config import EmbedConfig
 from .runtime import Resources, cluster_resources
-from .storage import RunDir, shard_name
+from .storage import RunDir, read_uri, shard_name
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = f"{schema.EMBEDDINGS_DIR}/errors"
@@ -33,76 +35,89 @@ def plan_actors(res: Resources, cfg: EmbedConfig) -> tuple[int, float, float, st
     return max(1, min(n, max(1, res.cpus))), 1.0, 0.0, "cpu"
 
 
-class ShardEmbedder:
-    """A Ray Data actor holding one encoder replica; embeds whole manifest shards and commits them."""
+class VaeEmbedder:
+    """The trained beta-VAE's encoder mean (bf16 autocast on GPU)."""
 
-    def __init__(self, run: RunDir, cfg: EmbedConfig, device: str, threads: int):
-        import torch
+    name = "vae"
 
+    def __init__(self, run: RunDir, device: str):
         from .encoder import load_encoder
 
-        torch.set_num_threads(max(1, threads))
-        self.run, self.cfg, self.device = run, cfg, device
+        self.device = device
         self.model = load_encoder(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt")).to(device).eval()
-        self.image_size = self.model.image_size
-        self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads))
+        self.image_size, self.dim = self.model.image_size, self.model.latent_dim
 
-    def _decode(self, uris: list[str]) -> tuple[np.ndarray, list[str | None]]:
-        return imaging.load_images(uris, self.image_size, self.run.storage_options, threads=self.cfg.decode_threads)
-
-    def _encode(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(images).unsqueeze(1).to(self.device)
-            if self.device == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    mu, _ = self.model.encode(x)
-            else:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
                 mu, _ = self.model.encode(x)
             return mu.float().cpu().numpy()
 
+
+class PixelEmbedder:
+    """Block-averaged pixels, mean-centred per image (so cosine similarity is pixel correlation)."""
+
+    name = "pixels"
+    image_size = 64
+
+    def __init__(self, size: int):
+        if size < 1 or self.image_size % size:
+            raise ValueError(f"pixel_size must divide {self.image_size}, got {size}")
+        self.size, self.dim = size, size * size
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        f = self.image_size // self.size
+        small = images.reshape(len(images), self.size, f, self.size, f).mean(axis=(2, 4)).reshape(len(images), -1)
+        return small - small.mean(axis=1, keepdims=True)
+
+
+def make_embedder(run: RunDir, cfg: EmbedConfig, device: str) -> VaeEmbedder | PixelEmbedder:
+    """The embedder named by the config."""
+    if cfg.embedder == "vae":
+        return VaeEmbedder(run, device)
+    if cfg.embedder == "pixels":
+        return PixelEmbedder(cfg.pixel_size)
+    raise ValueError(f"embedder {cfg.embedder!r} has no image model; known: vae, pixels, byo")
+
+
+class ShardEmbedder:
+    """A Ray Data actor holding one embedder replica; embeds whole manifest shards and commits them."""
+
+    def __init__(self, run: RunDir, cfg: EmbedConfig, device: str, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.run, self.cfg = run, cfg
+        self.embedder = make_embedder(run, cfg, device)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def _decode(self, uris: list[str]) -> tuple[np.ndarray, list[str | None]]:
+        size = self.embedder.image_size
+        return imaging.load_images(uris, size, self.run.storage_options, threads=self.cfg.decode_threads)
+
     def embed_shard(self, shard: int, ids: list[int], uris: list[str]) -> dict:
-        """Decode (next batch in threads while this one encodes), encode, normalise, write the shard."""
+        """Decode (the next batch in a thread while this one encodes), embed, commit the shard."""
         start = time.monotonic()
         bs = self.cfg.batch_size
         batches = [(ids[i : i + bs], uris[i : i + bs]) for i in range(0, len(ids), bs)]
-        out_ids, out_vecs, err_rows = [], [], []
+        ok_ids, ok_uris, vecs, errors = [], [], [], []
         pending = self.pool.submit(self._decode, batches[0][1]) if batches else None
         for b, (bids, buris) in enumerate(batches):
-            images, errors = pending.result()
+            images, errs = pending.result()
             if b + 1 < len(batches):
                 pending = self.pool.submit(self._decode, batches[b + 1][1])
-            ok = np.array([e is None for e in errors], dtype=bool)
-            for i in np.flatnonzero(~ok):
-                err_rows.append((bids[i], buris[i], errors[i]))
+            ok = np.array([e is None for e in errs], dtype=bool)
+            errors += [(bids[i], buris[i], errs[i]) for i in np.flatnonzero(~ok)]
             if ok.any():
-                mu = self._encode(images[ok])
-                norms = np.linalg.norm(mu, axis=1)
-                good = norms > 0
-                kept_ids = np.asarray(bids)[ok]
-                for i in np.flatnonzero(~good):
-                    err_rows.append((int(kept_ids[i]), buris[int(np.flatnonzero(ok)[i])], "zero-norm embedding"))
-                out_ids.append(kept_ids[good])
-                out_vecs.append((mu[good] / norms[good, None]).astype(np.float32))
-        dim = self.model.latent_dim
-        vecs = np.concatenate(out_vecs) if out_vecs else np.zeros((0, dim), np.float32)
-        emb_ids = np.concatenate(out_ids).astype(np.int64) if out_ids else np.zeros(0, np.int64)
-        if err_rows:
-            err_ids, err_uris, err_msgs = zip(*err_rows, strict=True)
-            self.run.write_table(
-                f"{ERRORS_DIR}/{shard_name(shard)}",
-                pa.table({"image_id": list(err_ids), "uri": list(err_uris), "error": list(err_msgs)}, schema=schema.EMBED_ERRORS),
-            )
-        table = pa.table(
-            {
-                "image_id": pa.array(emb_ids, pa.int64()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim),
-            },
-            schema=schema.embeddings_schema(dim),
-        )
-        self.run.write_table(f"{schema.EMBEDDINGS_DIR}/{shard_name(shard)}", table)
-        return {"shard": shard, "n": len(emb_ids), "n_errors": len(err_rows), "seconds": time.monotonic() - start}
+                vecs.append(self.embedder(images[ok]))
+                ok_ids += [bids[i] for i in np.flatnonzero(ok)]
+                ok_uris += [buris[i] for i in np.flatnonzero(ok)]
+        matrix = np.concatenate(vecs) if vecs else np.zeros((0, self.embedder.dim), np.float32)
+        stats = commit_shard(self.run, shard, np.asarray(ok_ids, np.int64), matrix, ok_uris, errors)
+        return {**stats, "seconds": time.monotonic() - start}
 
     def __call__(self, batch: dict) -> dict:
         stats = [
@@ -110,6 +125,116 @@ class ShardEmbedder:
             for s, i, u in zip(batch["shard"], batch["ids"], batch["uris"], strict=True)
         ]
         return {key: np.array([s[key] for s in stats]) for key in ("shard", "n", "n_errors", "seconds")}
+
+
+def commit_shard(
+    run: RunDir, shard: int, ids: np.ndarray, vectors: np.ndarray, uris: list[str], errors: list[tuple[int, str, str]]
+) -> dict:
+    """L2-normalise rows, record zero or non-finite ones as errors, write the errors then the shard."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1)
+    good = np.isfinite(norms) & (norms > 0)
+    errors = list(errors) + [
+        (int(ids[i]), uris[i], "zero-norm embedding" if np.isfinite(norms[i]) else "non-finite embedding")
+        for i in np.flatnonzero(~good)
+    ]
+    dim = vectors.shape[1]
+    unit = (vectors[good] / norms[good, None]).astype(np.float32)
+    if errors:
+        err_ids, err_uris, err_msgs = zip(*sorted(errors), strict=True)
+        run.write_table(
+            f"{ERRORS_DIR}/{shard_name(shard)}",
+            pa.table({"image_id": err_ids, "uri": err_uris, "error": err_msgs}, schema=schema.EMBED_ERRORS),
+        )
+    table = pa.table(
+        {
+            "image_id": pa.array(ids[good], pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
+        },
+        schema=schema.embeddings_schema(dim),
+    )
+    run.write_table(f"{schema.EMBEDDINGS_DIR}/{shard_name(shard)}", table)
+    return {"shard": shard, "n": int(good.sum()), "n_errors": len(errors)}
+
+
+def read_byo(path: str, storage_options: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+    """Read bring-your-own embeddings: (key column "image_id"|"uri"|"row", keys, float matrix).
+
+    Parquet or .npz: an ``embedding`` column/array plus ``image_id`` or ``uri``; .npy: a 2-D array
+    whose row i is image_id i.
+    """
+    data = read_uri(path, storage_options)
+    lower = path.lower()
+    try:
+        if lower.endswith(".npy"):
+            matrix = np.load(io.BytesIO(data), allow_pickle=False)
+            keys, key = np.arange(len(matrix), dtype=np.int64), "row"
+        elif lower.endswith(".npz"):
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                key = "image_id" if "image_id" in npz.files else "uri"
+                if "embedding" not in npz.files or key not in npz.files:
+                    raise ValueError(f"needs arrays 'embedding' and 'image_id' or 'uri', found {npz.files}")
+                matrix, keys = npz["embedding"], npz[key]
+        elif lower.endswith(".parquet"):
+            table = pq.read_table(pa.BufferReader(data))
+            key = "image_id" if "image_id" in table.column_names else "uri"
+            if "embedding" not in table.column_names or key not in table.column_names:
+                raise ValueError(f"needs columns 'embedding' and 'image_id' or 'uri', found {table.column_names}")
+            matrix = np.asarray(table.column("embedding").to_pylist(), dtype=np.float64)
+            keys = np.asarray(table.column(key).to_pylist())
+        else:
+            raise ValueError("unknown format: use .parquet, .npy or .npz")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"{path}: cannot read embeddings ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if matrix.ndim != 2 or matrix.shape[1] < 1 or matrix.dtype.kind not in "uif":
+        raise ValueError(f"{path}: embeddings must be a numeric 2-D array (rows x dim), got {matrix.dtype} {matrix.shape}")
+    if len(keys) != len(matrix):
+        raise ValueError(f"{path}: {len(keys)} {key}s for {len(matrix)} embedding rows")
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError(f"{path}: duplicate {key} values; each image needs exactly one embedding")
+    return key, keys, matrix
+
+
+def import_embeddings(run: RunDir, cfg: EmbedConfig) -> dict:
+    """Write embedding shards from a bring-your-own file, aligned with the manifest shards."""
+    if not cfg.embeddings:
+        raise ValueError("embedder 'byo' needs --embeddings FILE (.parquet, .npy or .npz)")
+    key, keys, matrix = read_byo(cfg.embeddings, run.storage_options)
+    manifest = run.read_table(schema.MANIFEST_DIR, columns=["image_id", "uri", "status"])
+    column = "image_id" if key in ("image_id", "row") else "uri"
+    if key == "row" and len(keys) != manifest.num_rows:
+        raise ValueError(
+            f"{cfg.embeddings}: {len(keys)} rows but the manifest has {manifest.num_rows} images; a .npy needs one "
+            "row per image_id (use .parquet/.npz with image_id or uri columns for a subset)"
+        )
+    known = manifest.column(column).to_pylist()
+    row_of = {k.item() if hasattr(k, "item") else k: i for i, k in enumerate(keys)}
+    unknown = sorted(set(row_of) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{cfg.embeddings}: {len(unknown)} {column}s are not in the manifest, e.g. {unknown[:5]}")
+    stats = []
+    for index, path in run.shards(schema.MANIFEST_DIR).items():
+        part = run.read_table(path, columns=["image_id", "uri", "status"])
+        part = part.filter(pc.equal(part.column("status"), "ok"))
+        ids, uris = part.column("image_id").to_pylist(), part.column("uri").to_pylist()
+        rows = [row_of.get(i if column == "image_id" else u) for i, u in zip(ids, uris, strict=True)]
+        have = [r is not None for r in rows]
+        errors = [(i, u, f"no embedding in {cfg.embeddings}") for i, u, h in zip(ids, uris, have, strict=True) if not h]
+        take = np.asarray([r for r in rows if r is not None], dtype=np.int64)
+        stats.append(
+            commit_shard(
+                run,
+                index,
+                np.asarray([i for i, h in zip(ids, have, strict=True) if h], np.int64),
+                matrix[take].astype(np.float64) if len(take) else np.zeros((0, matrix.shape[1])),
+                [u for u, h in zip(uris, have, strict=True) if h],
+                errors,
+            )
+        )
+    log.info("embed: imported %d embeddings of dim %d from %s", sum(s["n"] for s in stats), matrix.shape[1], cfg.embeddings)
+    return {"dim": int(matrix.shape[1])}
 
 
 def pending_shards(run: RunDir) -> list[dict]:
@@ -125,58 +250,87 @@ def pending_shards(run: RunDir) -> list[dict]:
     return work
 
 
+def _embedder_identity(cfg: EmbedConfig) -> dict:
+    ident = {"embedder": cfg.embedder}
+    if cfg.embedder == "pixels":
+        ident["pixel_size"] = cfg.pixel_size
+    if cfg.embedder == "byo":
+        ident["embeddings"] = cfg.embeddings
+    return ident
+
+
+def _claim(run: RunDir, cfg: EmbedConfig) -> None:
+    """Record which embedder fills this run dir; refuse to mix embedders' shards in one run."""
+    ident, rel = _embedder_identity(cfg), f"{schema.EMBEDDINGS_DIR}/embedder.json"
+    held = run.read_json(rel) if run.exists(rel) else None
+    if held == ident:
+        return
+    if held is not None and run.shards(schema.EMBEDDINGS_DIR):
+        raise ValueError(
+            f"{run.uri} already holds embeddings from {held}, not {ident}: "
+            "use a new --output folder to compare embedders"
+        )
+    run.write_json(rel, ident)
+
+
 def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
     """Embed every ok manifest row into ``embeddings/part-NNNNN.parquet``; committed shards are skipped."""
+    if cfg.embedder not in ("vae", "pixels", "byo"):
+        raise ValueError(f"unknown embedder {cfg.embedder!r}: use vae, pixels or byo")
+    run.require(schema.MANIFEST_DIR, "manifest --input SRC")
     if run.is_done(schema.EMBEDDINGS_DIR):
+        _claim(run, cfg)
         stats = run.read_json(f"{schema.EMBEDDINGS_DIR}/_SUCCESS")
         log.info("embed: already complete (%d embeddings), skipping", stats["n_embedded"])
         return stats
-    run.require(schema.MANIFEST_DIR, "manifest --input SRC")
-    run.require(schema.ENCODER_DIR, "train-encoder")
+    if cfg.embedder == "vae":
+        run.require(schema.ENCODER_DIR, "train-encoder")
     start = time.monotonic()
+    _claim(run, cfg)
     run.remove_stale_tmp(schema.EMBEDDINGS_DIR)
-    work = pending_shards(run)
     n_shards = len(run.shards(schema.MANIFEST_DIR))
+    stats = {"embedder": cfg.embedder, "n_shards": n_shards}
+    if cfg.embedder == "byo":
+        stats.update(import_embeddings(run, cfg))
+    else:
+        stats.update(_embed_with_actors(run, cfg, start))
+    emb = run.read_table(schema.EMBEDDINGS_DIR, columns=["image_id"])
+    errors = run.read_table(ERRORS_DIR).num_rows if run.shards(ERRORS_DIR) else 0
+    stats.update(n_embedded=emb.num_rows, n_errors=errors, seconds=round(time.monotonic() - start, 3))
+    if len(run.shards(schema.EMBEDDINGS_DIR)) != n_shards:
+        raise RuntimeError(f"embed: only {len(run.shards(schema.EMBEDDINGS_DIR))} of {n_shards} shards committed")
+    if emb.num_rows == 0:
+        raise ValueError(f"embed: no image of {run.uri} could be embedded; see {run.uri_of(ERRORS_DIR)}")
+    run.mark_done(schema.EMBEDDINGS_DIR, stats)
+    log.info("embed: %d embeddings, %d errors in %.1fs", stats["n_embedded"], errors, stats["seconds"])
+    return stats
+
+
+def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
+    """Run the pending shards through a Ray Data actor pool; returns device and pool size."""
+    work = pending_shards(run)
     res = cluster_resources()
     n_actors, cpus, gpus, device = plan_actors(res, cfg)
     n_actors = max(1, min(n_actors, len(work)))
     threads = max(1, res.cpus // n_actors) if device == "cpu" else 2
     log.info(
-        "embed: %d of %d shards to do, %d %s actor(s), batch %d",
-        len(work), n_shards, n_actors, device.upper(), cfg.batch_size,
+        "embed: %d of %d shards to do, %d %s actor(s) with %s embeddings, batch %d",
+        len(work), len(run.shards(schema.MANIFEST_DIR)), n_actors, device.upper(), cfg.embedder, cfg.batch_size,
     )
-    done_images = 0
     if work:
-        total_images = sum(len(w["ids"]) for w in work)
+        total, done = sum(len(w["ids"]) for w in work), 0
         ds = ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
             ShardEmbedder,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cpus,
             num_gpus=gpus,
-            fn_constructor_kwargs={
-                "run": run, "cfg": cfg, "device": device, "threads": threads,
-            },
+            fn_constructor_kwargs={"run": run, "cfg": cfg, "device": device, "threads": threads},
         )
         for row in ds.iter_rows():
-            done_images += int(row["n"]) + int(row["n_errors"])
-            rate = done_images / max(time.monotonic() - start, 1e-9)
+            done += int(row["n"]) + int(row["n_errors"])
             log.info(
                 "embed: shard %d done (%d images, %d errors); %d/%d images, %.0f images/s",
-                row["shard"], row["n"], row["n_errors"], done_images, total_images, rate,
+                row["shard"], row["n"], row["n_errors"], done, total, done / max(time.monotonic() - start, 1e-9),
             )
-    emb = run.read_table(schema.EMBEDDINGS_DIR, columns=["image_id"])
-    errors = run.read_table(ERRORS_DIR).num_rows if run.shards(ERRORS_DIR) else 0
-    stats = {
-        "n_embedded": emb.num_rows,
-        "n_errors": errors,
-        "n_shards": n_shards,
-        "device": device,
-        "actors": n_actors,
-        "seconds": round(time.monotonic() - start, 3),
-    }
-    if len(run.shards(schema.EMBEDDINGS_DIR)) != n_shards:
-        raise RuntimeError(f"embed: only {len(run.shards(schema.EMBEDDINGS_DIR))} of {n_shards} shards committed")
-    run.mark_done(schema.EMBEDDINGS_DIR, stats)
-    log.info("embed: %d embeddings, %d errors in %.1fs", stats["n_embedded"], errors, stats["seconds"])
-    return stats
+    return {"device": device, "actors": n_actors}

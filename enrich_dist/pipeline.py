@@ -45,6 +45,8 @@ def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callab
     if name == "train-encoder":
         from .encoder import run_train_encoder
 
+        if cfg.embed.embedder != "vae":
+            return lambda run: {"skipped": f"embedder {cfg.embed.embedder!r} needs no encoder"}
         return lambda run: run_train_encoder(run, cfg.encoder)
     if name == "embed":
         from .embed import run_embed

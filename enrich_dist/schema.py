@@ -10,6 +10,7 @@ EMBEDDINGS_DIR = "embeddings"
 SIMILARITY_DIR = "similarity"
 NEIGHBORS_DIR = "similarity/neighbors"
 SELECTION_DIR = "selection"
+EVALUATION_DIR = "evaluation"
 REPORT_DIR = "report"
 
 MANIFEST = pa.schema(
@@ -75,5 +76,25 @@ SUBSETS = pa.schema(
         ("n_patients", pa.int64()),
         ("n_clips", pa.int64()),
         ("label_counts", pa.map_(pa.string(), pa.int64())),
+    ]
+)
+
+EVALUATION_RESULTS = "evaluation/results.parquet"
+EVALUATION_STATS = "evaluation/stats.json"
+
+RESULT = pa.schema(
+    [
+        ("task", pa.string()),
+        ("method", pa.string()),
+        ("budget", pa.float64()),
+        ("replicate", pa.int32()),
+        ("n_train", pa.int64()),
+        ("n_test", pa.int64()),
+        ("metric", pa.float64()),
+        ("metric_name", pa.string()),
+        ("model", pa.string()),
+        ("seconds", pa.float64()),
+        ("device", pa.string()),
+        ("config_hash", pa.string()),
     ]
 )

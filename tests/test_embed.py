@@ -88,3 +88,82 @@ def test_embed_requires_earlier_stages(ray_local, run_dir):
     run_dir.mark_done("manifest", {})
     with pytest.raises(FileNotFoundError, match="enrich train-encoder"):
         run_embed(run_dir, EmbedConfig())
+
+
+def test_pixel_embedder_is_block_mean_centred():
+    from enrich_dist.embed import PixelEmbedder
+
+    rng = np.random.default_rng(3)
+    images = rng.random((5, 64, 64)).astype(np.float32)
+    out = PixelEmbedder(16)(images)
+    expected = np.array([[images[b, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].mean() for r in range(16) for c in range(16)] for b in range(5)])
+    np.testing.assert_allclose(out, expected - expected.mean(axis=1, keepdims=True), atol=1e-6)
+    with pytest.raises(ValueError, match="must divide 64"):
+        PixelEmbedder(10)
+
+
+def test_pixels_embedder_end_to_end_without_encoder(ray_local, run_dir, tmp_path):
+    root = make_run(run_dir, tmp_path, n=9, shard_size=4)
+    run_dir.remove("encoder")
+    rng = np.random.default_rng(9)
+    for i in range(8):  # textured images; image 8 stays a flat square, constant after cropping
+        Image.fromarray((rng.random((40, 50)) * 200 + 50).astype(np.uint8)).save(root / f"{i:03d}.png")
+    stats = run_embed(run_dir, EmbedConfig(embedder="pixels", pixel_size=8))
+    assert stats["embedder"] == "pixels" and stats["n_embedded"] == 8
+    assert run_dir.read_table(ERRORS_DIR).to_pylist()[0]["error"] == "zero-norm embedding"
+    emb = run_dir.read_table(schema.EMBEDDINGS_DIR)
+    assert emb.schema == schema.embeddings_schema(64)
+    images, _ = imaging.load_images([str(root / f"{i:03d}.png") for i in range(8)], 64)
+    small = images.reshape(8, 8, 8, 8, 8).mean(axis=(2, 4)).reshape(8, -1)
+    small -= small.mean(axis=1, keepdims=True)
+    vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vecs, small / np.linalg.norm(small, axis=1, keepdims=True), atol=1e-5)
+    with pytest.raises(ValueError, match="already holds embeddings from"):
+        run_embed(run_dir, EmbedConfig(embedder="vae"))
+
+
+@pytest.mark.parametrize("fmt", ["parquet-id", "npz-uri", "npy"])
+def test_bring_your_own_embeddings_round_trip(ray_local, run_dir, tmp_path, fmt):
+    import pyarrow.parquet as pq
+
+    root = make_run(run_dir, tmp_path, n=10, shard_size=3)
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(size=(10, 7))
+    vecs[4] = 0.0  # a zero vector: recorded as an error, never normalised into NaN
+    path = tmp_path / f"mine.{fmt.split('-')[0]}"
+    keep = [i for i in range(10) if i != 8]  # image 8 has no embedding in the parquet/npz files
+    if fmt == "parquet-id":
+        pq.write_table(pa.table({"image_id": keep, "embedding": [list(vecs[i]) for i in keep]}), path)
+    elif fmt == "npz-uri":
+        np.savez(path, uri=np.array([str(root / f"{i:03d}.png") for i in keep]), embedding=vecs[keep])
+    else:
+        np.save(path, vecs)
+    stats = run_embed(run_dir, EmbedConfig(embedder="byo", embeddings=str(path)))
+    emb = run_dir.read_table(schema.EMBEDDINGS_DIR)
+    ids = emb.column("image_id").to_pylist()
+    missing = {4} if fmt == "npy" else {4, 8}
+    assert ids == [i for i in range(10) if i not in missing] and stats["dim"] == 7
+    got = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, vecs[ids] / np.linalg.norm(vecs[ids], axis=1, keepdims=True), atol=1e-6)
+    errors = {r["image_id"]: r["error"] for r in run_dir.read_table(ERRORS_DIR).to_pylist()}
+    assert errors[4] == "zero-norm embedding"
+    if fmt != "npy":
+        assert "no embedding in" in errors[8]
+
+
+def test_bring_your_own_bad_files_are_named(ray_local, run_dir, tmp_path):
+    make_run(run_dir, tmp_path, n=4, shard_size=4)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones(4))
+    with pytest.raises(ValueError, match=r"bad.npy: embeddings must be a numeric 2-D array"):
+        run_embed(run_dir, EmbedConfig(embedder="byo", embeddings=str(bad)))
+    short = tmp_path / "short.npy"
+    np.save(short, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"short.npy: 3 rows but the manifest has 4"):
+        run_embed(run_dir, EmbedConfig(embedder="byo", embeddings=str(short)))
+    other = tmp_path / "other.npz"
+    np.savez(other, image_id=np.array([0, 99]), embedding=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"other.npz: 1 image_ids are not in the manifest, e.g. \[99\]"):
+        run_embed(run_dir, EmbedConfig(embedder="byo", embeddings=str(other)))
+    with pytest.raises(ValueError, match="needs --embeddings"):
+        run_embed(run_dir, EmbedConfig(embedder="byo"))
