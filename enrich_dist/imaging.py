@@ -61,8 +61,8 @@ def to_unit_gray(arr: np.ndarray) -> np.ndarray:
     return (out - lo) / (hi - lo)
 
 
-def decode(data: bytes, name: str) -> np.ndarray:
-    """Decode file bytes (PNG, JPEG, TIFF, BMP, NPY) into a float32 grayscale image in [0, 1]."""
+def decode_native(data: bytes, name: str) -> np.ndarray:
+    """Decode file bytes into a grayscale image: uint8 for 8-bit sources, else float32 in [0, 1]."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     if _ext(name) in NPY_EXTENSIONS:
@@ -87,33 +87,49 @@ def decode(data: bytes, name: str) -> np.ndarray:
         raise ImageError(f"cannot decode image: {exc}") from None
 
 
+def decode(data: bytes, name: str) -> np.ndarray:
+    """Decode file bytes (PNG, JPEG, TIFF, BMP, NPY) into a float32 grayscale image in [0, 1]."""
+    arr = decode_native(data, name)
+    return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
+
+
 def _pil_to_gray(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return to_unit_gray(np.asarray(img))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode not in ("L", "RGB", "RGBA"):
-        img = img.convert("RGB")
-    return to_unit_gray(np.asarray(img))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode != "L":
+        img = img.convert("L")  # ITU-R 601 luma; alpha ignored
+    if img.width < 1 or img.height < 1:
+        raise ImageError("empty image (0 pixels)")
+    return np.asarray(img)
 
 
 def crop_to_content(img: np.ndarray, level: float = CROP_LEVEL) -> np.ndarray:
-    """Crop to the bounding box of pixels above ``level`` and pad to a centred square."""
-    mask = img > level
-    if mask.any():
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
+    """Crop to the bounding box of pixels above ``level`` (of full scale) and pad to a centred square.
+
+    Works on uint8 (full scale 255) and float images in [0, 1]; keeps the dtype.
+    """
+    threshold = level * 255 if img.dtype == np.uint8 else level
+    rows = np.flatnonzero(img.max(axis=1) > threshold)
+    if len(rows):
+        cols = np.flatnonzero(img[rows[0] : rows[-1] + 1].max(axis=0) > threshold)
         img = img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     h, w = img.shape
     side = max(h, w)
-    out = np.zeros((side, side), dtype=np.float32)
+    out = np.zeros((side, side), dtype=img.dtype)
     top, left = (side - h) // 2, (side - w) // 2
     out[top : top + h, left : left + w] = img
     return out
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Area-averaging resize of a square float image to ``size`` x ``size``."""
+    """Area-averaging resize of a square uint8 or float image to a float32 ``size`` x ``size`` in [0, 1]."""
+    if img.dtype == np.uint8:
+        small = img if img.shape == (size, size) else np.asarray(
+            Image.fromarray(img, mode="L").resize((size, size), Image.Resampling.BOX)
+        )
+        return small.astype(np.float32) / 255.0
     if img.shape == (size, size):
         return img.astype(np.float32, copy=False)
     pil = Image.fromarray(img.astype(np.float32), mode="F")
@@ -127,7 +143,7 @@ def preprocess(img: np.ndarray, size: int = 64) -> np.ndarray:
 
 def load_image(uri: str, size: int = 64, storage_options: dict | None = None) -> np.ndarray:
     """Read, decode and preprocess one image."""
-    return preprocess(decode(read_uri(uri, storage_options), uri), size)
+    return preprocess(decode_native(read_uri(uri, storage_options), uri), size)
 
 
 def load_images(
