@@ -16,6 +16,11 @@ from .storage import RunDir
 log = logging.getLogger(__name__)
 
 STAGES = ("manifest", "train-encoder", "embed", "similarity", "select", "report")
+# the run-dir folder whose _SUCCESS marks each stage complete (the report is always rewritten)
+STAGE_DIRS = {
+    "manifest": "manifest", "train-encoder": "encoder", "embed": "embeddings", "similarity": "similarity",
+    "select": "selection",
+}
 RUN_JSON = "run.json"
 _PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
 
@@ -82,11 +87,13 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
         for name, fn in fns:
-            log.info("stage %s: starting on %s", name, run.uri)
+            done_before = name in STAGE_DIRS and run.is_done(STAGE_DIRS[name])
+            log.info("stage %s: %s on %s", name, "already complete" if done_before else "starting", run.uri)
             started, t0 = _now(), time.monotonic()
             stats = fn(run)
             seconds = round(time.monotonic() - t0, 3)
-            _record(run, cfg, name, {"started": started, "ended": _now(), "seconds": seconds, "stats": stats})
-            log.info("stage %s: finished in %.1fs", name, seconds)
+            if not done_before:  # a skipped stage keeps the record of the run that computed it
+                _record(run, cfg, name, {"started": started, "ended": _now(), "seconds": seconds, "stats": stats})
+                log.info("stage %s: finished in %.1fs", name, seconds)
             results[name] = stats
     return results
