@@ -41,17 +41,21 @@ class VaeEmbedder:
     name = "vae"
 
     def __init__(self, run: RunDir, device: str):
+        import torch
+
         from .encoder import load_encoder
 
         self.device = device
-        self.model = load_encoder(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt")).to(device).eval()
+        model = load_encoder(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt")).to(device).eval()
+        # channels-last convolutions run about twice as fast on CPU for this small network
+        self.model = model.to(memory_format=torch.channels_last)
         self.image_size, self.dim = self.model.image_size, self.model.latent_dim
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(images).unsqueeze(1).to(self.device)
+            x = torch.from_numpy(images).unsqueeze(1).to(self.device).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
                 mu, _ = self.model.encode(x)
             return mu.float().cpu().numpy()
@@ -92,23 +96,27 @@ class ShardEmbedder:
         torch.set_num_threads(max(1, threads))
         self.run, self.cfg = run, cfg
         self.embedder = make_embedder(run, cfg, device)
+        self.nifti_axis = imaging.manifest_nifti_axis(run)
         self.pool = ThreadPoolExecutor(max_workers=1)
 
-    def _decode(self, uris: list[str]) -> tuple[np.ndarray, list[str | None]]:
+    def _decode(self, uris: list[str], frames: list[int | None]) -> tuple[np.ndarray, list[str | None]]:
         size = self.embedder.image_size
-        return imaging.load_images(uris, size, self.run.storage_options, threads=self.cfg.decode_threads)
+        return imaging.load_images(
+            uris, size, self.run.storage_options, self.cfg.decode_threads, frames=frames, nifti_axis=self.nifti_axis
+        )
 
-    def embed_shard(self, shard: int, ids: list[int], uris: list[str]) -> dict:
+    def embed_shard(self, shard: int, ids: list[int], uris: list[str], frames: list[int | None] | None = None) -> dict:
         """Decode (the next batch in a thread while this one encodes), embed, commit the shard."""
         start = time.monotonic()
         bs = self.cfg.batch_size
-        batches = [(ids[i : i + bs], uris[i : i + bs]) for i in range(0, len(ids), bs)]
+        frames = frames if frames is not None else [None] * len(ids)
+        batches = [(ids[i : i + bs], uris[i : i + bs], frames[i : i + bs]) for i in range(0, len(ids), bs)]
         ok_ids, ok_uris, vecs, errors = [], [], [], []
-        pending = self.pool.submit(self._decode, batches[0][1]) if batches else None
-        for b, (bids, buris) in enumerate(batches):
+        pending = self.pool.submit(self._decode, *batches[0][1:]) if batches else None
+        for b, (bids, buris, _) in enumerate(batches):
             images, errs = pending.result()
             if b + 1 < len(batches):
-                pending = self.pool.submit(self._decode, batches[b + 1][1])
+                pending = self.pool.submit(self._decode, *batches[b + 1][1:])
             ok = np.array([e is None for e in errs], dtype=bool)
             errors += [(bids[i], buris[i], errs[i]) for i in np.flatnonzero(~ok)]
             if ok.any():
@@ -121,8 +129,8 @@ class ShardEmbedder:
 
     def __call__(self, batch: dict) -> dict:
         stats = [
-            self.embed_shard(int(s), list(i), list(u))
-            for s, i, u in zip(batch["shard"], batch["ids"], batch["uris"], strict=True)
+            self.embed_shard(int(s), list(i), list(u), [None if f < 0 else int(f) for f in fr])
+            for s, i, u, fr in zip(batch["shard"], batch["ids"], batch["uris"], batch["frames"], strict=True)
         ]
         return {key: np.array([s[key] for s in stats]) for key in ("shard", "n", "n_errors", "seconds")}
 
@@ -238,15 +246,22 @@ def import_embeddings(run: RunDir, cfg: EmbedConfig) -> dict:
 
 
 def pending_shards(run: RunDir) -> list[dict]:
-    """Manifest shards whose embedding shard is not committed yet, with their ok rows."""
+    """Manifest shards whose embedding shard is not committed yet, with their ok rows (frame -1: none)."""
     done = set(run.shards(schema.EMBEDDINGS_DIR))
     work = []
     for index, path in run.shards(schema.MANIFEST_DIR).items():
         if index in done:
             continue
-        part = run.read_table(path, columns=["image_id", "uri", "status"])
+        part = run.read_table(path, columns=["image_id", "uri", "frame", "status"])
         part = part.filter(pc.equal(part.column("status"), "ok"))
-        work.append({"shard": index, "ids": part.column("image_id").to_pylist(), "uris": part.column("uri").to_pylist()})
+        work.append(
+            {
+                "shard": index,
+                "ids": part.column("image_id").to_pylist(),
+                "uris": part.column("uri").to_pylist(),
+                "frames": part.column("frame").fill_null(-1).to_pylist(),
+            }
+        )
     return work
 
 
