@@ -14,9 +14,12 @@ from .storage import join_uri
 
 log = logging.getLogger("enrich_dist")
 DEMO_EPOCHS = 10  # the demo trains the encoder for fewer epochs so it finishes in minutes on 2 cores
+DEMO_MODEL = "linear"  # and evaluates subsets with the linear probe, the cheapest real model
 
 # option -> (config section, field, parser)
 _OVERRIDES = {
+    "nifti_axis": ("manifest", "nifti_axis", int),
+    "pseudonymise": ("manifest", "pseudonymise", bool),
     "sample": ("encoder", "sample", parse_size),
     "epochs": ("encoder", "epochs", int),
     "beta": ("encoder", "beta", float),
@@ -31,6 +34,12 @@ _OVERRIDES = {
     "block_size": ("similarity", "block_size", int),
     "top_k": ("similarity", "top_k", int),
     "thresholds": ("similarity", "thresholds", lambda v: tuple(parse_list(v))),
+    "max_memory": ("similarity", "max_memory", str),
+    "similarity_mode": ("similarity", "mode", str),
+    "n_partitions": ("similarity", "n_partitions", int),
+    "nprobe": ("similarity", "nprobe", int),
+    "similarity_device": ("similarity", "device", str),
+    "precision": ("similarity", "precision", str),
     "mode": ("select", "mode", str),
     "seed_size": ("select", "seed_size", parse_size),
     "batch_size": ("select", "batch_size", parse_size),
@@ -38,12 +47,27 @@ _OVERRIDES = {
     "replicates": ("select", "replicates", int),
     "aggregate": ("select", "aggregate", str),
     "seed": ("select", "seed", int),
+    "seed_ids": ("select", "seed_ids", str),
+    "max_per_clip": ("select", "max_per_clip", int),
+    "max_per_patient": ("select", "max_per_patient", int),
+    "balance_labels": ("select", "balance_labels", bool),
+    "select_workers": ("select", "workers", int),
+    "task": ("evaluate", "task", str),
+    "model": ("evaluate", "model", str),
+    "eval_replicates": ("evaluate", "replicates", int),
+    "eval_budgets": ("evaluate", "budgets", lambda v: tuple(parse_size(b) for b in parse_list(v, str))),
+    "eval_epochs": ("evaluate", "epochs", int),
+    "image_size": ("evaluate", "image_size", int),
+    "test_fraction": ("evaluate", "test_fraction", float),
+    "seconds_per_image": ("evaluate", "seconds_per_image", float),
+    "gpu_fraction": ("evaluate", "gpu_fraction", float),
+    "alpha": ("evaluate", "alpha", float),
 }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run directory: local folder or URI (s3://bucket/prefix)")
-    p.add_argument("--config", help="YAML or JSON config file (sections: manifest, encoder, embed, similarity, select)")
+    p.add_argument("--config", help="YAML or JSON config file (sections: manifest, encoder, embed, similarity, select, evaluate)")
     p.add_argument("--ray-address", help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument(
@@ -51,6 +75,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials come from the environment',
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _manifest_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nifti-axis", choices=["0", "1", "2"], help="slice NIfTI volumes: 0 sagittal, 1 coronal, 2 axial (default)")
+    p.add_argument(
+        "--no-pseudonymise", dest="pseudonymise", action="store_false", default=None,
+        help="copy PatientID and DICOM UIDs as they are (default: keyed hashes, key from ENRICH_PSEUDONYM_KEY)",
+    )
 
 
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
@@ -74,9 +106,15 @@ def _embed_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _similarity_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", help="rows per similarity block (default 4096)")
+    p.add_argument("--block-size", help="rows per similarity block (default: chosen from --max-memory)")
     p.add_argument("--top-k", help="neighbours kept per image (default 10)")
     p.add_argument("--thresholds", help="similarity thresholds (default 0.5,0.7,0.9)")
+    p.add_argument("--max-memory", help="memory for the similarity stage's buffers, e.g. 4G, 512M (default 2G)")
+    p.add_argument("--similarity-mode", choices=["exact", "approx"], help="all pairs (default) or k-means partitions")
+    p.add_argument("--n-partitions", help="approx mode: k-means partitions (default about sqrt(N))")
+    p.add_argument("--nprobe", help="approx mode: partitions compared with each partition, itself included (default 8)")
+    p.add_argument("--similarity-device", choices=["auto", "cpu", "cuda"], help="tile kernel device (default auto)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="GPU product precision (default fp32, exact)")
 
 
 def _select_opts(p: argparse.ArgumentParser) -> None:
@@ -87,6 +125,26 @@ def _select_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicates", help="independent rankings from different seeds (default 10)")
     p.add_argument("--aggregate", choices=["max", "mean"], help="similarity to the chosen set (default max)")
     p.add_argument("--seed", help="random seed of the selection (and, for demo, of the synthetic archive; default 0)")
+    p.add_argument("--seed-ids", help="file of already-labelled image ids or uris (CSV, Parquet or one per line) as the seed set")
+    p.add_argument("--max-per-clip", help="at most N images per clip until no other image is left (default: no cap)")
+    p.add_argument("--max-per-patient", help="at most N images per patient until no other image is left (default: no cap)")
+    p.add_argument("--balance-labels", action="store_true", default=None, help="take labels in turn (round-robin)")
+    p.add_argument("--select-workers", help="0: one process; k: k shard actors (default: by archive size)")
+
+
+def _evaluate_opts(p: argparse.ArgumentParser, full: bool) -> None:
+    p.add_argument("--task", choices=["classification", "segmentation"], help="what the models learn (default classification)")
+    p.add_argument("--model", choices=["auto", "linear", "cnn", "resnet", "unet"], help="model per subset (default auto)")
+    if not full:
+        return
+    p.add_argument("--replicates", dest="eval_replicates", help="selection replicates to evaluate (default: all)")
+    p.add_argument("--budgets", dest="eval_budgets", help="budgets to evaluate (default: the selection's)")
+    p.add_argument("--epochs", dest="eval_epochs", help="training epochs per model (default 5)")
+    p.add_argument("--image-size", help="model input size (default: the model's)")
+    p.add_argument("--test-fraction", help="test share when the tool makes a patient-disjoint split (default 0.2)")
+    p.add_argument("--seconds-per-image", help="expert labelling time per image (default 1 s classification, 300 s segmentation)")
+    p.add_argument("--gpu-fraction", help="GPU share per training task when the cluster has GPUs (default 0.25)")
+    p.add_argument("--alpha", help="significance level of the Mann-Whitney U tests (default 0.05)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     emb = sub.add_parser("embed", help="embed every image")
     sim = sub.add_parser("similarity", help="all-pairs cosine similarity statistics")
     sel = sub.add_parser("select", help="rank images from least to most redundant")
+    evl = sub.add_parser("evaluate", help="train models on ENRICH vs random subsets and compare them")
+    _evaluate_opts(evl, full=True)
+    for p in (demo, run):
+        _evaluate_opts(p, full=False)
     rep = sub.add_parser("report", help="write report/index.html")
-    for p in (demo, run, man, enc, emb, sim, sel, rep):
+    for p in (demo, run, man, enc, emb, sim, sel, evl, rep):
         _common(p)
+    for p in (run, man):
+        _manifest_opts(p)
     for p in (demo, run, enc):
         _encoder_opts(p)
     for p in (demo, run, emb):
@@ -158,8 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not RunDir(archive, args.storage_options).exists("manifest.csv"):
                 make_echo_archive(archive, args.images, int(args.seed or 0), storage_options=args.storage_options)
             cfg.input = join_uri(archive, "manifest.csv")
-            if args.epochs is None and args.config is None:
-                cfg.encoder.epochs = DEMO_EPOCHS
+            if args.config is None:
+                if args.epochs is None:
+                    cfg.encoder.epochs = DEMO_EPOCHS
+                if args.model is None:
+                    cfg.evaluate.model = DEMO_MODEL
         results = run_stages(cfg, _stages_for(args.command), args.storage_options)
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)

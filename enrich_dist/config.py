@@ -48,10 +48,21 @@ def parse_list(value: str | list | tuple, item=float) -> list:
 
 @dataclass
 class ManifestConfig:
-    """How the archive is scanned."""
+    """How the archive is scanned.
 
-    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".bmp")
+    ``sniff_dicom`` also keeps files of other extensions that carry the DICOM marker (``IM0001``,
+    UID-named files). ``nifti_axis`` slices NIfTI volumes along 0 (sagittal), 1 (coronal) or 2
+    (axial) of their closest RAS+ orientation. ``pseudonymise`` writes PatientID and DICOM UIDs as
+    keyed hashes (key from ``ENRICH_PSEUDONYM_KEY``); False copies them as they are.
+    """
+
+    extensions: tuple[str, ...] = (
+        ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz",
+    )
     shard_size: int = 4096
+    sniff_dicom: bool = True
+    nifti_axis: int = 2
+    pseudonymise: bool = True
 
 
 @dataclass
@@ -96,17 +107,38 @@ class EmbedConfig:
 
 @dataclass
 class SimilarityConfig:
-    """Blocked all-pairs similarity."""
+    """Blocked all-pairs similarity.
 
-    block_size: int = 4096
+    ``block_size`` None picks the block from ``max_memory`` (e.g. "4G", "512M"). ``mode`` "approx"
+    compares each k-means partition only with its ``nprobe`` nearest (``n_partitions`` None: about
+    sqrt(N)) and measures recall on ``sample_size`` images. ``device`` auto uses GPUs when Ray has
+    them; ``precision`` fp16/bf16 (GPU only) is approximate. A checkpoint is committed every
+    ``checkpoint_seconds``.
+    """
+
+    block_size: int | None = None
     top_k: int = 10
     thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
     bins: int = 200
+    max_memory: str = "2G"
+    mode: str = "exact"
+    n_partitions: int | None = None
+    nprobe: int = 8
+    sample_size: int = 1000
+    device: str = "auto"
+    precision: str = "fp32"
+    checkpoint_seconds: float = 60.0
+    seed: int = 0
 
 
 @dataclass
 class SelectConfig:
-    """Greedy selection (the paper's batch mode by default)."""
+    """Greedy selection (the paper's batch mode by default).
+
+    ``seed_ids`` names a file of already-labelled images (ids or uris) used as every replicate's
+    seed set instead of a random one. ``workers`` None picks one process for archives up to
+    2e8 embedding floats and one shard actor per CPU above; 0 forces one process, k > 0 k actors.
+    """
 
     mode: str = "batch"
     seed_size: Size = 0.022
@@ -115,6 +147,12 @@ class SelectConfig:
     replicates: int = 10
     aggregate: str = "max"
     seed: int = 0
+    seed_ids: str | None = None
+    max_per_clip: int | None = None
+    max_per_patient: int | None = None
+    balance_labels: bool = False
+    workers: int | None = None
+    checkpoint_seconds: float = 60.0
 
 
 @dataclass
@@ -134,8 +172,8 @@ class EvaluateConfig:
     width: int | None = None
     budgets: tuple[Size, ...] | None = None
     replicates: int | None = None
-    epochs: int = 10
-    min_steps: int = 100
+    epochs: int = 5
+    min_steps: int = 50
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4

@@ -1,15 +1,21 @@
-"""Decode, grayscale, crop and resize images to the paper's 64x64 inputs."""
+"""Decode, grayscale, crop and resize images to the paper's 64x64 inputs.
+
+An image is addressed by (uri, frame): ``frame`` picks a frame of a multi-frame DICOM or a slice of a
+NIfTI volume (0-based; None is the first); for a file holding one image it is only metadata.
+"""
 
 from __future__ import annotations
 
 import io
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .storage import read_uri
+from . import formats, schema
+from .storage import RunDir, read_uri
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPY_EXTENSIONS = (".npy",)
@@ -18,11 +24,20 @@ MAX_PIXELS = 400_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-UNKNOWN_FORMAT = "not a recognised image format (PNG, JPEG, TIFF, BMP or NPY expected)"
+UNKNOWN_FORMAT = "not a recognised image format (PNG, JPEG, TIFF, BMP, NPY, DICOM or NIfTI expected)"
+DEFAULT_NIFTI_AXIS = 2
+FrameSource = Callable[[int | None], np.ndarray]
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded; the message says why."""
+
+
+def manifest_nifti_axis(run: RunDir) -> int:
+    """The axis along which the run's manifest sliced NIfTI volumes (pass it to decode with the frames)."""
+    marker = f"{schema.MANIFEST_DIR}/_SUCCESS"
+    stats = run.read_json(marker) if run.exists(marker) else {}
+    return int(stats.get("nifti_axis", DEFAULT_NIFTI_AXIS))
 
 
 def _ext(name: str) -> str:
@@ -61,10 +76,30 @@ def to_unit_gray(arr: np.ndarray) -> np.ndarray:
     return (out - lo) / (hi - lo)
 
 
-def decode_native(data: bytes, name: str) -> np.ndarray:
-    """Decode file bytes into a grayscale image: uint8 for 8-bit sources, else float32 in [0, 1]."""
+def frame_source(data: bytes, name: str, nifti_axis: int = DEFAULT_NIFTI_AXIS) -> FrameSource:
+    """Parse file bytes once; the result decodes any frame of it (DICOM, NIfTI) or its one image."""
     if not data:
         raise ImageError("empty file (0 bytes)")
+    if formats.is_nifti(name):
+        from .formats.nifti import NiftiSlices
+
+        return NiftiSlices(data, name, nifti_axis)
+    if _ext(name) not in (*PIL_EXTENSIONS, *NPY_EXTENSIONS) and formats.is_dicom(name, data[: formats.SNIFF_BYTES]):
+        from .formats.dicom import DicomFrames
+
+        return DicomFrames(data)
+    image = _decode_single(data, name)
+    return lambda frame=None: image
+
+
+def decode_native(
+    data: bytes, name: str, frame: int | None = None, nifti_axis: int = DEFAULT_NIFTI_AXIS
+) -> np.ndarray:
+    """Decode one image of file bytes to grayscale: uint8 for 8-bit raster sources, else float32 in [0, 1]."""
+    return frame_source(data, name, nifti_axis)(frame)
+
+
+def _decode_single(data: bytes, name: str) -> np.ndarray:
     if _ext(name) in NPY_EXTENSIONS:
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -87,9 +122,9 @@ def decode_native(data: bytes, name: str) -> np.ndarray:
         raise ImageError(f"cannot decode image: {exc}") from None
 
 
-def decode(data: bytes, name: str) -> np.ndarray:
-    """Decode file bytes (PNG, JPEG, TIFF, BMP, NPY) into a float32 grayscale image in [0, 1]."""
-    arr = decode_native(data, name)
+def decode(data: bytes, name: str, frame: int | None = None, nifti_axis: int = DEFAULT_NIFTI_AXIS) -> np.ndarray:
+    """Decode one image of file bytes (PNG, JPEG, TIFF, BMP, NPY, DICOM, NIfTI) to float32 grayscale in [0, 1]."""
+    arr = decode_native(data, name, frame, nifti_axis)
     return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
 
 
@@ -141,36 +176,65 @@ def preprocess(img: np.ndarray, size: int = 64) -> np.ndarray:
     return resize(crop_to_content(img), size)
 
 
-def load_image(uri: str, size: int = 64, storage_options: dict | None = None) -> np.ndarray:
-    """Read, decode and preprocess one image."""
-    return preprocess(decode_native(read_uri(uri, storage_options), uri), size)
+def load_image(
+    uri: str,
+    size: int = 64,
+    storage_options: dict | None = None,
+    frame: int | None = None,
+    nifti_axis: int = DEFAULT_NIFTI_AXIS,
+) -> np.ndarray:
+    """Read, decode and preprocess one image (one frame of a multi-frame file)."""
+    return preprocess(decode_native(read_uri(uri, storage_options), uri, frame, nifti_axis), size)
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return str(exc) or type(exc).__name__
 
 
 def load_images(
-    uris: list[str], size: int = 64, storage_options: dict | None = None, threads: int = 4
+    uris: list[str],
+    size: int = 64,
+    storage_options: dict | None = None,
+    threads: int = 4,
+    frames: list[int | None] | None = None,
+    nifti_axis: int = DEFAULT_NIFTI_AXIS,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Decode and preprocess many images in threads.
 
-    Returns a float32 array (B, size, size) in [0, 1] and a per-image error (None when decoded);
-    failed images are zero arrays.
+    ``frames`` (one per uri, None for single images) picks frames of multi-frame files; rows of one
+    file are read and parsed once. Returns a float32 array (B, size, size) in [0, 1] and a per-image
+    error (None when decoded); failed images are zero arrays.
     """
+    if frames is not None and len(frames) != len(uris):
+        raise ValueError(f"{len(frames)} frames for {len(uris)} uris")
     out = np.zeros((len(uris), size, size), dtype=np.float32)
     errors: list[str | None] = [None] * len(uris)
+    rows_of: dict[str, list[int]] = {}
+    for i, uri in enumerate(uris):
+        rows_of.setdefault(uri, []).append(i)
 
-    def one(i: int) -> None:
+    def one(uri: str) -> None:
+        rows = rows_of[uri]
         try:
-            out[i] = load_image(uris[i], size, storage_options)
-        except FileNotFoundError:
-            errors[i] = "file not found"
+            source = frame_source(read_uri(uri, storage_options), uri, nifti_axis)
         except (ImageError, OSError) as exc:
-            errors[i] = str(exc) or type(exc).__name__
+            for i in rows:
+                errors[i] = _error_text(exc)
+            return
+        for i in rows:
+            try:
+                out[i] = preprocess(source(None if frames is None else frames[i]), size)
+            except ImageError as exc:
+                errors[i] = _error_text(exc)
 
-    if threads <= 1 or len(uris) <= 1:
-        for i in range(len(uris)):
-            one(i)
+    if threads <= 1 or len(rows_of) <= 1:
+        for uri in rows_of:
+            one(uri)
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(one, range(len(uris))))
+            list(pool.map(one, rows_of))
     return out, errors
 
 

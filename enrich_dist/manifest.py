@@ -1,4 +1,11 @@
-"""Manifest stage: one row per image of the archive, with dense ids and a decode check."""
+"""Manifest stage: one row per image of the archive (per frame of a cine, per slice of a volume), with dense ids.
+
+Every file is checked in parallel Ray tasks; DICOM and NIfTI files are read up to their headers only.
+Identifiers read from DICOM headers (PatientID; the clip's SOPInstanceUID for a cine, else the
+SeriesInstanceUID) are written as keyed pseudonyms (HMAC-SHA256 with ``ENRICH_PSEUDONYM_KEY``,
+computed on the driver so the key never reaches a worker or the run dir) unless pseudonymisation is
+turned off; no other header value reaches the outputs. Values given in a table input are kept as given.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,24 @@ import io
 import logging
 import posixpath
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
-from . import imaging, schema
+from . import formats, imaging, schema
 from .config import ManifestConfig
+from .formats.pseudonym import identifier_mapper, key_from_env
 from .runtime import as_completed
-from .storage import RunDir, join_uri, read_uri, shard_name, split_uri, walk_files
+from .storage import RunDir, filesystem, join_uri, read_uri, shard_name, split_uri, walk_files
 
 log = logging.getLogger(__name__)
+HEADER_BLOCK = 256 * 1024  # read-ahead of header-only reads (object stores default to tens of MB)
+RASTER_EXTENSIONS = (*imaging.PIL_EXTENSIONS, *imaging.NPY_EXTENSIONS)
 TABLE_EXTENSIONS = (".csv", ".parquet")
 PROBE_CHUNK = 256
 
@@ -84,63 +96,182 @@ def read_source_table(src: str, storage_options: dict | None = None) -> pa.Table
 
 
 def scan_folder(src: str, cfg: ManifestConfig, storage_options: dict | None = None) -> tuple[pa.Table, list[str]]:
-    """Image files under a folder/prefix (by extension) as a table, plus the skipped non-image files."""
+    """Candidate image files under a folder/prefix as a table, plus the files skipped by extension.
+
+    With ``cfg.sniff_dicom`` files of other extensions stay candidates: the probe keeps those that
+    carry the DICOM marker (``IM0001``, UID-named files) and skips the rest.
+    """
     files = walk_files(src, storage_options)
     exts = tuple(e.lower() for e in cfg.extensions)
-    keep = [f.uri for f in files if f.uri.lower().endswith(exts)]
-    skipped = [f.uri for f in files if not f.uri.lower().endswith(exts)]
+    keep = [f.uri for f in files if cfg.sniff_dicom or f.uri.lower().endswith(exts)]
+    skipped = [f.uri for f in files if not cfg.sniff_dicom and not f.uri.lower().endswith(exts)]
     cols = {"uri": pa.array(keep, pa.string())}
     for name in schema.OPTIONAL_MANIFEST_COLUMNS:
         cols[name] = pa.nulls(len(keep), schema.MANIFEST.field(name).type)
     return pa.table(cols), skipped
 
 
-@ray.remote(num_cpus=1)
-def _probe_chunk(uris: list[str], storage_options: dict | None) -> list[str | None]:
-    out: list[str | None] = []
-    for uri in uris:
+@dataclass(frozen=True)
+class FileProbe:
+    """What checking one file found: an error, a reason to skip it, or its frames and raw identifiers."""
+
+    error: str | None = None
+    skipped: str | None = None
+    frames: int | None = None  # frames (slices) of a DICOM or NIfTI file; None for raster images
+    multi: bool = False  # frames are addressed by index (a cine or a volume)
+    patient_id: str | None = None
+    clip_uid: str | None = None
+    dicom: bool = False
+
+
+def _probe_header(uri: str, storage_options: dict | None, nifti_axis: int, sniff_only: bool) -> FileProbe:
+    fs, path = filesystem(uri, storage_options)
+    size = int(fs.size(path))
+    if size == 0:
+        return FileProbe(error="empty file (0 bytes)")
+    with fs.open(path, "rb", block_size=HEADER_BLOCK) as fh:
+        if formats.is_nifti(uri):
+            from .formats import nifti
+
+            return FileProbe(frames=nifti.read_header(fh, uri, nifti_axis), multi=True)
+        head = fh.read(formats.SNIFF_BYTES)
+        fh.seek(0)
+        if not formats.is_dicom(uri, head):
+            if sniff_only:
+                return FileProbe(skipped="not an image (no known extension, no DICOM marker)")
+            return FileProbe(error=imaging.probe(head + fh.read(), uri))
+        from .formats import dicom
+
         try:
-            out.append(imaging.probe(read_uri(uri, storage_options), uri))
-        except FileNotFoundError:
-            out.append("file not found")
-        except OSError as exc:
-            out.append(f"cannot read file: {exc}")
-    return out
+            header = dicom.read_header(fh, size)
+        except formats.NotAnImage as exc:
+            return FileProbe(skipped=str(exc), dicom=True)
+        except imaging.ImageError as exc:
+            return FileProbe(error=str(exc), dicom=True)
+    return FileProbe(
+        frames=header.frames, multi=header.frames > 1, patient_id=header.patient_id, clip_uid=header.clip_uid, dicom=True
+    )
 
 
-def probe_all(uris: list[str], storage_options: dict | None = None) -> list[str | None]:
-    """Check every file in parallel Ray tasks; the error message per file, None when readable."""
-    chunks = [uris[i : i + PROBE_CHUNK] for i in range(0, len(uris), PROBE_CHUNK)]
-    refs = [_probe_chunk.remote(chunk, storage_options) for chunk in chunks]
-    results: list[list[str | None]] = [[] for _ in chunks]
+def probe_file(uri: str, storage_options: dict | None, nifti_axis: int, sniff_only: bool = False) -> FileProbe:
+    """Check one file: raster images are verified whole, DICOM and NIfTI read up to their pixel data."""
+    try:
+        if formats.extension(uri) in RASTER_EXTENSIONS:
+            return FileProbe(error=imaging.probe(read_uri(uri, storage_options), uri))
+        return _probe_header(uri, storage_options, nifti_axis, sniff_only)
+    except imaging.ImageError as exc:
+        return FileProbe(error=str(exc))
+    except FileNotFoundError:
+        return FileProbe(error="file not found")
+    except OSError as exc:
+        return FileProbe(error=f"cannot read file: {exc}")
+
+
+@ray.remote(num_cpus=1)
+def _probe_chunk(
+    uris: list[str], sniff: list[bool], storage_options: dict | None, nifti_axis: int
+) -> list[FileProbe]:
+    return [probe_file(u, storage_options, nifti_axis, s) for u, s in zip(uris, sniff, strict=True)]
+
+
+def probe_all(
+    uris: list[str], storage_options: dict | None = None, nifti_axis: int = 2, sniff_only: list[bool] | None = None
+) -> list[FileProbe]:
+    """Check every file in parallel Ray tasks; ``sniff_only`` marks files kept only if they are DICOM."""
+    sniff = sniff_only or [False] * len(uris)
+    starts = range(0, len(uris), PROBE_CHUNK)
+    refs = [
+        _probe_chunk.remote(uris[i : i + PROBE_CHUNK], sniff[i : i + PROBE_CHUNK], storage_options, nifti_axis)
+        for i in starts
+    ]
+    results: list[list[FileProbe]] = [[] for _ in refs]
     for i, res in as_completed(refs, "manifest: checking files", log):
         results[i] = res
-    return [e for chunk in results for e in chunk]
+    return [p for chunk in results for p in chunk]
+
+
+def _no_images(src: str, cfg: ManifestConfig, skipped: list[str]) -> ValueError:
+    return ValueError(
+        f"no images found in {src!r} (looked for {', '.join(cfg.extensions)}"
+        f"{' and DICOM files by content' if cfg.sniff_dicom else ''}"
+        f"{'; skipped ' + str(len(skipped)) + ' other files' if skipped else ''}): point --input at a folder "
+        "of images or a table with a 'uri' column"
+    )
+
+
+def _rows_of(probe: FileProbe, frame: int | None) -> int:
+    """Manifest rows of one input row: every frame of a readable multi-frame file when no frame is named."""
+    return probe.frames if probe.multi and probe.error is None and frame is None else 1
+
+
+def _expand(table: pa.Table, probes: list[FileProbe], cfg: ManifestConfig) -> tuple[pa.Table, list[str | None]]:
+    """One row per frame of each multi-frame file whose row names no frame; header ids filled in; per-row errors."""
+    mapped = identifier_mapper(cfg.pseudonymise)
+    uris = table.column("uri").to_pylist()
+    given = table.column("frame").to_pylist()
+    patients, clips = table.column("patient_id").to_pylist(), table.column("clip_id").to_pylist()
+    counts = np.array([_rows_of(p, f) for p, f in zip(probes, given, strict=True)], dtype=np.int64)
+    expand = np.array([p.multi and p.error is None and f is None for p, f in zip(probes, given, strict=True)], bool)
+    errors: list[str | None] = []
+    for i, p in enumerate(probes):
+        error = p.error
+        if error is None and p.multi and given[i] is not None and not 0 <= given[i] < p.frames:
+            error = f"frame {given[i]} out of range: the file has {p.frames} frames"
+        if error is None and p.dicom:
+            patients[i] = patients[i] if patients[i] is not None else mapped(p.patient_id)
+            clips[i] = clips[i] if clips[i] is not None else mapped(p.clip_uid)
+        elif error is None and p.multi and clips[i] is None:
+            clips[i] = uris[i]  # a NIfTI volume is its own clip; its uri is in the outputs already
+        errors.append(error)
+    take = np.repeat(np.arange(len(probes)), counts)
+    position = np.arange(len(take)) - np.repeat(np.cumsum(counts) - counts, counts)
+    given_values = np.array([-1 if g is None else g for g in given], dtype=np.int64)
+    frame_values = np.where(expand[take], position, given_values[take])
+    out = table.set_column(table.schema.get_field_index("patient_id"), "patient_id", pa.array(patients, pa.string()))
+    out = out.set_column(out.schema.get_field_index("clip_id"), "clip_id", pa.array(clips, pa.string()))
+    out = out.take(pa.array(take))
+    frames = pa.array(frame_values, pa.int32(), mask=frame_values < 0)
+    out = out.set_column(out.schema.get_field_index("frame"), "frame", frames)
+    return out, [errors[i] for i in take]
 
 
 def build_manifest(src: str, cfg: ManifestConfig, storage_options: dict | None = None) -> tuple[pa.Table, dict]:
     """The manifest table (schema.MANIFEST) for a folder, prefix or table of URIs, and scan stats."""
+    formats.check_axis(cfg.nifti_axis)
     if is_table(src):
         table, skipped = read_source_table(src, storage_options), []
+        sniff = [False] * table.num_rows
     else:
         table, skipped = scan_folder(src, cfg, storage_options)
+        exts = tuple(e.lower() for e in cfg.extensions)
+        sniff = [not u.lower().endswith(exts) for u in table.column("uri").to_pylist()]
+        if cfg.pseudonymise and any(formats.is_dicom(u) for u in table.column("uri").to_pylist()):
+            key_from_env()  # fail before reading a large tree, not after
     if table.num_rows == 0:
-        raise ValueError(
-            f"no images found in {src!r} (looked for {', '.join(cfg.extensions)}"
-            f"{'; skipped ' + str(len(skipped)) + ' other files' if skipped else ''}): point --input at a folder "
-            "of images or a table with a 'uri' column"
-        )
-    uris = table.column("uri").to_pylist()
-    errors = probe_all(uris, storage_options)
-    first_seen: dict[str, int] = {}
-    for i, uri in enumerate(uris):
-        if uri in first_seen:
-            errors[i] = f"duplicate uri (same file as image_id {first_seen[uri]})"
+        raise _no_images(src, cfg, skipped)
+    probes = probe_all(table.column("uri").to_pylist(), storage_options, cfg.nifti_axis, sniff)
+    keep = [p.skipped is None or is_table(src) for p in probes]
+    skipped += [u for u, k in zip(table.column("uri").to_pylist(), keep, strict=True) if not k]
+    probes = [
+        p if p.skipped is None else FileProbe(error=f"not an image: {p.skipped}")
+        for p, k in zip(probes, keep, strict=True)
+        if k
+    ]
+    table = table.filter(pa.array(keep, pa.bool_()))
+    if table.num_rows == 0:
+        raise _no_images(src, cfg, skipped)
+    keys = list(zip(table.column("uri").to_pylist(), table.column("frame").to_pylist(), strict=True))
+    first_row = np.cumsum([0] + [_rows_of(p, frame) for p, (_, frame) in zip(probes, keys, strict=True)])
+    first_seen: dict[tuple[str, int | None], int] = {}
+    for i, key in enumerate(keys):
+        if key in first_seen:
+            probes[i] = FileProbe(error=f"duplicate uri (same file as image_id {first_row[first_seen[key]]})")
         else:
-            first_seen[uri] = i
+            first_seen[key] = i
+    expanded, errors = _expand(table, probes, cfg)
     status = pa.array(["ok" if e is None else "error" for e in errors], pa.string())
-    cols = {"image_id": pa.array(range(table.num_rows), pa.int64())}
-    cols.update({name: table.column(name) for name in table.column_names})
+    cols = {"image_id": pa.array(range(expanded.num_rows), pa.int64())}
+    cols.update({name: expanded.column(name) for name in expanded.column_names})
     cols["status"] = status
     cols["error"] = pa.array(errors, pa.string())
     manifest = pa.table(cols).select(schema.MANIFEST.names).cast(schema.MANIFEST)
@@ -150,8 +281,13 @@ def build_manifest(src: str, cfg: ManifestConfig, storage_options: dict | None =
         "n_images": manifest.num_rows,
         "n_ok": manifest.num_rows - n_err,
         "n_error": n_err,
+        "n_files": table.num_rows,
+        "n_dicom_files": sum(p.dicom for p in probes),
+        "n_multiframe_files": sum(p.multi and p.error is None for p in probes),
         "n_skipped_files": len(skipped),
         "skipped_examples": skipped[:5],
+        "nifti_axis": cfg.nifti_axis,
+        "pseudonymised": cfg.pseudonymise,
     }
     return manifest, stats
 

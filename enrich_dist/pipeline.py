@@ -15,11 +15,11 @@ from .storage import RunDir
 
 log = logging.getLogger(__name__)
 
-STAGES = ("manifest", "train-encoder", "embed", "similarity", "select", "report")
+STAGES = ("manifest", "train-encoder", "embed", "similarity", "select", "evaluate", "report")
 # the run-dir folder whose _SUCCESS marks each stage complete (the report is always rewritten)
 STAGE_DIRS = {
     "manifest": "manifest", "train-encoder": "encoder", "embed": "embeddings", "similarity": "similarity",
-    "select": "selection",
+    "select": "selection", "evaluate": "evaluation",
 }
 RUN_JSON = "run.json"
 _PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
@@ -65,11 +65,25 @@ def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callab
         from .selection import run_select
 
         return lambda run: run_select(run, cfg.select)
+    if name == "evaluate":
+        from .evaluation import run_evaluate
+
+        return lambda run: run_evaluate(run, cfg.evaluate)
     if name == "report":
         from .report import run_report
 
         return run_report
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+_TARGETS = {"classification": "label", "segmentation": "mask_uri"}
+
+
+def _has_targets(run: RunDir, task: str) -> bool:
+    """Whether the manifest has the column the evaluation task learns from (labels or masks)."""
+    column = _TARGETS.get(task, "label")
+    table = run.read_table("manifest", columns=[column])
+    return table.num_rows > table.column(column).null_count
 
 
 def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
@@ -87,6 +101,10 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
         for name, fn in fns:
+            if name == "evaluate" and len(fns) > 1 and not _has_targets(run, cfg.evaluate.task):
+                log.info("stage evaluate: skipped, the manifest has no %s", _TARGETS[cfg.evaluate.task])
+                results[name] = {"skipped": f"no {_TARGETS[cfg.evaluate.task]} in the manifest"}
+                continue
             done_before = name in STAGE_DIRS and run.is_done(STAGE_DIRS[name])
             log.info("stage %s: %s on %s", name, "already complete" if done_before else "starting", run.uri)
             started, t0 = _now(), time.monotonic()

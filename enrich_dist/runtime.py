@@ -10,19 +10,21 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Environment passed to every Ray worker: S3 endpoint/credentials and botocore checksum settings.
+# Storage settings passed to Ray workers through the runtime_env when this process starts or attaches to a Ray.
+# Only settings, never secrets: a runtime_env is stored by the cluster and shown on its dashboard. Credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, keys of the package) reach a local Ray's workers
+# because they inherit this process's environment, and a cluster's workers from each node's own environment
+# (a Kubernetes Secret, an instance role): see docs/operations.md.
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
-    "ENRICH_PSEUDONYM_KEY",
 )
+# set by Ray in the driver of a job sent with `ray job submit`; the job's own runtime_env then applies
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,14 @@ class Resources:
     gpus: int
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The runtime_env ``env_vars`` for a Ray this process starts or attaches to (empty inside a submitted job).
+
+    Inside a job the job's runtime_env already holds these settings, and Ray refuses a driver runtime_env that
+    sets the same variables again.
+    """
+    if _JOB_CONFIG_ENV in os.environ:
+        return {}
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
@@ -49,8 +58,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield cluster_resources()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    env = worker_env()
     kwargs: dict = {
-        "runtime_env": {"env_vars": _worker_env()} if _worker_env() else None,
+        "runtime_env": {"env_vars": env} if env else None,
         "log_to_driver": True,
         "configure_logging": False,
     }
@@ -81,7 +91,6 @@ def cluster_resources() -> Resources:
 
     res = ray.cluster_resources()
     return Resources(cpus=int(res.get("CPU", 0)), gpus=int(res.get("GPU", 0)))
-
 
 
 def as_completed(refs: list, label: str, logger: logging.Logger | None = None, every: float = 0.1) -> Iterator:

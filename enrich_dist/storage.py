@@ -2,21 +2,119 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The S3 client libraries log request URLs and signed headers at DEBUG (the endpoint, the access key id):
+# they stay at WARNING even when the package logs at DEBUG, so credentials and endpoints never reach a log.
+for _client_logger in ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "aiohttp"):
+    logging.getLogger(_client_logger).setLevel(logging.WARNING)
+
 TMP_PREFIX = ".tmp-"
 DONE_NAME = "_SUCCESS"
+
+# Transient object-store errors are retried: at most RETRY_ATTEMPTS calls, exponential backoff with jitter.
+RETRY_ATTEMPTS = 5
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+# S3 error codes (and HTTP statuses as codes) that mean "try again later"
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
+    "RequestLimitExceeded", "TooManyRequests", "500", "502", "503", "504",
+})
+# errnos s3fs maps throttling and server errors to (503 -> EBUSY, InternalError -> EREMOTEIO), and network errnos
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+})
+# transport errors of botocore, aiohttp and fsspec, matched by class name so this module imports none of them
+_TRANSIENT_TYPES = frozenset({
+    "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "IncompleteRead", "ClientPayloadError", "ClientConnectionError", "ServerDisconnectedError", "FSTimeoutError",
+    "ResponseParserError",
+})
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: network trouble, throttling or a server-side (5xx) error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _PERMANENT):
+            return False
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_TYPES for cls in type(current).__mro__):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or status == 429 or str(response.get("Error", {}).get("Code")) in _TRANSIENT_CODES:
+                return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        current = current.__cause__
+    return False
+
+
+def redact_uri(uri: str) -> str:
+    """A URI fit for logs: any ``user:password@`` part removed."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def with_retries(call: Callable[[], T], what: str, attempts: int | None = None) -> T:
+    """``call()``, retried on transient errors with exponential backoff and jitter; other errors pass at once.
+
+    Each retry is logged at WARNING with ``what`` (a URI, redacted) and the error's type and code only: error
+    messages can carry endpoints, so they are left to the exception that is finally raised.
+    """
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if attempt >= attempts or not is_transient(exc):
+                raise
+            ceiling = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1))
+            delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+            log.warning(
+                "%s: transient storage error %s (attempt %d of %d); retrying in %.1fs",
+                redact_uri(what), _error_kind(exc), attempt, attempts, delay,
+            )
+            time.sleep(delay)
+            attempt += 1
+
+
+def _error_kind(exc: BaseException) -> str:
+    """Type name plus S3 error code or errno name, never the message."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+        return f"{type(exc).__name__} ({response['Error']['Code']})"
+    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+        return f"{type(exc).__name__} ({errno.errorcode[exc.errno]})"
+    return type(exc).__name__
 
 
 def shard_name(index: int, ext: str = "parquet") -> str:
@@ -43,11 +141,15 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path for a path or URI."""
+    """The fsspec filesystem and in-filesystem path for a path or URI.
+
+    Remote filesystems get no listings cache unless ``storage_options`` asks for one: Ray workers in other
+    processes write shards that a cached listing in this process would never show.
+    """
     protocol, path = split_uri(uri)
-    fs = fsspec.filesystem(protocol, **(storage_options or {}) if protocol != "file" else {})
     if protocol == "file":
-        return fs, path
+        return fsspec.filesystem("file"), path
+    fs = fsspec.filesystem(protocol, **{"use_listings_cache": False, **(storage_options or {})})
     return fs, path.rstrip("/")
 
 
@@ -59,10 +161,9 @@ def join_uri(base: str, rel: str) -> str:
 
 
 def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
-    """Read one whole file given by path or URI."""
+    """Read one whole file given by path or URI (transient errors retried)."""
     fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
+    return with_retries(lambda: fs.cat_file(path), uri)
 
 
 @dataclass(frozen=True)
@@ -77,11 +178,11 @@ def walk_files(uri: str, storage_options: dict | None = None) -> list[FileInfo]:
     """All files below a folder or URI prefix, recursively, sorted by URI (hidden files skipped)."""
     fs, root = filesystem(uri, storage_options)
     protocol, _ = split_uri(uri)
-    if not fs.exists(root):
+    if not with_retries(lambda: fs.exists(root), uri):
         raise FileNotFoundError(f"input {uri!r} does not exist: check the path or URI")
-    if not fs.isdir(root):
-        return [FileInfo(uri, int(fs.size(root)))]
-    found = fs.find(root, detail=True, withdirs=False)
+    if not with_retries(lambda: fs.isdir(root), uri):
+        return [FileInfo(uri, int(with_retries(lambda: fs.size(root), uri)))]
+    found = with_retries(lambda: fs.find(root, detail=True, withdirs=False), uri)
     out = []
     for path, info in found.items():
         rel = posixpath.relpath(path, root) if protocol != "file" else os.path.relpath(path, root)
@@ -144,19 +245,17 @@ class RunDir:
         return join_uri(self.uri, rel)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return with_retries(lambda: self.fs.exists(self.path(rel)), self.uri_of(rel))
 
     def listdir(self, rel: str, suffix: str = "") -> list[str]:
         """Committed file names (relative to the run dir) directly under ``rel``, sorted."""
         base = self.path(rel)
-        if not self.fs.exists(base):
+        if not self.exists(rel):
             return []
         names = []
-        for entry in self.fs.ls(base, detail=False):
-            name = posixpath.basename(entry.rstrip("/"))
-            if name.startswith(TMP_PREFIX) or not name.endswith(suffix):
-                continue
-            if self.fs.isdir(entry):
+        for entry in with_retries(lambda: self.fs.ls(base, detail=True), self.uri_of(rel)):
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if name.startswith(TMP_PREFIX) or not name.endswith(suffix) or entry.get("type") == "directory":
                 continue
             names.append(posixpath.join(rel, name))
         return sorted(names)
@@ -171,18 +270,21 @@ class RunDir:
         return dict(sorted(out.items()))
 
     def read_bytes(self, rel: str) -> bytes:
+        """One whole file of the run dir (transient errors retried)."""
         try:
-            with self.fs.open(self.path(rel), "rb") as fh:
-                return fh.read()
+            return with_retries(lambda: self.fs.cat_file(self.path(rel)), self.uri_of(rel))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.uri_of(rel)} not found") from exc
 
     def write_bytes(self, rel: str, data: bytes, fsync: bool = True) -> None:
-        """Write a whole file atomically: it is either absent or complete.
+        """Write a whole file atomically: it is either absent or complete (transient errors retried).
 
         ``fsync=False`` skips flushing to disk before the rename (still atomic for a crashed process,
         not for a power cut); bulk writers of many small files use it.
         """
+        with_retries(lambda: self._write_once(rel, data, fsync), self.uri_of(rel))
+
+    def _write_once(self, rel: str, data: bytes, fsync: bool) -> None:
         path = self.path(rel)
         if self.is_local:
             parent = os.path.dirname(path)
@@ -226,9 +328,14 @@ class RunDir:
         )
 
     def remove(self, rel: str) -> None:
+        """Delete a file or folder of the run dir if it exists."""
         path = self.path(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+
+        def remove_once() -> None:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+        with_retries(remove_once, self.uri_of(rel))
 
     def is_done(self, stage: str) -> bool:
         return self.exists(posixpath.join(stage, DONE_NAME))
@@ -280,5 +387,6 @@ def uris_exist(uris: Iterable[str], storage_options: dict | None = None) -> list
         protocol, path = split_uri(uri)
         if protocol not in cache:
             cache[protocol] = filesystem(uri, storage_options)[0]
-        out.append(cache[protocol].exists(path))
+        fs = cache[protocol]
+        out.append(with_retries(lambda: fs.exists(path), uri))  # noqa: B023 - called at once
     return out

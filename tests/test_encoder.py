@@ -207,8 +207,8 @@ def test_run_train_encoder_writes_artifacts_and_skips_when_done(tmp_path, monkey
 
 def test_run_train_encoder_samples_a_seeded_subset(tmp_path):
     run = write_archive(tmp_path, 12)
-    ids, uris = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
-    again, _ = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
+    ids, uris, _ = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
+    again, _, _ = train_module.sample_manifest(run, dataclasses.replace(TINY, sample=5))
     assert len(ids) == 5 and list(ids) == sorted(ids) and np.array_equal(ids, again)
     assert 13 not in ids
     assert all(u.endswith(".png") for u in uris)

@@ -43,20 +43,22 @@ def test_demo_end_to_end_then_resume(ray_local, tmp_path, caplog):
         ids = ranking.filter(pc.equal(ranking["replicate"], r))["image_id"].to_pylist()
         assert sorted(ids) == list(range(150))
     state = run.read_json("run.json")
-    assert list(state["stages"]) == ["manifest", "train-encoder", "embed", "similarity", "select", "report"]
+    assert list(state["stages"]) == ["manifest", "train-encoder", "embed", "similarity", "select", "evaluate", "report"]
+    stats = run.read_json("evaluation/stats.json")
+    assert stats
     assert state["config"]["select"]["replicates"] == 2 and "ray" in state["versions"]
     html = open(run.path("report/index.html"), encoding="utf-8").read()
     assert "Redundancy" in html or "redundancy" in html
 
     # a rerun recomputes nothing: every committed artifact keeps its bytes and mtime
-    before = {rel: _mtimes(run, rel) for rel in ("manifest", "encoder", "embeddings", "similarity", "selection")}
+    before = {rel: _mtimes(run, rel) for rel in ("manifest", "encoder", "embeddings", "similarity", "selection", "evaluation")}
     caplog.clear()
     assert main(args) == 0
     after = {rel: _mtimes(run, rel) for rel in before}
     assert after == before
     # skipped stages keep the timings of the run that computed them
     rerun_state = run.read_json("run.json")
-    for stage in ("manifest", "train-encoder", "embed", "similarity", "select"):
+    for stage in ("manifest", "train-encoder", "embed", "similarity", "select", "evaluate"):
         assert rerun_state["stages"][stage] == state["stages"][stage]
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from enrich_dist import schema
+from enrich_dist.evaluation.stats import summarize
 from enrich_dist.report import redundant_groups, run_report
 from enrich_dist.storage import RunDir
 
@@ -167,12 +168,26 @@ def _write_encoder_and_run_json(run: RunDir) -> None:
     )
 
 
+def _write_evaluation(run: RunDir) -> None:
+    rows = [
+        {"method": "full", "budget": 1.0, "replicate": r, "n_train": 8, "metric": 0.9 + 0.01 * r} for r in range(3)
+    ]
+    for i, budget in enumerate((0.3, 0.6)):
+        for r in range(3):
+            rows.append({"method": "enrich", "budget": budget, "replicate": r, "n_train": 3 + 3 * i, "metric": 0.85 + 0.03 * i + 0.01 * r})
+            rows.append({"method": "random", "budget": budget, "replicate": r, "n_train": 3 + 3 * i, "metric": 0.6 + 0.01 * r})
+    stats = summarize(rows, alpha=0.05, seconds_per_image=1.0)
+    meta = {"task": "classification", "metric": "auc", "model": "cnn", "image_size": 32, "n_train": 8, "n_test": 2}
+    run.write_json("evaluation/stats.json", {"classification": {**meta, "split": {"source": EVIL}, **stats}})
+
+
 @pytest.fixture
 def full_run(tmp_path: Path) -> tuple[RunDir, list[str]]:
     run = RunDir(str(tmp_path / "run"))
     uris = _write_manifest(run, tmp_path / "archive")
     _write_similarity(run)
     _write_selection(run)
+    _write_evaluation(run)
     _write_encoder_and_run_json(run)
     return run, uris
 
@@ -182,7 +197,7 @@ def _page(run: RunDir) -> str:
 
 
 def _check_images(page: str, report_dir: Path) -> tuple[int, int]:
-    """Every <img src> is an existing file beside index.html or a PNG data URI; returns both counts."""
+    """Every <img src> is an existing file beside index.html or a valid PNG data URI; returns both counts."""
     files = data = 0
     for src in (html.unescape(s) for s in re.findall(r'<img src="([^"]*)"', page)):
         if src.startswith("data:"):
@@ -203,8 +218,10 @@ def test_full_report_renders_every_section(full_run: tuple[RunDir, list[str]]) -
     assert stats["missing"] == [] and stats["thumbnail_errors"] == 0
     assert stats["groups"] >= 1 and stats["thumbnails"] > 0
     files, data = _check_images(page, Path(run.uri) / "report")
-    assert files == len(stats["figures"]) == 5  # histogram, paper bins, coverage, loss, reconstructions
-    assert data >= stats["thumbnails"]  # an image may appear in both galleries
+    # histogram, paper bins, coverage, metric vs budget, labelling time, loss, reconstructions
+    assert len(stats["figures"]) == 7 and files == 0  # figures are embedded, so the page stands alone
+    assert all((Path(run.uri) / "report" / name).is_file() for name in stats["figures"])  # and saved beside it
+    assert data >= stats["thumbnails"] + len(stats["figures"])  # an image may appear in both galleries
     for text in (
         "Redundancy",
         "Most redundant groups",
@@ -212,11 +229,13 @@ def test_full_report_renders_every_section(full_run: tuple[RunDir, list[str]]) -
         "enrich",
         "random",
         "Stage timings",
+        "Labelling time saved",
+        "p enrich vs random",
     ):
         assert text in page
     assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
     assert html.escape(f"s3://b/{EVIL}") in page and html.escape(f"a{EVIL}b") in page
-    assert "enrich select" not in page
+    assert "enrich select" not in page and "enrich evaluate" not in page
     assert run_report(run)["figures"] == stats["figures"]  # a rerun overwrites the same files
 
 
@@ -224,9 +243,9 @@ def test_missing_artifacts_render_with_the_command_to_run(tmp_path: Path) -> Non
     empty = RunDir(str(tmp_path / "empty"))
     page_stats = run_report(empty)
     page = _page(empty)
-    for command in ("enrich manifest", "enrich similarity", "enrich select", "enrich train-encoder"):
+    for command in ("enrich manifest", "enrich similarity", "enrich select", "enrich evaluate", "enrich train-encoder"):
         assert command in page
-    assert page_stats["figures"] == [] and len(page_stats["missing"]) == 6
+    assert page_stats["figures"] == [] and len(page_stats["missing"]) == 7
 
     run = RunDir(str(tmp_path / "run"))
     _write_manifest(run, tmp_path / "archive")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -12,15 +13,21 @@ import pytest
 from enrich_dist.config import SimilarityConfig
 from enrich_dist.schema import EMBEDDINGS_DIR, NEIGHBORS_DIR, embeddings_schema, threshold_column
 from enrich_dist.similarity import (
+    approx,
     compute_similarity,
     histogram_edges,
     kernel,
     merge_topk,
+    plan,
+    reduce,
     run_similarity,
+    stage,
     tile_plan,
     tile_stats,
+    torch_kernel,
 )
 from enrich_dist.similarity.plan import group_tiles, schedule
+from enrich_dist.similarity.torch_kernel import tile_stats_torch
 from enrich_dist.storage import shard_name
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -59,14 +66,19 @@ def oracle(x: np.ndarray, k: int, thresholds, bins: int):
     return hist, counts, vals, idx
 
 
-def tiled(x: np.ndarray, k: int, thresholds, bins: int, block: int):
-    """The tile kernel over the tile plan, merged as the driver does, without Ray."""
+def torch_cpu(xi, xj, diagonal, k, thresholds, edges, **offsets):
+    """The GPU kernel, run on the CPU."""
+    return tile_stats_torch(xi, xj, diagonal, k, thresholds, edges, device="cpu", **offsets)
+
+
+def tiled(x: np.ndarray, k: int, thresholds, bins: int, block: int, kernel_fn=tile_stats):
+    """A tile kernel over the tile plan, merged as the driver does, without Ray."""
     n = len(x)
     k = min(k, n - 1)
     vals, idx = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
     counts, hist = np.zeros((len(thresholds), n), np.int64), np.zeros(bins, np.int64)
     for r0, r1, c0, c1 in tile_plan(n, block):
-        st = tile_stats(
+        st = kernel_fn(
             x[r0:r1], x[c0:c1], r0 == c0, k, thresholds, histogram_edges(bins), row_offset=r0, col_offset=c0
         )
         counts[:, r0:r1] += st.row_counts
@@ -93,12 +105,36 @@ def test_tiles_match_oracle(n: int, block: int) -> None:
 
 @pytest.mark.parametrize("n, block", [(7, 3), (50, 16), (101, 101), (101, 37)])
 def test_tiles_match_oracle_in_small_chunks(n: int, block: int, monkeypatch) -> None:
-    """Chunks of a few rows exercise the running column candidates and their reductions."""
-    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 40)
+    """Chunks of a few rows exercise the column heaps across chunks and the column bounds."""
+    monkeypatch.setattr(kernel, "CHUNK_ROWS", 12)
+    monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", 40)
     x = exact_unit_vectors(n, 8, seed=n + block, duplicates=n // 4)
     x[: n // 3] = x[0]
     for k in (1, 3, 10):
-        assert_same(tiled(x, k, THRESHOLDS, 20, block), oracle(x, k, THRESHOLDS, 20))
+        want = oracle(x, k, THRESHOLDS, 20)
+        assert_same(tiled(x, k, THRESHOLDS, 20, block), want)
+        assert_same(tiled(x, k, THRESHOLDS, 20, block, torch_cpu), want)
+
+
+@pytest.mark.parametrize("n, block", [(1, 1), (2, 1), (3, 2), (7, 3), (50, 16), (101, 37), (101, 128)])
+def test_torch_kernel_matches_oracle(n: int, block: int) -> None:
+    """The GPU path's kernel, on the CPU: identical to brute force in fp32, ties and duplicates included."""
+    x = exact_unit_vectors(n, 8, seed=7 * n + block, duplicates=min(3, n // 3))
+    for k in (1, 4, n + 3):
+        assert_same(tiled(x, k, THRESHOLDS, 40, block, torch_cpu), oracle(x, k, THRESHOLDS, 40))
+    x = sign_vectors(n, seed=n)
+    assert_same(tiled(x, 5, (-0.5, 0.0, 0.5), 8, block, torch_cpu), oracle(x, 5, (-0.5, 0.0, 0.5), 8))
+
+
+def test_torch_kernel_half_precision_is_close() -> None:
+    """bf16 products are approximate: same histogram mass, neighbours mostly the same."""
+    x = exact_unit_vectors(60, 16, seed=2)
+    st = tile_stats_torch(x, x, True, 5, THRESHOLDS, histogram_edges(20), device="cpu", precision="bf16")
+    hist, counts, vals, idx = oracle(x, 5, THRESHOLDS, 20)
+    assert st.hist.sum() == hist.sum()
+    assert np.abs(st.row_vals[:-1, 0] - (x[:-1] * x[st.row_idx[:-1, 0]]).sum(1)).max() < 0.02
+    with pytest.raises(ValueError, match="precision"):
+        tile_stats_torch(x, x, True, 5, THRESHOLDS, histogram_edges(20), device="cpu", precision="fp8")
 
 
 def test_ties_and_thresholds_on_present_values() -> None:
@@ -138,12 +174,26 @@ def test_floors_leave_results_exact() -> None:
     np.testing.assert_array_equal(got_idx, idx)
 
 
-def test_products_past_one_land_in_the_last_bin() -> None:
+@pytest.mark.parametrize("kernel_fn", [tile_stats, torch_cpu])
+def test_products_past_one_land_in_the_last_bin(kernel_fn) -> None:
     x = np.array([[0.6, 0.8, 0.0]] * 3, np.float32) * np.float32(1.0000001)
     assert float(x[0] @ x[0]) > 1.0
-    st = tile_stats(x, x, True, 2, THRESHOLDS, histogram_edges(200))
+    st = kernel_fn(x, x, True, 2, THRESHOLDS + (0.9999999,), histogram_edges(200))
     assert st.hist[-1] == 3 and st.hist.sum() == 3
-    assert st.row_counts.sum() + st.col_counts.sum() == 3 * 2 * len(THRESHOLDS)
+    assert st.row_counts.sum() + st.col_counts.sum() == 3 * 2 * (len(THRESHOLDS) + 1)
+    assert (st.row_vals[:2, 0] > 1.0).all() and st.row_idx[0].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("kernel_fn", [tile_stats, torch_cpu])
+def test_values_on_bin_edges_and_thresholds(kernel_fn) -> None:
+    """Similarities exactly on an edge go to the bin above it; counts are strictly above the threshold."""
+    x = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, -1, -1], [1, -1, 1, -1]], np.float32) / 2
+    thresholds = (0.5, 0.0, -0.5, -1.0)
+    st = kernel_fn(x, x, True, 3, thresholds, histogram_edges(4))
+    hist, counts, vals, idx = oracle(x, 3, thresholds, 4)
+    np.testing.assert_array_equal(st.hist, hist)
+    np.testing.assert_array_equal(st.row_counts + st.col_counts, counts)
+    assert st.hist.tolist() == [1, 1, 5, 3] and counts[0].sum() == 0 and counts[3].sum() == 2 * 9
 
 
 def test_merge_topk_breaks_ties_by_index_and_pads() -> None:
@@ -285,3 +335,185 @@ def test_run_similarity_needs_embeddings(run_dir) -> None:
 def test_compute_similarity_rejects_unnormalised_rows() -> None:
     with pytest.raises(ValueError, match="L2-normalised"):
         compute_similarity(np.full((3, 4), 2.0, np.float32), np.arange(3), SimilarityConfig(), progress=False)
+
+
+def test_compute_similarity_rejects_zero_and_non_finite_rows() -> None:
+    x = exact_unit_vectors(6, 4, seed=1)
+    x[2] = 0.0
+    with pytest.raises(ValueError, match=r"zero vectors.*enrich embed") as err:
+        compute_similarity(x, np.arange(10, 16), SimilarityConfig(), progress=False)
+    assert "[12]" in str(err.value)
+    x[2] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        compute_similarity(x, np.arange(6), SimilarityConfig(), progress=False)
+
+
+def test_parse_memory_and_block_choice() -> None:
+    assert plan.parse_memory("4G") == 4 << 30 and plan.parse_memory("512M") == 512 << 20
+    assert plan.parse_memory("1.5g") == 3 << 29 and plan.parse_memory("300000") == 300000
+    assert plan.parse_memory("64MiB") == 64 << 20 and plan.parse_memory(1000) == 1000
+    for bad in ("", "4X", "-1G", "0"):
+        with pytest.raises(ValueError):
+            plan.parse_memory(bad)
+    n, dim, k = 45460, 128, 10
+    block = plan.choose_block(n, dim, k, 3, 2 << 30, 2, 256)
+    nb = -(-n // block)
+    assert block % 64 == 0 and nb * (nb + 1) // 2 >= plan.TILES_PER_WORKER * 2
+    small = plan.choose_block(n, dim, k, 3, 40 << 20, 2, 256)
+    assert small < block
+    assert plan.driver_bytes(n, dim, k, 3) + 4 * plan.task_bytes(small, k, 3, 256) <= 40 << 20
+    with pytest.raises(ValueError, match="max-memory"):
+        plan.choose_block(n, dim, k, 3, 1 << 20, 2, 256)
+    assert plan.choose_block(10**6, dim, k, 3, 4 << 30, 2, 256) == plan.MAX_BLOCK
+    assert plan.choose_block(1, dim, k, 3, 1 << 30, 2, 256) == 1
+
+
+def test_partition_tile_plan_covers_paired_partitions_once() -> None:
+    bounds = np.array([0, 3, 3, 10, 17])
+    neighbors = np.array([[0, 2], [1, 0], [2, 3], [3, 2]])
+    pairs = plan.partition_pairs(neighbors)
+    assert pairs == [(0, 0), (0, 1), (0, 2), (1, 1), (2, 2), (2, 3), (3, 3)]
+    part = np.repeat(np.arange(4), np.diff(bounds))
+    for block in (1, 2, 4, 20):
+        seen: dict[tuple[int, int], int] = {}
+        for r0, r1, c0, c1 in plan.partition_tile_plan(bounds, pairs, block):
+            for i, j in itertools.product(range(r0, r1), range(c0, c1)):
+                if r0 != c0 or i < j:
+                    seen[(i, j)] = seen.get((i, j), 0) + 1
+        want = {
+            (i, j): 1
+            for i in range(17)
+            for j in range(i + 1, 17)
+            if (min(part[i], part[j]), max(part[i], part[j])) in pairs
+        }
+        assert seen == want
+        assert sum(plan.tile_pairs(t) for t in plan.partition_tile_plan(bounds, pairs, block)) == len(want)
+
+
+def test_tile_task_torch_branch_matches_numba() -> None:
+    """The task body's GPU branch (torch, blocks moved once), run on the CPU, equals the numba branch."""
+    x = exact_unit_vectors(40, 8, seed=4, duplicates=5)
+    tiles = tile_plan(40, 16)
+    spec = stage._Kernel("numba", "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30))
+    floors = [(None, None)] * len(tiles)
+    cpu = stage._tile_group(x, tiles, floors, spec)
+    gpu = stage._tile_group(x, tiles, floors, stage._Kernel("torch", "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30)))
+    for (tile_a, a), (tile_b, b) in zip(cpu, gpu, strict=True):
+        assert tile_a == tile_b
+        for name in ("row_counts", "col_counts", "row_vals", "row_idx", "col_vals", "col_idx", "hist"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_device_choice_says_what_is_missing() -> None:
+    assert stage._device(SimilarityConfig(), 0) == "cpu"
+    assert stage._device(SimilarityConfig(), 2) == "cuda"
+    assert stage._device(SimilarityConfig(device="cpu"), 2) == "cpu"
+    with pytest.raises(ValueError, match="no GPU"):
+        stage._device(SimilarityConfig(device="cuda"), 0)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        stage._device(SimilarityConfig(precision="bf16"), 0)
+    with pytest.raises(ValueError, match="device"):
+        stage._device(SimilarityConfig(device="tpu"), 0)
+
+
+def test_cli_similarity_options() -> None:
+    from enrich_dist.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["similarity", "--output", "r", "--max-memory", "4G", "--similarity-mode", "approx", "--n-partitions", "64",
+         "--nprobe", "4", "--similarity-device", "cpu", "--precision", "fp32", "--block-size", "512"]
+    )
+    cfg = config_from_args(args).similarity
+    assert (cfg.max_memory, cfg.mode, cfg.n_partitions, cfg.nprobe, cfg.device, cfg.precision, cfg.block_size) == (
+        "4G", "approx", 64, 4, "cpu", "fp32", 512
+    )
+
+
+def test_run_similarity_resumes_only_uncommitted_tiles(ray_local, run_dir, one_tile_per_task, monkeypatch) -> None:
+    """A driver killed mid-run leaves committed partials; the rerun computes only the other tiles, same outputs."""
+    x = exact_unit_vectors(90, 8, seed=12, duplicates=9)
+    ids = np.arange(90) * 2
+    write_embeddings(run_dir, x, ids, shards=2)
+    cfg = SimilarityConfig(block_size=16, top_k=4, checkpoint_seconds=0.0)
+    n_tiles = len(tile_plan(90, 16))
+    added = []
+    real_add = reduce.Reduction.add
+
+    def crash_after_some(self, tile, stats):
+        if len(added) == 8:
+            raise KeyboardInterrupt("simulated driver crash")
+        added.append(tile)
+        real_add(self, tile, stats)
+
+    monkeypatch.setattr(reduce.Reduction, "add", crash_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        run_similarity(run_dir, cfg)
+    assert run_dir.exists(reduce.STATE) and not run_dir.is_done("similarity")
+    monkeypatch.setattr(reduce.Reduction, "add", real_add)
+    summary = run_similarity(run_dir, cfg)
+    assert summary["tiles"] == {"total": n_tiles, "computed": n_tiles - 8, "resumed": 8}
+    assert not run_dir.exists(reduce.PARTIALS_DIR)
+    want_table, want_summary = check_stage(x, ids, cfg)
+    assert run_dir.read_table(NEIGHBORS_DIR).equals(want_table)
+    for key in ("histogram", "thresholds", "paper_bins", "n_pairs"):
+        assert summary[key] == want_summary[key]
+
+
+def test_stale_checkpoint_is_ignored(run_dir) -> None:
+    red = reduce.Reduction(5, 2, 3, 10)
+    reduce.save_checkpoint(run_dir, red, np.ones(4, bool), "old")
+    assert not reduce.load_checkpoint(run_dir, reduce.Reduction(5, 2, 3, 10), 4, "new").any()
+    assert reduce.load_checkpoint(run_dir, reduce.Reduction(5, 2, 3, 10), 4, "old").all()
+    assert not reduce.load_checkpoint(run_dir, reduce.Reduction(5, 2, 3, 10), 6, "old").any()
+
+
+def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approx_mode_reports_measured_quality(ray_local, one_tile_per_task) -> None:
+    """Approximate results are true similarities; recall and count errors equal a brute-force recount."""
+    n, k = 300, 5
+    x = clustered(n, 16, 12, 0.35, seed=3)
+    ids = np.arange(n) + 100
+    cfg = SimilarityConfig(
+        mode="approx", n_partitions=10, nprobe=2, top_k=k, block_size=16, sample_size=n, thresholds=(0.5, 0.9)
+    )
+    table, summary = compute_similarity(x, ids, cfg, progress=False)
+    hist, counts, vals, idx = oracle(x, k, (0.5, 0.9), cfg.bins)
+    got_idx = np.array(table.column("nn_ids").to_pylist()) - 100
+    got_vals = np.array(table.column("nn_sims").to_pylist(), np.float32)
+    found = got_idx >= 0
+    true = (x[:, None, :] * x[np.maximum(got_idx, 0)]).sum(-1)
+    np.testing.assert_allclose(got_vals[found], true[found], atol=1e-5)
+    got_counts = np.array([table.column(threshold_column(t)).to_pylist() for t in (0.5, 0.9)])
+    assert (got_counts <= counts).all()
+    quality = summary["approx"]
+    recall = sum(np.isin(g[g >= 0], w).sum() for g, w in zip(got_idx, idx, strict=True)) / idx.size
+    assert quality["recall_at_k"] == pytest.approx(recall)
+    assert quality["recall_at_1"] == pytest.approx(np.mean(got_idx[:, 0] == idx[:, 0]))
+    for t, g, w in zip((0.5, 0.9), got_counts, counts, strict=True):
+        assert quality["threshold_count_rel_error"][f"{t:g}"] == pytest.approx((w.sum() - g.sum()) / w.sum())
+    assert summary["exact"] is False and summary["mode"] == "approx" and quality["sample_size"] == n
+    assert sum(summary["histogram"]["counts"]) == n * (n - 1) // 2
+    assert 0 < quality["pair_fraction_computed"] < 1 and quality["recall_at_k"] > 0.8
+    full = compute_similarity(x, ids, dataclasses.replace(cfg, nprobe=10), progress=False)[1]
+    assert full["approx"]["recall_at_k"] == 1.0 and full["histogram"]["counts"] == hist.tolist()
+
+
+def test_exact_rows_and_sample_quality_against_oracle() -> None:
+    x = sign_vectors(50, seed=8)
+    hist, counts, vals, idx = oracle(x, 7, THRESHOLDS, 4)
+    rows = np.array([0, 3, 17, 49])
+    got_vals, got_idx, got_counts = approx.exact_rows(x, rows, 7, list(THRESHOLDS))
+    np.testing.assert_array_equal(got_idx, idx[rows])
+    np.testing.assert_array_equal(got_vals, vals[rows])
+    np.testing.assert_array_equal(got_counts, counts[:, rows])
+    q = approx.sample_quality(got_idx, got_counts // 2, idx[rows], counts[:, rows], list(THRESHOLDS))
+    assert q["recall_at_k"] == 1.0 and q["sample_size"] == 4
+    for t, c in zip(THRESHOLDS, counts[:, rows], strict=True):
+        want = (c.sum() - (c // 2).sum()) / c.sum() if c.sum() else 0.0
+        assert q["threshold_count_rel_error"][f"{t:g}"] == pytest.approx(want)

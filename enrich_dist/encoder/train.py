@@ -246,24 +246,25 @@ def reconstruction_grid(model: BetaVAE, images: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[str]]:
-    """Image ids (sorted) and URIs of a seeded sample of the manifest's status-ok rows."""
+def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[str], list[int | None]]:
+    """Image ids (sorted), URIs and frames (None: a single image) of a seeded sample of the manifest's ok rows."""
     try:
-        table = run.read_table(MANIFEST_DIR, columns=["image_id", "uri", "status"])
+        table = run.read_table(MANIFEST_DIR, columns=["image_id", "uri", "frame", "status"])
     except FileNotFoundError:
         raise FileNotFoundError(f"no manifest in {run.uri}: run `enrich manifest` first") from None
     ok = np.asarray(table["status"].to_pylist(), dtype=object) == "ok"
     ids = table["image_id"].to_numpy()[ok]
     uris = np.asarray(table["uri"].to_pylist(), dtype=object)[ok]
+    frames = np.asarray(table["frame"].to_pylist(), dtype=object)[ok]
     order = np.argsort(ids, kind="stable")
-    ids, uris = ids[order], uris[order]
+    ids, uris, frames = ids[order], uris[order], frames[order]
     n = resolve_size(cfg.sample, len(ids))
     if n == 0:
         raise ValueError(
             f"nothing to train the encoder on: {len(ids)} readable images in {run.uri}, sample {cfg.sample!r}"
         )
     pick = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), size=n, replace=False))
-    return ids[pick], uris[pick].tolist()
+    return ids[pick], uris[pick].tolist(), frames[pick].tolist()
 
 
 def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
@@ -272,8 +273,10 @@ def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
         log.info("encoder already trained in %s: skipping", run.uri_of(ENCODER_DIR))
         return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME))
     start = time.perf_counter()
-    ids, uris = sample_manifest(run, cfg)
-    images, errors = imaging.load_images(uris, size=cfg.image_size, storage_options=run.storage_options)
+    ids, uris, frames = sample_manifest(run, cfg)
+    images, errors = imaging.load_images(
+        uris, cfg.image_size, run.storage_options, frames=frames, nifti_axis=imaging.manifest_nifti_axis(run)
+    )
     keep = np.array([e is None for e in errors], dtype=bool)
     failures = [{"image_id": int(ids[i]), "uri": uris[i], "error": errors[i]} for i in np.flatnonzero(~keep)]
     if failures:

@@ -131,7 +131,7 @@ class UNet(nn.Module):
 
 CLASSIFIERS = ("linear", "cnn", "resnet")
 SEGMENTERS = ("unet",)
-DEFAULT_SIZES = {"linear": 32, "cnn": 64, "resnet": 80, "unet": 64}
+DEFAULT_SIZES = {"linear": 32, "cnn": 32, "resnet": 80, "unet": 64}
 
 
 def build_model(name: str, n_classes: int, image_size: int, width: int | None = None) -> nn.Module:

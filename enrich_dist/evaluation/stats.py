@@ -36,29 +36,26 @@ def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def min_p_value(n_a: int, n_b: int) -> float | None:
-    """The smallest two-sided p-value the exact test can reach with samples of these sizes."""
+    """The smallest two-sided p-value the test (as run here) can reach with samples of these sizes."""
     if n_a < 1 or n_b < 1:
         return None
-    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
+    return float(mannwhitneyu(range(n_a), range(n_a, n_a + n_b), alternative="two-sided").pvalue)
 
 
-def smallest_matching_budget(
-    per_budget: list[dict], method: str, alpha: float, full_mean: float | None
-) -> dict | None:
-    """The smallest budget from which every larger budget matches the full set for ``method``.
+def matches_full(entry: dict, method: str, alpha: float, full_mean: float | None) -> bool:
+    """Whether ``method`` at this budget matches the full set: no difference at ``alpha``, or a mean as high."""
+    mean = (entry.get(method) or {}).get("mean")
+    if full_mean is None or mean is None:
+        return False
+    p = entry.get(f"p_{method}_vs_full")
+    return (p is not None and p >= alpha) or mean >= full_mean
 
-    A budget matches when the test against the full-set models finds no difference at ``alpha``, or when
-    its mean is at least the full set's.
-    """
-    if full_mean is None:
-        return None
+
+def smallest_matching_budget(per_budget: list[dict], method: str) -> dict | None:
+    """The smallest budget from which every larger budget matches the full set for ``method``."""
     found = None
     for entry in sorted(per_budget, key=lambda e: e["budget"], reverse=True):
-        summary = entry.get(method) or {}
-        if summary.get("mean") is None:
-            break
-        p = entry.get(f"p_{method}_vs_full")
-        if not ((p is not None and p >= alpha) or summary["mean"] >= full_mean):
+        if not entry.get(f"{method}_matches_full"):
             break
         found = entry
     if found is None:
@@ -90,8 +87,10 @@ def summarize(rows: Sequence[dict], alpha: float, seconds_per_image: float) -> d
         entry["p_enrich_vs_random"] = mann_whitney_p(
             values.get(("enrich", budget), []), values.get(("random", budget), [])
         )
+        for method in METHODS:
+            entry[f"{method}_matches_full"] = matches_full(entry, method, alpha, full["mean"])
         per_budget.append(entry)
-    smallest = {m: smallest_matching_budget(per_budget, m, alpha, full["mean"]) for m in METHODS}
+    smallest = {m: smallest_matching_budget(per_budget, m) for m in METHODS}
     replicates = len({r["replicate"] for r in rows})
     return {
         "alpha": alpha,

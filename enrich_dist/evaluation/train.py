@@ -23,8 +23,8 @@ class TrainSpec:
     model: str
     image_size: int
     width: int | None = None
-    epochs: int = 10
-    min_steps: int = 200
+    epochs: int = 5
+    min_steps: int = 50
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4

@@ -83,6 +83,68 @@ def coverage(series: Mapping[str, Mapping[str, Sequence[float]]]) -> bytes:
     return _png(fig)
 
 
+def metric_vs_budget(
+    series: Mapping[str, Mapping[str, Sequence[float]]],
+    full: tuple[float, float] | None,
+    significant: Sequence[float],
+    metric: str,
+) -> bytes:
+    """The paper's Figure 2: test metric vs budget per method (mean ± sd), the full-set reference.
+
+    ``series[method]`` holds equal-length ``budget``, ``mean``, ``std`` and ``matches_full`` (1 when
+    the budget is indistinguishable from the full set: filled marker, else hollow); ``full`` is the
+    full set's (mean, std), drawn as a line and band; ``significant`` are the budgets where ENRICH and
+    random differ (marked with an asterisk).
+    """
+    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    if full is not None:
+        mean, std = full
+        ax.axhline(mean, color="#444444", linestyle="--", linewidth=1, label="full training set")
+        ax.axhspan(mean - std, mean + std, color="#999999", alpha=0.2, linewidth=0)
+    top = []
+    for method, s in series.items():
+        budget = 100.0 * np.asarray(s["budget"], dtype=np.float64)
+        mean_a = np.asarray(s["mean"], dtype=np.float64)
+        std_a = np.asarray(s["std"], dtype=np.float64)
+        color = METHOD_COLORS.get(method)
+        ax.errorbar(budget, mean_a, yerr=std_a, label=method, color=color, capsize=3, linewidth=1.2)
+        matches = np.asarray(s["matches_full"], dtype=bool)
+        ax.plot(budget[matches], mean_a[matches], "o", color=color, markersize=5)
+        ax.plot(budget[~matches], mean_a[~matches], "o", markerfacecolor="white", color=color, markersize=5)
+        top.append(mean_a + std_a)
+    if significant and top:
+        ceiling = float(np.nanmax(np.concatenate(top)))
+        for b in significant:
+            ax.annotate("*", (100.0 * b, ceiling), ha="center", va="bottom", fontsize=14, color="#d73027")
+        ax.margins(y=0.12)
+    ax.set_xlabel("budget (% of training images)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def labelling_time(full_hours: float, saved_hours: Mapping[str, float | None]) -> bytes:
+    """The paper's Figure 3: hours of expert labelling saved by each method's smallest sufficient subset."""
+    methods = list(saved_hours)
+    values = [saved_hours[m] or 0.0 for m in methods]
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(methods)), values, color=[METHOD_COLORS.get(m, "#4575b4") for m in methods])
+    labels = [
+        "no budget matched"
+        if saved_hours[m] is None
+        else f"{v:,.2f} h" + (f" ({100 * v / full_hours:.0f}%)" if full_hours > 0 else "")
+        for m, v in zip(methods, values, strict=True)
+    ]
+    ax.bar_label(bars, labels=labels, fontsize=8)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("labelling hours saved")
+    ax.set_title(f"labelling the full training set: {full_hours:,.2f} h", fontsize=10)
+    ax.set_ylim(0, max(full_hours, 1e-9) * 1.1)
+    return _png(fig)
+
+
 LOSS_PANELS = (
     ("total loss", ("train_total", "val_total")),
     ("reconstruction", ("train_recon", "val_recon")),

@@ -25,11 +25,12 @@ import numpy as np
 
 from .rules import EXHAUSTED, MAYBE, NONE, YES, Rules
 from .shard import AGGREGATES, CandidateState, Fetch, Shard
+from .sims import error_scale, pool_sims
 
 log = logging.getLogger("enrich_dist.selection")
 
 MODES = ("batch", "exact")
-DEFAULT_POOL = 1024
+DEFAULT_POOL = 512
 MIN_GROUP_POOL = 64
 
 
@@ -80,7 +81,10 @@ class Store(Protocol):
     """Candidate store: a :class:`~.shard.Shard` or shards in Ray actors."""
 
     def start(
-        self, rows: np.ndarray | None = ..., scores: np.ndarray | None = ..., sums: np.ndarray | None = ...,
+        self,
+        rows: np.ndarray | None = ...,
+        scores: np.ndarray | None = ...,
+        sums: np.ndarray | None = ...,
         n_chosen: int = ...,
     ) -> None: ...
 
@@ -171,6 +175,7 @@ def rank(
             rules.lift()
         log.info("resuming a ranking at %d of %d images (round %d)", builder.size, n, builder.last_round)
     rounds, started = 0, time.perf_counter()
+    complete = builder.size == n
     while builder.size < n:
         if settings.mode == "batch":
             rows, scores, vectors = _batch_round(store, rules, settings.batch_size)
@@ -191,7 +196,7 @@ def rank(
         if checkpoint is not None and builder.size < n and checkpoint.due():
             checkpoint.save(State(builder.build(), store.state(), rules.capped))
     ranking = builder.build()
-    if checkpoint is not None:
+    if checkpoint is not None and not complete:
         checkpoint.save(State(ranking, store.state(), rules.capped))
     log.debug("ranked %d images in %d rounds, %.2f s", n, rounds, time.perf_counter() - started)
     return ranking
@@ -201,6 +206,14 @@ def _empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.empty(0, np.int64), np.empty(0, np.float32), np.empty((0, 0), np.float32)
 
 
+def _fetch(store: Store, rules: Rules, m: int, with_vectors: bool) -> list[Fetch]:
+    """The store's ``m`` lowest eligible candidates per group, after passing on the rows the caps block."""
+    fetches = store.lowest(m, with_vectors=with_vectors, block=rules.take_blocked())
+    if len(fetches) != (rules.n_groups if rules.balance else 1):
+        raise ValueError(f"the store has {len(fetches)} label groups, the rules {rules.n_groups}")
+    return fetches
+
+
 def _batch_round(store: Store, rules: Rules, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batch round: up to ``batch_size`` picks by the scores at the round's start; rows, scores, vectors."""
     rows: list[np.ndarray] = []
@@ -208,7 +221,7 @@ def _batch_round(store: Store, rules: Rules, batch_size: int) -> tuple[np.ndarra
     vectors: list[np.ndarray] = []
     picked = 0
     while picked < batch_size:
-        fetches = store.lowest(batch_size - picked, block=rules.take_blocked())
+        fetches = _fetch(store, rules, batch_size - picked, False)
         if rules.constrained:
             new_rows, new_scores, outcome = _walk(fetches, rules, batch_size - picked)
         else:
@@ -260,10 +273,10 @@ def _pool_round(store: Store, rules: Rules, settings: Settings) -> tuple[np.ndar
     groups = rules.n_groups if rules.balance else 1
     size = settings.pool if groups == 1 else max(MIN_GROUP_POOL, settings.pool // groups)
     size = size if monotone else 1
-    fetches = store.lowest(size + 1, with_vectors=monotone, block=rules.take_blocked())
+    fetches = _fetch(store, rules, size + 1, monotone)
     if all(f.n_eligible == 0 for f in fetches):
         return _empty()
-    pool = _Pool(fetches, size, monotone, store, rules)
+    pool = _Pool(fetches, size, monotone, rules)
     picks = pool.run(monotone)
     if not picks:
         return _empty()
@@ -274,9 +287,12 @@ def _pool_round(store: Store, rules: Rules, settings: Settings) -> tuple[np.ndar
 class _Pool:
     """The lowest candidates of each group, ranked exactly among themselves while no outsider can come first."""
 
-    def __init__(self, fetches: list[Fetch], size: int, monotone: bool, store: Store, rules: Rules):
+    def __init__(self, fetches: list[Fetch], size: int, monotone: bool, rules: Rules):
         self.rules = rules
-        members = [(f.scores[:size], f.rows[:size], np.full(min(size, len(f.rows)), g)) for g, f in enumerate(fetches)]
+        members = [
+            (f.scores[:size], f.rows[:size], np.full(min(size, len(f.rows)), g))
+            for g, f in enumerate(fetches)
+        ]
         rows = np.concatenate([m[1] for m in members])
         order = np.argsort(rows, kind="stable")
         self.rows = rows[order]
@@ -288,14 +304,14 @@ class _Pool:
         self.bound = [(f.scores[size], f.rows[size]) if len(f.rows) > size else None for f in fetches]
         self.sims = None
         if monotone:
-            from .sims import error_scale, pool_sims
-
             vectors = np.concatenate([f.vectors[:size] for f in fetches])[order]
             norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
             self.sims = pool_sims(vectors, self.scores, norms, error_scale(vectors.shape[1]))
 
     def run(self, monotone: bool) -> list[int]:
         """Member indices picked, in order; their scores are left in ``self.scores``."""
+        if not self.rules.constrained:
+            return self._run_free(monotone)
         live = self.scores.copy()
         picks: list[int] = []
         status = np.zeros(len(self.members), dtype=np.int8)
@@ -322,6 +338,27 @@ class _Pool:
             if not monotone:
                 break
             np.maximum(live, self.sims[best], out=live)
+        return picks
+
+    def _run_free(self, monotone: bool) -> list[int]:
+        """:meth:`run` without caps or balance: one group, nothing blocked."""
+        live = self.scores.copy()
+        bound = self.bound[0]
+        picks: list[int] = []
+        while True:
+            best = int(np.argmin(live))
+            score = live[best]
+            if score == np.inf:
+                break
+            if bound is not None and (score > bound[0] or (score == bound[0] and self.rows[best] > bound[1])):
+                break
+            picks.append(best)
+            self.scores[best] = score
+            live[best] = np.inf
+            if not monotone:
+                break
+            np.maximum(live, self.sims[best], out=live)
+        self.rules.add(self.rows[picks])
         return picks
 
     def _remove(self, members: np.ndarray) -> None:
@@ -374,8 +411,10 @@ def _local_store(
         raise ValueError(f"x must be 2-D (rows x dim), got shape {x.shape}")
     groups, n_groups = (rules.groups, rules.n_groups) if rules is not None and rules.balance else (None, 1)
     shard = Shard(np.arange(len(x)), x, aggregate, groups, n_groups)
-    if neighbours is not None and aggregate == "max" and not shard.enable_pruning(
-        neighbours[0], neighbours[1], shard.max_norm, len(x)
+    if (
+        neighbours is not None
+        and aggregate == "max"
+        and not shard.enable_pruning(neighbours[0], neighbours[1], shard.max_norm, len(x))
     ):
         raise ValueError("the neighbour lists do not match the vectors")
     return shard

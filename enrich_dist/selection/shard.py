@@ -153,6 +153,11 @@ class Shard:
         self.reverse = (pairs[keep][order], owner[keep][order])
         return True
 
+    def disable_pruning(self) -> None:
+        """Update every candidate by GEMM again."""
+        self.tau = np.full(len(self.rows), np.inf, dtype=np.float32)
+        self.reverse = None
+
     def start(
         self,
         rows: np.ndarray | None = None,
@@ -218,7 +223,9 @@ class Shard:
             self._fold_mean(vectors)
         else:
             self._fold_max(rows, vectors)
-            newly = self.active[self.in_active[self.active] & (self.scores[self.active] >= self.tau[self.active])]
+            newly = self.active[
+                self.in_active[self.active] & (self.scores[self.active] >= self.tau[self.active])
+            ]
             self.pruned[newly] = True
             self._drop_active(newly)
         self._compact()

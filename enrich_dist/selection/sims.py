@@ -35,21 +35,29 @@ def exact_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def max_raises(
     scores: np.ndarray, g: np.ndarray, a: np.ndarray, b: np.ndarray, a_norms: np.ndarray, err: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Entries of ``g = a @ b.T`` (float32) that can raise a row's max score: (row indices, exact values).
+    """Entries of ``g = a @ b.T`` (float32) that can raise a row's max: (row indices, exact values).
 
     ``err`` bounds the float32 error per unit of ``a_norms``. An entry can matter only if it may
-    exceed the row's score and may be the row's largest, so every other entry is skipped.
+    exceed the row's score and may be the row's largest, so a row needs just its float32 argmax
+    unless a runner-up comes within twice the bound of it.
     """
+    if g.shape[1] == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     bound = a_norms * err
     floor = scores.astype(np.float64) - bound
-    top = g.max(axis=1) if g.shape[1] else np.full(len(g), -np.inf, dtype=np.float32)
-    flagged = np.flatnonzero(top > floor)
+    best = g.argmax(axis=1)
+    flagged = np.flatnonzero(g[np.arange(len(g)), best] > floor)
     if len(flagged) == 0:
         return flagged, np.empty(0, dtype=np.float32)
-    lower = np.maximum(floor[flagged], top[flagged] - 2.0 * bound[flagged])
-    hit, col = np.nonzero(g[flagged] > lower[:, None])
-    rows = flagged[hit]
-    return rows, exact_sims(a[rows], b[col])
+    sub = g[flagged]
+    top = sub[np.arange(len(flagged)), best[flagged]].astype(np.float64)
+    sub[np.arange(len(flagged)), best[flagged]] = -np.inf
+    lower = np.maximum(floor[flagged], top - 2.0 * bound[flagged])
+    close = np.flatnonzero(sub.max(axis=1) >= lower)
+    hit, col = np.nonzero(sub[close] >= lower[close, None])
+    rows = np.concatenate([flagged, flagged[close[hit]]])
+    cols = np.concatenate([best[flagged], col])
+    return rows, exact_sims(a[rows], b[cols])
 
 
 def pool_sims(vectors: np.ndarray, scores: np.ndarray, norms: np.ndarray, err: float) -> np.ndarray:

@@ -1,16 +1,24 @@
-"""The select stage: rank every embedded image per replicate (Ray tasks) and report subset coverage.
+"""The select stage: rank every embedded image per replicate and report the coverage of budget prefixes.
 
 Replicate ``r`` draws its seed set with ``np.random.default_rng([seed, r])`` and lists the seeds first
 in that generator's random order, so a budget smaller than the seed set is still a uniform sample.
-The random baseline shares those seeds, then takes every other image in a seeded random order: each
-prefix is a uniform random subset, paired with the ENRICH subset of the same replicate. It is written
-to ``selection/random_ranking.parquet`` (the ``RANKING`` schema, null scores) so later stages train
-on exactly the subsets counted here. A budget given as a count is reported as the fraction count / N.
+With ``seed_ids`` every replicate starts from that file's images in file order; the ranking is then
+the same for every replicate (ties go to the lower image id, balance turns by label order), so it is
+computed once and written for each. The random baseline shares the seeds, then takes every other
+image in a seeded random order, per replicate; it is written to ``selection/random_ranking.parquet``
+(the ``RANKING`` schema, null scores) so later stages train on exactly the subsets counted here. A
+budget given as a count is reported as the fraction count / N.
+
+Up to ``LOCAL_FLOATS`` embedding values the rankings run as Ray tasks, one replicate each, on a
+shared copy of the embeddings; above it (or with ``workers``) shard actors hold the candidates and
+replicates run one after another. A replicate's progress is checkpointed under
+``selection/checkpoints/`` and a rerun resumes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import posixpath
 import time
@@ -18,30 +26,55 @@ import time
 import numpy as np
 import pyarrow as pa
 import ray
+from threadpoolctl import threadpool_limits
 
 from ..config import SelectConfig, parse_size, resolve_size
-from ..runtime import as_completed
-from ..schema import EMBEDDINGS_DIR, MANIFEST_DIR, RANKING, SELECTION_DIR, SUBSETS
+from ..runtime import as_completed, cluster_resources
+from ..schema import RANKING, SELECTION_DIR, SUBSETS
 from ..storage import RunDir
-from .greedy import AGGREGATES, Ranking, batch_greedy, choose_seeds, exact_greedy
+from .actors import start_actors
+from .checkpoint import CHECKPOINT_DIR, Checkpoint
+from .greedy import MODES, Ranking, Settings, choose_seeds, rank
+from .inputs import (
+    Part,
+    codes,
+    embedding_ids,
+    neighbour_parts,
+    read_manifest,
+    read_neighbours,
+    read_seed_ids,
+    read_vectors,
+)
+from .rules import Rules
+from .shard import AGGREGATES, Shard
 
 log = logging.getLogger("enrich_dist.selection")
 
-MODES = ("batch", "exact")
 RANKING_PATH = posixpath.join(SELECTION_DIR, "ranking.parquet")
 RANDOM_RANKING_PATH = posixpath.join(SELECTION_DIR, "random_ranking.parquet")
 SUBSETS_PATH = posixpath.join(SELECTION_DIR, "subsets.parquet")
 STATS_PATH = posixpath.join(SELECTION_DIR, "selection.json")
+LOCAL_FLOATS = 2e8
 
 
-@ray.remote(num_cpus=1)
-def _rank_replicate(x: np.ndarray, seeds: np.ndarray, mode: str, batch_size: int, aggregate: str) -> tuple:
-    """One replicate's full ranking and the seconds it took."""
+@dataclasses.dataclass
+class _Job:
+    """One ranking to compute: its seeds, the replicates that share it and its checkpoint."""
+
+    seeds: np.ndarray
+    replicates: list[int]
+    checkpoint: Checkpoint
+
+
+@ray.remote
+def _rank_task(
+    shard: Shard, n: int, seeds: np.ndarray, settings: Settings, rules_args: dict, checkpoint: Checkpoint
+) -> tuple[Ranking, float]:
+    """One replicate's ranking in one process, and the seconds it took."""
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     start = time.perf_counter()
-    if mode == "batch":
-        ranking = batch_greedy(x, seeds, batch_size, aggregate)
-    else:
-        ranking = exact_greedy(x, seeds, aggregate)
+    with threadpool_limits(limits=threads):
+        ranking = rank(shard, n, seeds, settings, Rules(**rules_args), checkpoint)
     return ranking, time.perf_counter() - start
 
 
@@ -50,41 +83,42 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     if run.is_done(SELECTION_DIR):
         log.info("selection already done in %s; skipping", run.uri_of(SELECTION_DIR))
         return run.read_json(STATS_PATH)
-    if cfg.mode not in MODES:
-        raise ValueError(f"select mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.aggregate not in AGGREGATES:
-        raise ValueError(f"select aggregate must be one of {AGGREGATES}, got {cfg.aggregate!r}")
-    if cfg.replicates < 1:
-        raise ValueError(f"select replicates must be >= 1, got {cfg.replicates}")
+    _validate(cfg)
     started = time.perf_counter()
-    ids, x = _load_embeddings(run)
+    parts, ids, dim = embedding_ids(run)
     n = len(ids)
-    seed_size, batch_size, budgets = _resolve_sizes(cfg, n)
-    groups = _manifest_groups(run, ids)
+    manifest_all, manifest = read_manifest(run, ids)
+    groups = {name: codes(manifest, name) for name in ("patient_id", "clip_id", "label")}
+    fixed = read_seed_ids(cfg.seed_ids, run.storage_options, manifest_all, ids) if cfg.seed_ids else None
+    seed_size, batch_size, budgets = _resolve_sizes(cfg, n, None if fixed is None else len(fixed))
+    settings = Settings(cfg.mode, cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
+    rules_args = _rules_args(cfg, groups, n)
+    workers = _workers(cfg, n, dim)
+    lists = neighbour_parts(run, n) if cfg.aggregate == "max" else None
     log.info(
-        "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds, %d replicates",
+        "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
         n,
-        x.shape[1],
+        dim,
         cfg.mode,
         cfg.aggregate,
         seed_size,
+        f" from {cfg.seed_ids}" if fixed is not None else "",
         cfg.replicates,
+        f"{workers} shard actors" if workers else "one process per replicate",
     )
 
     seeds, randoms = [], []
     for r in range(cfg.replicates):
         rng = np.random.default_rng([cfg.seed, r])
-        seed_rows = rng.permutation(choose_seeds(n, seed_size, rng))
+        seed_rows = fixed if fixed is not None else rng.permutation(choose_seeds(n, seed_size, rng))
         seeds.append(seed_rows)
         randoms.append(_random_ranking(n, seed_rows, rng))
-    x_ref = ray.put(x)
-    refs = [_rank_replicate.remote(x_ref, s, cfg.mode, batch_size, cfg.aggregate) for s in seeds]
-    done: dict[int, tuple[Ranking, float]] = {}
-    for r, (ranking, took) in as_completed(refs, "selection replicates", log):
-        done[r] = (ranking, took)
-        log.info("replicate %d ranked %d images in %.2f s", r, n, took)
-    rankings = [done[r][0] for r in range(cfg.replicates)]
-    seconds = [done[r][1] for r in range(cfg.replicates)]
+    if workers:
+        rankings, seconds, pruning = _rank_with_actors(
+            run, parts, ids, dim, workers, lists, seeds, settings, rules_args, cfg
+        )
+    else:
+        rankings, seconds, pruning = _rank_in_tasks(run, parts, ids, lists, seeds, settings, rules_args, cfg)
 
     run.write_table(RANKING_PATH, _ranking_table(rankings, ids))
     run.write_table(RANDOM_RANKING_PATH, _ranking_table(randoms, ids))
@@ -92,46 +126,205 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     stats = {
         "config": {**dataclasses.asdict(cfg), "budgets": list(cfg.budgets)},
         "n_images": n,
-        "dim": int(x.shape[1]),
+        "dim": dim,
         "seed_size": seed_size,
         "batch_size": batch_size if cfg.mode == "batch" else 1,
         "budgets": [{"budget": b, "n_images": k} for b, k in budgets],
+        "workers": workers,
+        "pruning": pruning,
         "replicate_seconds": seconds,
         "seconds": time.perf_counter() - started,
     }
     run.write_json(STATS_PATH, stats)
+    run.remove(CHECKPOINT_DIR)
     run.mark_done(SELECTION_DIR, stats)
     log.info("selection written to %s in %.1f s", run.uri_of(SELECTION_DIR), stats["seconds"])
     return stats
 
 
-def _load_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
-    """Image ids (sorted) and their embedding rows as float32."""
-    if not run.shards(EMBEDDINGS_DIR):
-        raise FileNotFoundError(
-            f"no embeddings in {run.uri_of(EMBEDDINGS_DIR)}: run `enrich embed --output {run.uri}` first"
+def _validate(cfg: SelectConfig) -> None:
+    """Errors naming the bad select setting."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"select mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.aggregate not in AGGREGATES:
+        raise ValueError(f"select aggregate must be one of {AGGREGATES}, got {cfg.aggregate!r}")
+    if cfg.replicates < 1:
+        raise ValueError(f"select replicates must be >= 1, got {cfg.replicates}")
+    for name in ("max_per_clip", "max_per_patient"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"select {name} must be >= 1 (or unset for no cap), got {value}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ValueError(f"select workers must be >= 0, got {cfg.workers}")
+
+
+def _workers(cfg: SelectConfig, n: int, dim: int) -> int:
+    """Shard actors to use: 0 (one process per replicate) or more, never more than rows."""
+    if cfg.workers is not None:
+        return min(cfg.workers, n)
+    if n * dim <= LOCAL_FLOATS:
+        return 0
+    return min(n, max(2, cluster_resources().cpus))
+
+
+def _rules_args(cfg: SelectConfig, groups: dict, n: int) -> dict:
+    """Keyword arguments of :class:`~.rules.Rules` for ``cfg`` (a fresh Rules per ranking)."""
+    caps = []
+    for name, column in (("max_per_clip", "clip_id"), ("max_per_patient", "patient_id")):
+        limit = getattr(cfg, name)
+        if limit is None:
+            continue
+        if not groups[column][1]:
+            log.warning("select %s: the manifest has no %s values, so the cap has no effect", name, column)
+            continue
+        caps.append((groups[column][0], limit))
+    label_groups = None
+    if cfg.balance_labels:
+        label_codes, names = groups["label"]
+        if not names:
+            raise ValueError("select balance_labels needs labels: the manifest has no label values")
+        label_groups = np.where(label_codes >= 0, label_codes, len(names))
+    return {"n": n, "groups": label_groups, "caps": caps}
+
+
+def _jobs(
+    run: RunDir, ids: np.ndarray, seeds: list[np.ndarray], fingerprint: dict, cfg: SelectConfig
+) -> list[_Job]:
+    """One job per distinct seed list (replicates sharing seeds share the ranking)."""
+    jobs: dict[bytes, _Job] = {}
+    for r, seed_rows in enumerate(seeds):
+        key = seed_rows.tobytes()
+        if key in jobs:
+            jobs[key].replicates.append(r)
+            continue
+        digest = hashlib.sha256(seed_rows.astype(np.int64).tobytes()).hexdigest()[:16]
+        checkpoint = Checkpoint(run, r, ids, {**fingerprint, "seeds": digest}, cfg.checkpoint_seconds)
+        jobs[key] = _Job(seed_rows, [r], checkpoint)
+    return list(jobs.values())
+
+
+def _fingerprint(settings: Settings, cfg: SelectConfig, n: int, dim: int, checksum: int) -> dict:
+    """What a checkpoint must match to be resumed."""
+    return {
+        "mode": settings.mode,
+        "aggregate": settings.aggregate,
+        "batch_size": settings.batch_size,
+        "max_per_clip": cfg.max_per_clip,
+        "max_per_patient": cfg.max_per_patient,
+        "balance_labels": cfg.balance_labels,
+        "n": n,
+        "dim": dim,
+        "embeddings": checksum,
+    }
+
+
+def _spread(
+    jobs: list[_Job], rankings: dict[int, Ranking], seconds: dict[int, float], n_replicates: int
+) -> tuple:
+    """Per replicate, its job's ranking and (for the replicate that computed it) the seconds."""
+    out_rankings: list[Ranking] = [None] * n_replicates  # type: ignore[list-item]
+    out_seconds = [0.0] * n_replicates
+    for j, job in enumerate(jobs):
+        for r in job.replicates:
+            out_rankings[r] = rankings[j]
+        out_seconds[job.replicates[0]] = seconds[j]
+    return out_rankings, out_seconds
+
+
+def _rank_in_tasks(
+    run: RunDir,
+    parts: list[Part],
+    ids: np.ndarray,
+    lists: list[Part] | None,
+    seeds: list[np.ndarray],
+    settings: Settings,
+    rules_args: dict,
+    cfg: SelectConfig,
+) -> tuple[list[Ranking], list[float], bool]:
+    """Every distinct ranking as a Ray task over one shared in-memory shard."""
+    n = len(ids)
+    x = read_vectors(run, parts, ids)
+    probe = Rules(**rules_args)
+    shard = Shard(
+        np.arange(n), x, settings.aggregate, probe.groups if probe.balance else None, probe.n_groups
+    )
+    pruning = False
+    if lists is not None:
+        nn = read_neighbours(run, lists, ids, ids)
+        pruning = nn is not None and shard.enable_pruning(*nn, shard.max_norm, n)
+        _log_pruning(pruning, nn is not None)
+    fingerprint = _fingerprint(settings, cfg, n, x.shape[1], shard.checksum())
+    jobs = _jobs(run, ids, seeds, fingerprint, cfg)
+    cpus = max(1, cluster_resources().cpus)
+    per_task = max(1, cpus // len(jobs))
+    shard_ref = ray.put(shard)
+    refs = [
+        _rank_task.options(num_cpus=per_task).remote(
+            shard_ref, n, job.seeds, settings, rules_args, job.checkpoint
         )
-    table = run.read_table(EMBEDDINGS_DIR, columns=["image_id", "embedding"])
-    ids = table["image_id"].to_numpy()
-    column = table["embedding"].combine_chunks()
-    dim = column.type.list_size
-    x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(ids), dim)
-    order = np.argsort(ids, kind="stable")
-    ids, x = ids[order], x[order]
-    if len(ids) == 0:
-        raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} holds no embeddings: rerun `enrich embed`")
-    if np.any(ids[1:] == ids[:-1]):
-        raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} repeats image ids: rerun `enrich embed`")
-    return ids, x
+        for job in jobs
+    ]
+    rankings, seconds = {}, {}
+    for j, (ranking, took) in as_completed(refs, "selection replicates", log):
+        rankings[j], seconds[j] = ranking, took
+        log.info("replicate %d ranked %d images in %.2f s", jobs[j].replicates[0], n, took)
+    return (*_spread(jobs, rankings, seconds, len(seeds)), pruning)
 
 
-def _resolve_sizes(cfg: SelectConfig, n: int) -> tuple[int, int, list[tuple[float, int]]]:
+def _rank_with_actors(
+    run: RunDir,
+    parts: list[Part],
+    ids: np.ndarray,
+    dim: int,
+    workers: int,
+    lists: list[Part] | None,
+    seeds: list[np.ndarray],
+    settings: Settings,
+    rules_args: dict,
+    cfg: SelectConfig,
+) -> tuple[list[Ranking], list[float], bool]:
+    """Every distinct ranking in turn over shard actors that read their own rows."""
+    n = len(ids)
+    probe = Rules(**rules_args)
+    groups = probe.groups if probe.balance else None
+    store, pruning, checksum = start_actors(
+        run, parts, ids, workers, settings.aggregate, groups, probe.n_groups, lists
+    )
+    try:
+        if lists is not None:
+            _log_pruning(pruning, True)
+        jobs = _jobs(run, ids, seeds, _fingerprint(settings, cfg, n, dim, checksum), cfg)
+        rankings, seconds = {}, {}
+        for j, job in enumerate(jobs):
+            start = time.perf_counter()
+            rankings[j] = rank(store, n, job.seeds, settings, Rules(**rules_args), job.checkpoint)
+            seconds[j] = time.perf_counter() - start
+            log.info("replicate %d ranked %d images in %.2f s", job.replicates[0], n, seconds[j])
+    finally:
+        store.close()
+    return (*_spread(jobs, rankings, seconds, len(seeds)), pruning)
+
+
+def _log_pruning(pruning: bool, readable: bool) -> None:
+    """Say whether the similarity stage's top-k lists prune the updates."""
+    if pruning:
+        log.info("pruning updates with the similarity stage's top-k lists")
+    elif readable:
+        log.warning("the similarity stage's top-k lists do not match the embeddings (stale?): no pruning")
+
+
+def _resolve_sizes(
+    cfg: SelectConfig, n: int, seed_count: int | None
+) -> tuple[int, int, list[tuple[float, int]]]:
     """Seed count, batch count and (budget fraction, image count) pairs, validated against ``n``."""
-    seed_size = _count("seed_size", cfg.seed_size, n)
-    if n > 1 and seed_size >= n:
-        raise ValueError(
-            f"select seed_size {cfg.seed_size!r} gives {seed_size} seeds; it must be < {n} images"
-        )
+    if seed_count is None:
+        seed_size = _count("seed_size", cfg.seed_size, n)
+        if n > 1 and seed_size >= n:
+            raise ValueError(
+                f"select seed_size {cfg.seed_size!r} gives {seed_size} seeds; it must be < {n} images"
+            )
+    else:
+        seed_size = seed_count
     batch_size = _count("batch_size", cfg.batch_size, n)
     budgets = []
     for value in cfg.budgets:
@@ -140,7 +333,7 @@ def _resolve_sizes(cfg: SelectConfig, n: int) -> tuple[int, int, list[tuple[floa
         budgets.append((float(fraction) if isinstance(fraction, float) else count / n, count))
         if count < seed_size:
             log.warning(
-                "budget %r (%d images) is below the seed size %d: its subsets are random seeds",
+                "budget %r (%d images) is below the seed size %d: its subsets are seeds only",
                 value,
                 count,
                 seed_size,
@@ -188,39 +381,11 @@ def _ranking_table(rankings: list[Ranking], ids: np.ndarray) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _manifest_groups(run: RunDir, ids: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Per embedded row, codes of its patient, clip and label (-1 when null) and each code's name."""
-    if not run.shards(MANIFEST_DIR):
-        raise FileNotFoundError(
-            f"no manifest in {run.uri_of(MANIFEST_DIR)}: run `enrich manifest --output {run.uri}` first"
-        )
-    table = run.read_table(MANIFEST_DIR)
-    manifest_ids = table["image_id"].to_numpy()
-    order = np.argsort(manifest_ids, kind="stable")
-    where = np.searchsorted(manifest_ids, ids, sorter=order)
-    rows = order[np.minimum(where, len(order) - 1)]
-    missing = manifest_ids[rows] != ids
-    if missing.any():
-        raise ValueError(
-            f"{int(missing.sum())} embedded image ids (e.g. {int(ids[missing][0])}) are not in "
-            f"{run.uri_of(MANIFEST_DIR)}: rerun `enrich embed` after `enrich manifest`"
-        )
-    groups = {}
-    for name in ("patient_id", "clip_id", "label"):
-        if name not in table.column_names:
-            groups[name] = (np.full(len(ids), -1, dtype=np.int64), [])
-            continue
-        encoded = table[name].cast(pa.string()).take(pa.array(rows)).combine_chunks().dictionary_encode()
-        codes = encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
-        groups[name] = (codes, encoded.dictionary.to_pylist())
-    return groups
-
-
-def _first_seen(codes: np.ndarray) -> np.ndarray:
-    """Cumulative count of distinct non-negative codes along ``codes``."""
-    first = np.zeros(len(codes), dtype=np.int64)
-    valid = np.flatnonzero(codes >= 0)
-    _, at = np.unique(codes[valid], return_index=True)
+def _first_seen(codes_: np.ndarray) -> np.ndarray:
+    """Cumulative count of distinct non-negative codes along ``codes_``."""
+    first = np.zeros(len(codes_), dtype=np.int64)
+    valid = np.flatnonzero(codes_ >= 0)
+    _, at = np.unique(codes_[valid], return_index=True)
     first[valid[at]] = 1
     return np.cumsum(first)
 

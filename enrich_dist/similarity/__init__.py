@@ -1,15 +1,28 @@
-"""Blocked all-pairs cosine similarity: histogram, threshold counts and top-k neighbours per image."""
+"""Blocked all-pairs cosine similarity: histogram, threshold counts and top-k neighbours per image.
 
-from .kernel import TileStats, merge_topk, tile_stats
-from .plan import histogram_edges, tile_plan
-from .stage import compute_similarity, run_similarity
+Names are imported on first use, so the kernels load without Ray (the GPU check runs where only
+torch and numba are installed).
+"""
 
-__all__ = [
-    "TileStats",
-    "compute_similarity",
-    "histogram_edges",
-    "merge_topk",
-    "run_similarity",
-    "tile_plan",
-    "tile_stats",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TileStats": "kernel",
+    "merge_topk": "kernel",
+    "tile_stats": "kernel",
+    "histogram_edges": "plan",
+    "tile_plan": "plan",
+    "compute_similarity": "stage",
+    "run_similarity": "stage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

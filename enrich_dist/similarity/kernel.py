@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-CHUNK_ELEMENTS = 1 << 19
-RUN = 32
+CHUNK_ROWS = 256
+RUN = 16
 HIST_COPIES = 4
 NORM_LIMIT = 1.01
+INDEX_BITS = 20
+EMPTY_INDEX = (1 << INDEX_BITS) - 1
 _INF = np.float32(np.inf)
 
 
@@ -53,9 +55,9 @@ def sorted_limits(thresholds: tuple[float, ...] | list[float]) -> tuple[np.ndarr
     return order, np.array([float32_below(thresholds[i]) for i in order], np.float32)
 
 
-def chunk_rows(ncols: int, nrows: int) -> int:
-    """Rows of ``S`` produced per BLAS call: about ``CHUNK_ELEMENTS`` entries, so a chunk stays in cache."""
-    return max(1, min(nrows, CHUNK_ELEMENTS // max(ncols, 1)))
+def chunk_rows(nrows: int) -> int:
+    """Rows of ``S`` produced per BLAS call: enough to amortise streaming ``X_j``, few enough to stay in cache."""
+    return max(1, min(nrows, CHUNK_ROWS))
 
 
 def tile_products(xi: np.ndarray, xj: np.ndarray, diagonal: bool) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -64,7 +66,7 @@ def tile_products(xi: np.ndarray, xj: np.ndarray, diagonal: bool) -> Iterator[tu
     The chunk is a view of one reused buffer, valid until the next one is produced.
     """
     nr, nc = len(xi), len(xj)
-    step = chunk_rows(nc, nr)
+    step = chunk_rows(nr)
     buf = np.empty(step * nc, np.float32)
     for r in range(0, nr, step):
         h = min(step, nr - r)
@@ -74,127 +76,156 @@ def tile_products(xi: np.ndarray, xj: np.ndarray, diagonal: bool) -> Iterator[tu
         yield s, r, lo
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _offer(vals, idx, fill, gate, floor, line, v, j, k):  # pragma: no cover - compiled
-    """Offer entry (v, j) to the heap of ``line`` (worst at the root; later j loses ties)."""
-    n = fill[line]
-    if n < k:
-        pos = n
-        while pos > 0:
-            parent = (pos - 1) >> 1
-            pv = vals[line, parent]
-            pj = idx[line, parent]
-            if v < pv or (v == pv and j > pj):
-                vals[line, pos] = pv
-                idx[line, pos] = pj
-                pos = parent
-            else:
-                break
-        vals[line, pos] = v
-        idx[line, pos] = j
-        fill[line] = n + 1
-        if n + 1 < k:
-            return
-    else:
-        pos = 0
-        while True:
-            c = 2 * pos + 1
-            if c >= k:
-                break
-            cv = vals[line, c]
-            cj = idx[line, c]
-            if c + 1 < k:
-                dv = vals[line, c + 1]
-                dj = idx[line, c + 1]
-                if dv < cv or (dv == cv and dj > cj):
-                    c += 1
-                    cv = dv
-                    cj = dj
-            if cv < v or (cv == v and cj > j):
-                vals[line, pos] = cv
-                idx[line, pos] = cj
-                pos = c
-            else:
-                break
-        vals[line, pos] = v
-        idx[line, pos] = j
-    gate[line] = max(floor[line], np.nextafter(vals[line, 0], np.float32(np.inf)))
+@njit(cache=True, nogil=True)
+def _key(bits, j):  # pragma: no cover - compiled
+    """Heap key of a float32 (its bits) and an index: smaller keys are larger values, then smaller indices."""
+    if bits == -2147483648:
+        bits = 0
+    ascending = bits if bits >= 0 else bits ^ 0x7FFFFFFF
+    return ((0x7FFFFFFF - np.int64(ascending)) << INDEX_BITS) | j
 
 
 @njit(cache=True, nogil=True)
-def _group_bound(s, ii, j0, w, k):  # pragma: no cover - compiled
-    """Min over k contiguous groups of row ``ii``'s entries [j0, w) of each group's max: <= the row's k-th best."""
-    size = (w - j0) // k
+def _key_value(key, scratch_f, scratch_i):  # pragma: no cover - compiled
+    """The float32 value of a heap key (through a one-element scratch array and its int32 view)."""
+    ascending = 0x7FFFFFFF - (key >> INDEX_BITS)
+    scratch_i[0] = ascending if ascending >= 0 else ascending ^ 0x7FFFFFFF
+    return scratch_f[0]
+
+
+@njit(cache=True, nogil=True)
+def _offer(keys, gate, line, key, k, scratch_f, scratch_i):  # pragma: no cover - compiled
+    """Replace the worst key of ``line``'s heap (largest, at the root) by a better ``key``; update the gate."""
+    pos = 0
+    while True:
+        c = 2 * pos + 1
+        if c >= k:
+            break
+        if c + 1 < k and keys[line, c + 1] > keys[line, c]:
+            c += 1
+        if keys[line, c] > key:
+            keys[line, pos] = keys[line, c]
+            pos = c
+        else:
+            break
+    keys[line, pos] = key
+    gate[line] = _key_value(keys[line, 0], scratch_f, scratch_i)
+
+
+@njit(cache=True, nogil=True)
+def _max(a):  # pragma: no cover - compiled
+    """Largest entry of a 1-d array (``-inf`` when empty)."""
+    m = np.float32(-np.inf)
+    for q in range(a.shape[0]):
+        m = max(m, a[q])
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _group_bound(row, k):  # pragma: no cover - compiled
+    """Min over k contiguous groups of ``row`` of each group's max: at most the row's k-th best entry."""
+    size = row.shape[0] // k
     bound = np.float32(np.inf)
     for g in range(k):
-        m = np.float32(-np.inf)
-        for jj in range(j0 + g * size, j0 + (g + 1) * size):
-            m = max(m, s[ii, jj])
-        bound = min(bound, m)
+        bound = min(bound, _max(row[g * size : (g + 1) * size]))
     return bound
 
 
 @njit(cache=True, nogil=True)
-def _column_bounds(s, j0, k, col_floor, col_gate, col_check, lim0, lo):  # pragma: no cover - compiled
-    """Raise floors of columns [j0, w) to the min over k row groups of the group max (<= the column's k-th best)."""
+def _column_bounds(s, j0, k):  # pragma: no cover - compiled
+    """Per column of ``s`` from ``j0`` on, min over k row groups of the group max: at most its k-th best entry."""
     h, w = s.shape
     size = h // k
-    bound = np.full(w, np.inf, np.float32)
-    top = np.empty(w, np.float32)
+    bound = np.full(w - j0, np.inf, np.float32)
+    top = np.empty(w - j0, np.float32)
     for g in range(k):
         top[:] = -np.inf
         for ii in range(g * size, (g + 1) * size):
-            for jj in range(j0, w):
-                top[jj] = max(top[jj], s[ii, jj])
-        for jj in range(j0, w):
-            bound[jj] = min(bound[jj], top[jj])
-    for jj in range(j0, w):
-        j = lo + jj
-        if bound[jj] > col_floor[j]:
-            col_floor[j] = bound[jj]
-            col_gate[j] = max(col_gate[j], bound[jj])
-            col_check[j] = min(col_gate[j], lim0)
+            row = s[ii, j0:]
+            for q in range(row.shape[0]):
+                top[q] = max(top[q], row[q])
+        for q in range(top.shape[0]):
+            bound[q] = min(bound[q], top[q])
+    return bound
+
+
+@njit(cache=True, nogil=True)
+def _bin_row(row, col_check, check, half, top, bins_buf, hist, nbins, run_hits):  # pragma: no cover - compiled
+    """Add a row's entries to the histogram (exact float64 bin arithmetic); count, per run, entries at a gate.
+
+    Loops index from a multiple of ``RUN`` on purpose: LLVM vectorises them, not loops from a computed start.
+    Returns the number of entries at or above a gate in the whole row.
+    """
+    m = row.shape[0]
+    total = 0
+    for run in range((m + RUN - 1) // RUN):
+        base = run * RUN
+        hits = np.int32(0)
+        for q in range(min(RUN, m - base)):
+            v = row[base + q]
+            bins_buf[base + q] = np.int32(min(max((np.float64(v) + 1.0) * half, 0.0), top))
+            hits += np.int32(v >= min(check, col_check[base + q]))
+        run_hits[run] = hits
+        total += hits
+    for q in range(m):
+        hist[(q & (HIST_COPIES - 1)) * nbins + bins_buf[q]] += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _raise_floor(keys, gate, line, bound, scratch_f, scratch_i):  # pragma: no cover - compiled
+    """Refill a heap that holds only floor sentinels with sentinels of a higher ``bound``."""
+    if bound > gate[line]:
+        scratch_f[0] = bound
+        sentinel = _key(scratch_i[0], EMPTY_INDEX)
+        for q in range(keys.shape[1]):
+            keys[line, q] = sentinel
+        gate[line] = bound
 
 
 @njit(cache=True, nogil=True)
 def _sweep(
-    s, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
-    row_vals, row_idx, row_fill, row_gate, row_floor,
-    col_vals, col_idx, col_fill, col_gate, col_floor, col_check,
+    s, bits, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
+    row_keys, row_gate, col_keys, col_gate, col_check, scratch_f, scratch_i,
 ):  # pragma: no cover - compiled
     """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``)."""
     h, w = s.shape
-    nbins = hist.shape[0] // HIST_COPIES
     nt = limits.shape[0]
     lim0 = limits[0] if nt else np.float32(np.inf)
-    counts = np.zeros(nt, np.int64)
     if estimate_cols and k > 0 and h >= k:
-        _column_bounds(s, h if diagonal else 0, k, col_floor, col_gate, col_check, lim0, lo)
+        j0 = h if diagonal else 0
+        bound = _column_bounds(s, j0, k)
+        for q in range(bound.shape[0]):
+            j = lo + j0 + q
+            _raise_floor(col_keys, col_gate, j, bound[q], scratch_f, scratch_i)
+            col_check[j] = min(col_gate[j], lim0)
+    row_check = np.empty(h, np.float32)
     for ii in range(h):
         i = r + ii
         j0 = ii + 1 if diagonal else 0
-        if j0 >= w:
+        if k > 0 and row_gate[i] == -np.inf and w - j0 >= 2 * k:
+            _raise_floor(row_keys, row_gate, i, _group_bound(s[ii, j0:], k), scratch_f, scratch_i)
+        row_check[ii] = min(row_gate[i], lim0)
+    nbins = hist.shape[0] // HIST_COPIES
+    top = nbins - 0.5
+    counts = np.zeros(nt, np.int64)
+    run_hits = np.empty((w + RUN - 1) // RUN, np.int32)
+    for ii in range(h):
+        j0 = ii + 1 if diagonal else 0
+        row = s[ii, j0:]
+        if _bin_row(row, col_check[lo + j0 :], row_check[ii], half, top, bins_buf, hist, nbins, run_hits) == 0:
             continue
-        for jj in range(j0, w):
-            b = int((np.float64(s[ii, jj]) + 1.0) * half)
-            bins_buf[jj] = min(max(b, 0), nbins - 1)
-        for jj in range(j0, w):
-            hist[(jj & (HIST_COPIES - 1)) * nbins + bins_buf[jj]] += 1
-        if k > 0 and row_fill[i] == 0 and row_floor[i] == -np.inf and w - j0 >= 2 * k:
-            row_floor[i] = _group_bound(s, ii, j0, w, k)
-            row_gate[i] = row_floor[i]
+        i = r + ii
+        check = row_check[ii]
         counts[:] = 0
-        check = min(row_gate[i], lim0)
-        for b0 in range(j0, w, RUN):
-            b1 = min(b0 + RUN, w)
-            hit = 0
-            for jj in range(b0, b1):
-                hit += s[ii, jj] >= min(check, col_check[lo + jj])
-            if hit == 0:
+        for run in range((w - j0 + RUN - 1) // RUN):
+            if run_hits[run] == 0:
                 continue
-            for jj in range(b0, b1):
+            for jj in range(j0 + run * RUN, min(j0 + (run + 1) * RUN, w)):
                 v = s[ii, jj]
                 j = lo + jj
+                if v < min(check, col_check[j]):
+                    continue
                 if v > lim0:
                     for t in range(nt):
                         if v > limits[t]:
@@ -203,46 +234,17 @@ def _sweep(
                         else:
                             break
                 if v >= row_gate[i]:
-                    _offer(row_vals, row_idx, row_fill, row_gate, row_floor, i, v, j, k)
+                    key = _key(bits[ii, jj], j)
+                    if key < row_keys[i, 0]:
+                        _offer(row_keys, row_gate, i, key, k, scratch_f, scratch_i)
+                        check = min(row_gate[i], lim0)
                 if v >= col_gate[j]:
-                    _offer(col_vals, col_idx, col_fill, col_gate, col_floor, j, v, i, k)
-                    col_check[j] = min(col_gate[j], lim0)
-            check = min(row_gate[i], lim0)
+                    key = _key(bits[ii, jj], i)
+                    if key < col_keys[j, 0]:
+                        _offer(col_keys, col_gate, j, key, k, scratch_f, scratch_i)
+                        col_check[j] = min(col_gate[j], lim0)
         for t in range(nt):
             row_counts[t, i] += counts[t]
-
-
-@njit(cache=True, nogil=True)
-def _sort_heaps(vals, idx, fill):  # pragma: no cover - compiled
-    """Heapsort each line's heap in place: best first, ties to the smaller index."""
-    for line in range(vals.shape[0]):
-        for end in range(fill[line] - 1, 0, -1):
-            v = vals[line, end]
-            j = idx[line, end]
-            vals[line, end] = vals[line, 0]
-            idx[line, end] = idx[line, 0]
-            pos = 0
-            while True:
-                c = 2 * pos + 1
-                if c >= end:
-                    break
-                cv = vals[line, c]
-                cj = idx[line, c]
-                if c + 1 < end:
-                    dv = vals[line, c + 1]
-                    dj = idx[line, c + 1]
-                    if dv < cv or (dv == cv and dj > cj):
-                        c += 1
-                        cv = dv
-                        cj = dj
-                if cv < v or (cv == v and cj > j):
-                    vals[line, pos] = cv
-                    idx[line, pos] = cj
-                    pos = c
-                else:
-                    break
-            vals[line, pos] = v
-            idx[line, pos] = j
 
 
 @njit(cache=True, nogil=True)
@@ -287,15 +289,25 @@ def merge_topk(
     )
 
 
-def _floor_array(floor: np.ndarray | None, n: int, k: int) -> np.ndarray:
+def _heaps(floor: np.ndarray | None, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Heaps of k floor sentinels per line (keys) and their gates; without heaps (k = 0) gates are +inf."""
     if k == 0:
-        return np.full(n, _INF, np.float32)
-    return np.full(n, -_INF, np.float32) if floor is None else np.array(floor, np.float32)
+        return np.zeros((n, 0), np.int64), np.full(n, _INF, np.float32)
+    gate = np.full(n, -_INF, np.float32) if floor is None else np.array(floor, np.float32)
+    bits = (gate + np.float32(0.0)).view(np.int32).astype(np.int64)
+    ascending = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    sentinel = ((0x7FFFFFFF - ascending) << INDEX_BITS) | EMPTY_INDEX
+    return np.repeat(sentinel[:, None], k, axis=1), gate
 
 
-def _heap_result(vals: np.ndarray, idx: np.ndarray, fill: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    _sort_heaps(vals, idx, fill)
-    return vals, np.where(idx >= 0, idx + offset, -1)
+def _heap_result(keys: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-first values and global indices from heap keys; sentinels become ``-inf``/``-1``."""
+    keys = np.sort(keys, axis=1)
+    ascending = np.int64(0x7FFFFFFF) - (keys >> INDEX_BITS)
+    vals = np.where(ascending >= 0, ascending, ascending ^ 0x7FFFFFFF).astype(np.int32).view(np.float32)
+    idx = keys & EMPTY_INDEX
+    empty = idx == EMPTY_INDEX
+    return np.where(empty, -_INF, vals), np.where(empty, -1, idx + offset)
 
 
 def tile_stats(
@@ -323,28 +335,28 @@ def tile_stats(
         raise ValueError("a diagonal tile pairs a block with itself")
     if edges[0] != -1.0 or edges[-1] != 1.0:
         raise ValueError("histogram edges must span [-1, 1] uniformly (see histogram_edges)")
+    if max(nr, nc) >= EMPTY_INDEX:
+        raise ValueError(f"tile of {nr} x {nc} is too large: blocks must hold fewer than {EMPTY_INDEX} rows")
     bins = len(edges) - 1
     order, limits = sorted_limits(thresholds)
     row_counts = np.zeros((len(limits), nr), np.int64)
     col_counts = np.zeros((len(limits), nc), np.int64)
     hist = np.zeros(HIST_COPIES * bins, np.int64)
     bins_buf = np.empty(nc, np.int32)
-    row_vals, col_vals = np.full((nr, k), -_INF, np.float32), np.full((nc, k), -_INF, np.float32)
-    row_idx, col_idx = np.full((nr, k), -1, np.int64), np.full((nc, k), -1, np.int64)
-    row_fill, col_fill = np.zeros(nr, np.int64), np.zeros(nc, np.int64)
-    row_floor_, col_floor_ = _floor_array(row_floor, nr, k), _floor_array(col_floor, nc, k)
-    row_gate, col_gate = row_floor_.copy(), col_floor_.copy()
+    row_keys, row_gate = _heaps(row_floor, nr, k)
+    col_keys, col_gate = _heaps(col_floor, nc, k)
     col_check = np.minimum(col_gate, limits[0] if len(limits) else _INF)
-    estimate_cols = bool(np.any(col_floor_ == -_INF))
+    estimate_cols = bool(np.any(col_gate == -_INF))
+    scratch_f = np.zeros(1, np.float32)
     for s, r, lo in tile_products(np.ascontiguousarray(xi), np.ascontiguousarray(xj), diagonal):
         _sweep(
-            s, r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
-            row_counts, col_counts, row_vals, row_idx, row_fill, row_gate, row_floor_,
-            col_vals, col_idx, col_fill, col_gate, col_floor_, col_check,
+            s, s.view(np.int32), r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
+            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_check, scratch_f,
+            scratch_f.view(np.int32),
         )
     inverse = np.argsort(order)
-    row_vals, row_idx = _heap_result(row_vals, row_idx, row_fill, col_offset)
-    col_vals, col_idx = _heap_result(col_vals, col_idx, col_fill, row_offset)
+    row_vals, row_idx = _heap_result(row_keys, col_offset)
+    col_vals, col_idx = _heap_result(col_keys, row_offset)
     return TileStats(
         row_counts[inverse], col_counts[inverse], row_vals, row_idx, col_vals, col_idx,
         hist.reshape(HIST_COPIES, bins).sum(axis=0),

@@ -1,158 +1,245 @@
-"""The similarity stage: tiles as Ray tasks, an incremental reduce on the driver, artifacts in the run dir."""
+"""The similarity stage: tiles as Ray tasks, an incremental reduce on the driver, checkpoints and artifacts in the run dir."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import json
 import logging
 import math
 import posixpath
 import time
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from threadpoolctl import threadpool_limits
 
 from ..config import SimilarityConfig
 from ..runtime import cluster_resources
 from ..schema import EMBEDDINGS_DIR, NEIGHBORS_DIR, SIMILARITY_DIR, neighbors_schema
 from ..storage import DONE_NAME, RunDir, shard_name
-from .kernel import NORM_LIMIT, TileStats, merge_topk, tile_stats
-from .plan import Tile, group_tiles, histogram_edges, schedule, tile_plan
+from . import approx, kernel
+from .plan import (
+    Tile,
+    choose_block,
+    group_tiles,
+    histogram_edges,
+    parse_memory,
+    partition_tile_plan,
+    schedule,
+    tile_plan,
+)
+from .reduce import PARTIALS_DIR, Reduction, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("enrich_dist.similarity")
 
 PAPER_THRESHOLDS = (0.5, 0.7, 0.9)
 SHARD_ROWS = 50_000
 MIN_TASK_PAIRS = 1 << 22
+GPU_BLOCK = 65536
 SUMMARY = posixpath.join(SIMILARITY_DIR, "summary.json")
+PARTITIONS = posixpath.join(PARTIALS_DIR, "partitions.npz")
+MODES = ("exact", "approx")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """What a tile task runs: the compiled CPU kernel (``numba``) or the ``torch`` one on ``device``."""
+
+    backend: str
+    device: str
+    precision: str
+    k: int
+    thresholds: tuple[float, ...]
+    edges: np.ndarray
 
 
 def _tile_group(
-    x: np.ndarray,
-    tiles: list[Tile],
-    floors: list[tuple[np.ndarray | None, np.ndarray | None]],
-    k: int,
-    thresholds: list[float],
-    edges: np.ndarray,
-) -> list[tuple[Tile, TileStats]]:
-    """Ray task body: a few tiles, with BLAS, OpenMP (FAISS) and torch threads set to the task's CPUs."""
-    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    with threadpool_limits(limits=threads):
-        return [
-            (
-                tile,
-                tile_stats(
-                    x[tile[0] : tile[1]],
-                    x[tile[2] : tile[3]],
-                    tile[0] == tile[2],
-                    k,
-                    thresholds,
-                    edges,
-                    row_offset=tile[0],
-                    col_offset=tile[2],
-                    row_floor=row_floor,
-                    col_floor=col_floor,
-                ),
-            )
-            for tile, (row_floor, col_floor) in zip(tiles, floors, strict=True)
-        ]
+    x: np.ndarray, tiles: list[Tile], floors: list[tuple[np.ndarray | None, np.ndarray | None]], spec: _Kernel
+) -> list[tuple[Tile, kernel.TileStats]]:
+    """Ray task body: a few tiles; numba with one BLAS thread (the task's one CPU), or torch (blocks moved once)."""
+    if spec.backend == "numba":
+        with threadpool_limits(limits=1):
+            return [
+                (
+                    tile,
+                    kernel.tile_stats(
+                        x[tile[0] : tile[1]], x[tile[2] : tile[3]], tile[0] == tile[2], spec.k, spec.thresholds,
+                        spec.edges, row_offset=tile[0], col_offset=tile[2], row_floor=rf, col_floor=cf,
+                    ),
+                )
+                for tile, (rf, cf) in zip(tiles, floors, strict=True)
+            ]
+    import torch
+
+    from .torch_kernel import tile_stats_torch
+
+    torch.set_float32_matmul_precision("highest")
+    blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        if (start, stop) not in blocks:
+            blocks[(start, stop)] = torch.tensor(x[start:stop], device=spec.device)
+        return blocks[(start, stop)]
+
+    return [
+        (
+            tile,
+            tile_stats_torch(
+                block(tile[0], tile[1]), block(tile[2], tile[3]), tile[0] == tile[2], spec.k, spec.thresholds,
+                spec.edges, row_offset=tile[0], col_offset=tile[2], device=spec.device, precision=spec.precision,
+            ),
+        )
+        for tile in tiles
+    ]
 
 
 _tile_task = ray.remote(num_cpus=1)(_tile_group)
 
 
-class _Reduction:
-    """Driver-side state, O(N k + N T + bins): merged top-k, per-image threshold counts, histogram."""
+@ray.remote
+def _partition_task(x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int) -> approx.Partitions:
+    return approx.partition(x, n_partitions, nprobe, seed, threads)
 
-    def __init__(self, n: int, k: int, n_thresholds: int, bins: int):
-        self.k = k
-        self.vals = np.full((n, k), -np.inf, np.float32)
-        self.idx = np.full((n, k), -1, np.int64)
-        self.counts = np.zeros((n_thresholds, n), np.int64)
-        self.hist = np.zeros(bins, np.int64)
 
-    def floors(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per row and per column of ``tile``: entries below these cannot enter that image's top-k."""
-        if self.k == 0:
-            return None, None
-        r0, r1, c0, c1 = tile
-        return self._floor(r0, r1, c0), self._floor(c0, c1, r0)
+@ray.remote(num_cpus=1)
+def _exact_rows_task(x: np.ndarray, rows: np.ndarray, k: int, thresholds: list[float]) -> tuple:
+    with threadpool_limits(limits=1):
+        return approx.exact_rows(x, rows, k, thresholds)
 
-    def _floor(self, start: int, stop: int, first_neighbor: int) -> np.ndarray:
-        kth_vals, kth_idx = self.vals[start:stop, -1], self.idx[start:stop, -1]
-        # every neighbour in the tile has a larger index than a k-th neighbour below it, so ties lose
-        strict = (kth_idx >= 0) & (kth_idx < first_neighbor)
-        return np.where(strict, np.nextafter(kth_vals, np.float32(np.inf)), kth_vals)
 
-    def add(self, tile: Tile, stats: TileStats) -> None:
-        r0, r1, c0, c1 = tile
-        self.counts[:, r0:r1] += stats.row_counts
-        self.counts[:, c0:c1] += stats.col_counts
-        self.hist += stats.hist
-        if self.k:
-            self.vals[r0:r1], self.idx[r0:r1] = merge_topk(
-                self.vals[r0:r1], self.idx[r0:r1], stats.row_vals, stats.row_idx, self.k
-            )
-            self.vals[c0:c1], self.idx[c0:c1] = merge_topk(
-                self.vals[c0:c1], self.idx[c0:c1], stats.col_vals, stats.col_idx, self.k
-            )
+def _device(cfg: SimilarityConfig, gpus: int) -> str:
+    """``cpu`` or ``cuda`` from the config and the cluster; says so when a GPU is asked for and absent."""
+    if cfg.device not in DEVICES:
+        raise ValueError(f"similarity device must be one of {DEVICES}, got {cfg.device!r}")
+    if cfg.device == "cuda" and gpus == 0:
+        raise ValueError("similarity device cuda asked for, but the Ray cluster has no GPU: use --similarity-device cpu")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+    if device == "cpu" and cfg.precision != "fp32":
+        raise ValueError(f"precision {cfg.precision!r} needs a GPU; the CPU kernel computes in fp32")
+    return device
+
+
+def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
+    """Hash of the embeddings, ids and every setting the results depend on."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
+    digest.update(ids.view(np.uint8))
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _partitions(
+    x_ref: ray.ObjectRef, n: int, cfg: SimilarityConfig, workers: int, run: RunDir | None, fingerprint: str
+) -> approx.Partitions:
+    """The k-means partitions (one Ray task using every CPU); reused from the run dir on a rerun."""
+    if run is not None and run.exists(PARTITIONS):
+        saved = np.load(io.BytesIO(run.read_bytes(PARTITIONS)))
+        if str(saved["fingerprint"]) == fingerprint:
+            log.info("similarity: reusing partitions from %s", run.uri_of(PARTITIONS))
+            pairs = [(int(p), int(q)) for p, q in saved["pairs"]]
+            return approx.Partitions(saved["perm"], saved["bounds"], saved["assignment"], pairs)
+    size = cfg.n_partitions or approx.default_partitions(n)
+    threads = max(1, min(workers, max(int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"])))
+    start = time.perf_counter()
+    parts = ray.get(_partition_task.options(num_cpus=threads).remote(x_ref, size, cfg.nprobe, cfg.seed, threads))
+    log.info(
+        "similarity: %d k-means partitions, nprobe %d, %d partition pairs in %.1f s",
+        len(parts.bounds) - 1, cfg.nprobe, len(parts.pairs), time.perf_counter() - start,
+    )
+    if run is not None:
+        buf = io.BytesIO()
+        np.savez(
+            buf, perm=parts.perm, bounds=parts.bounds, assignment=parts.assignment,
+            pairs=np.array(parts.pairs, np.int64).reshape(-1, 2), fingerprint=np.array(fingerprint),
+        )
+        run.write_bytes(PARTITIONS, buf.getvalue())
+    return parts
 
 
 def _run_tiles(
-    x: np.ndarray, reduction: _Reduction, cfg: SimilarityConfig, thresholds: list[float], progress: bool
-) -> None:
-    """Submit tile groups through a bounded window, reducing each result as it completes."""
-    tiles = schedule(tile_plan(len(x), cfg.block_size))
-    groups: Iterator[list[Tile]] = iter(group_tiles(tiles, MIN_TASK_PAIRS))
-    edges = histogram_edges(cfg.bins)
-    x_ref = ray.put(x)
-    window = 2 * max(1, cluster_resources().cpus)
+    x_ref: ray.ObjectRef,
+    tiles: list[Tile],
+    reduction: Reduction,
+    spec: _Kernel,
+    workers: int,
+    checkpoint: tuple[RunDir, str, float] | None,
+    done: np.ndarray,
+    progress: bool,
+) -> int:
+    """Submit tile groups through a bounded window, reduce each result as it completes; returns tiles computed."""
+    index = {tile: i for i, tile in enumerate(tiles)}
+    todo = [tile for tile in tiles if not done[index[tile]]]
+    groups: Iterator[list[Tile]] = iter(group_tiles(todo, MIN_TASK_PAIRS if spec.backend == "numba" else 1))
+    task = _tile_task.options(num_gpus=1) if spec.device == "cuda" else _tile_task
+    window = 2 * max(1, workers)
     pending: dict[ray.ObjectRef, int] = {}
 
     def submit() -> None:
         group = next(groups, None)
         if group is not None:
-            floors = [reduction.floors(tile) for tile in group]
-            pending[_tile_task.remote(x_ref, group, floors, reduction.k, thresholds, edges)] = len(group)
+            floors = [reduction.floors(tile) if spec.backend == "numba" else (None, None) for tile in group]
+            pending[task.remote(x_ref, group, floors, spec)] = len(group)
 
     for _ in range(window):
         submit()
-    start, done, logged = time.perf_counter(), 0, 0
+    start = last_save = time.perf_counter()
+    computed, logged = 0, 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             pending.pop(ref)
             for tile, stats in ray.get(ref):
                 reduction.add(tile, stats)
-                done += 1
+                done[index[tile]] = True
+                computed += 1
             submit()
-        if progress and (10 * done // len(tiles) > logged or not pending):
-            logged = 10 * done // len(tiles)
+        if checkpoint is not None and (time.perf_counter() - last_save >= checkpoint[2] or not pending):
+            save_checkpoint(checkpoint[0], reduction, done, checkpoint[1])
+            last_save = time.perf_counter()
+        if progress and (10 * computed // max(len(todo), 1) > logged or not pending):
+            logged = 10 * computed // max(len(todo), 1)
             elapsed = time.perf_counter() - start
             log.info(
                 "similarity: %d/%d tiles (%.0f%%), %.2f tiles/s",
-                done,
-                len(tiles),
-                100 * done / len(tiles),
-                done / max(elapsed, 1e-9),
+                computed, len(todo), 100 * computed / max(len(todo), 1), computed / max(elapsed, 1e-9),
             )
+    return computed
+
+
+def _check_embeddings(x: np.ndarray, ids: np.ndarray) -> None:
+    """Reject what the tiles cannot handle, naming the images: non-finite, zero or unnormalised rows, duplicate ids."""
+    if x.ndim != 2 or len(ids) != len(x):
+        raise ValueError(f"need a 2-d embedding matrix and one id per row, got {x.shape} and {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("image ids must be unique")
+    if not len(x):
+        return
+    norms = np.linalg.norm(x, axis=1)
+    bad = ~np.isfinite(norms) | (norms > kernel.NORM_LIMIT) | (norms < 1 / kernel.NORM_LIMIT)
+    if bad.any():
+        zero = bad & (norms == 0)
+        raise ValueError(
+            f"embeddings must be finite and L2-normalised: {int(bad.sum())} rows are not (image ids "
+            f"{ids[bad][:5].tolist()}, norms {np.round(norms[bad][:5], 4).tolist()}"
+            + (f"; {int(zero.sum())} are zero vectors, which have no direction" if zero.any() else "")
+            + "); rerun `enrich embed`, which drops zero and non-finite embeddings into embeddings/errors/"
+        )
 
 
 def _summary(
     n: int,
     pairs_above: dict[float, int],
-    reduction: _Reduction,
+    reduction: Reduction,
     cfg: SimilarityConfig,
     edges: np.ndarray,
     thresholds: list[float],
-    seconds: float,
 ) -> dict:
-    """The ``similarity/summary.json`` record."""
+    """The ``similarity/summary.json`` record, less timing and mode details."""
     n_pairs = n * (n - 1) // 2
 
     def fraction(count: int, total: int) -> float:
@@ -175,15 +262,13 @@ def _summary(
         "histogram": {"edges": edges.tolist(), "counts": reduction.hist.tolist()},
         "thresholds": per_threshold,
         "paper_bins": {name: {"pairs": c, "fraction": fraction(c, n_pairs)} for name, c in paper.items()},
-        "exact": True,
-        "block_size": cfg.block_size,
+        "exact": cfg.mode == "exact" and cfg.precision == "fp32",
         "top_k": cfg.top_k,
-        "seconds": seconds,
     }
 
 
 def _neighbors_table(
-    ids: np.ndarray, reduction: _Reduction, cfg: SimilarityConfig, thresholds: list[float]
+    ids: np.ndarray, reduction: Reduction, cfg: SimilarityConfig, thresholds: list[float]
 ) -> pa.Table:
     """One row per image, sorted by ``image_id``, neighbours best first."""
     n, k = reduction.idx.shape
@@ -200,38 +285,109 @@ def _neighbors_table(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def _approx_quality(
+    x_ref: ray.ObjectRef, reduction: Reduction, cfg: SimilarityConfig, thresholds: list[float], n: int
+) -> dict:
+    """Recall and count errors of approximate results on a seeded sample of images, against brute force."""
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.choice(n, size=min(cfg.sample_size, n), replace=False))
+    chunks = [rows for rows in np.array_split(sample, 8) if len(rows)]
+    parts = ray.get([_exact_rows_task.remote(x_ref, rows, reduction.k, thresholds) for rows in chunks])
+    exact_idx = np.concatenate([p[1] for p in parts]) if parts else reduction.idx[:0]
+    exact_counts = np.concatenate([p[2] for p in parts], axis=1) if parts else reduction.counts[:, :0]
+    return approx.sample_quality(
+        reduction.idx[sample], reduction.counts[:, sample], exact_idx, exact_counts, thresholds
+    )
+
+
 def compute_similarity(
-    x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig, progress: bool = True
+    x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig, progress: bool = True, run: RunDir | None = None
 ) -> tuple[pa.Table, dict]:
-    """Exact all-pairs similarity of L2-normalised rows ``x``: the neighbors table and the summary."""
+    """All-pairs similarity of L2-normalised rows ``x``: the neighbors table and the summary.
+
+    With ``run``, partial reductions are committed under ``similarity/partials/`` and a rerun resumes
+    from them.
+    """
     start = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
-    if x.ndim != 2 or len(ids) != len(x):
-        raise ValueError(f"need a 2-d embedding matrix and one id per row, got {x.shape} and {ids.shape}")
-    norms = np.linalg.norm(x, axis=1)
-    if len(x) and norms.max() > NORM_LIMIT:
-        raise ValueError(f"embeddings must be L2-normalised: a row has norm {norms.max():.4g} > {NORM_LIMIT}")
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("image ids must be unique")
+    _check_embeddings(x, ids)
     if any(not -1.0 <= t < 1.0 for t in cfg.thresholds):
         raise ValueError(f"thresholds must lie in [-1, 1), got {cfg.thresholds}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"similarity mode must be one of {MODES}, got {cfg.mode!r}")
     order = np.argsort(ids, kind="stable")
     ids, x = ids[order], np.ascontiguousarray(x[order])
-    n = len(x)
+    n, dim = x.shape
     thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS))
-    reduction = _Reduction(n, min(cfg.top_k, max(n - 1, 0)), len(thresholds), cfg.bins)
+    k = min(cfg.top_k, max(n - 1, 0))
+    resources = cluster_resources()
+    device = _device(cfg, resources.gpus)
+    workers = max(1, resources.gpus if device == "cuda" else resources.cpus)
+    if cfg.block_size:
+        block = cfg.block_size
+    elif device == "cuda":
+        block = max(1, min(GPU_BLOCK, n))
+    else:
+        block = choose_block(
+            n, dim, k, len(thresholds), parse_memory(cfg.max_memory), workers, kernel.chunk_rows(n)
+        )
+    settings = {
+        "k": k, "thresholds": thresholds, "bins": cfg.bins, "block": block, "mode": cfg.mode, "seed": cfg.seed,
+        "n_partitions": cfg.n_partitions, "nprobe": cfg.nprobe, "device": device, "precision": cfg.precision,
+    }
+    fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
+    x_ref = ray.put(x)
+    tiles_ref, parts = x_ref, None
+    if cfg.mode == "approx":
+        parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint)
+        tiles_ref = ray.put(np.ascontiguousarray(x[parts.perm]))
+        tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
+    else:
+        tiles = schedule(tile_plan(n, block))
     if progress:
         log.info(
-            "similarity: %d images, dim %d, block %d, top-%d", n, x.shape[1], cfg.block_size, reduction.k
+            "similarity: %d images, dim %d, %s mode on %s (%s), block %d (%s), %d tiles, top-%d",
+            n, dim, cfg.mode, device, cfg.precision, block,
+            "--block-size" if cfg.block_size else f"--max-memory {cfg.max_memory}", len(tiles), k,
         )
-    _run_tiles(x, reduction, cfg, thresholds, progress)
+    reduction = Reduction(n, k, len(thresholds), cfg.bins, None if parts is None else parts.perm)
+    done = np.zeros(len(tiles), bool) if run is None else load_checkpoint(run, reduction, len(tiles), fingerprint)
+    spec = _Kernel(
+        "numba" if device == "cpu" else "torch", device, cfg.precision, k, tuple(thresholds), histogram_edges(cfg.bins)
+    )
+    checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
+    computed = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
+    edges = histogram_edges(cfg.bins)
+    n_pairs = n * (n - 1) // 2
+    details: dict = {}
+    if parts is not None:
+        missing, sampled = approx.estimate_missing_histogram(x, parts, edges, n_pairs - reduction.pairs, cfg.seed)
+        reduction.hist += missing
+        quality = _approx_quality(x_ref, reduction, cfg, thresholds, n)
+        details["approx"] = {
+            **quality,
+            "n_partitions": len(parts.bounds) - 1,
+            "nprobe": cfg.nprobe,
+            "pairs_computed": reduction.pairs,
+            "pair_fraction_computed": reduction.pairs / n_pairs if n_pairs else 1.0,
+            "histogram": f"computed pairs exact; the other pairs estimated from {sampled} sampled pairs",
+            "threshold_counts": "lower bounds: pairs in partitions never compared are not counted",
+        }
     pairs_above = {t: int(reduction.counts[i].sum()) // 2 for i, t in enumerate(thresholds)}
     table = _neighbors_table(ids, reduction, cfg, thresholds)
-    seconds = time.perf_counter() - start
-    summary = _summary(n, pairs_above, reduction, cfg, histogram_edges(cfg.bins), thresholds, seconds)
+    summary = _summary(n, pairs_above, reduction, cfg, edges, thresholds)
+    summary.update(
+        mode=cfg.mode,
+        device=device,
+        precision=cfg.precision,
+        block_size=block,
+        tiles={"total": len(tiles), "computed": computed, "resumed": len(tiles) - computed},
+        seconds=time.perf_counter() - start,
+        **details,
+    )
     if progress:
-        log.info("similarity: %d pairs in %.1f s", summary["n_pairs"], seconds)
+        log.info("similarity: %d pairs in %.1f s", n_pairs, summary["seconds"])
     return table, summary
 
 
@@ -254,7 +410,7 @@ def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
         log.info("similarity: already done in %s, skipping", run.uri)
         return run.read_json(posixpath.join(SIMILARITY_DIR, DONE_NAME))
     x, ids = _read_embeddings(run)
-    table, summary = compute_similarity(x, ids, cfg)
+    table, summary = compute_similarity(x, ids, cfg, run=run)
     run.remove(NEIGHBORS_DIR)
     n_shards = max(1, math.ceil(len(table) / SHARD_ROWS))
     rows = math.ceil(len(table) / n_shards)
@@ -262,4 +418,5 @@ def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
         run.write_table(posixpath.join(NEIGHBORS_DIR, shard_name(i)), table.slice(i * rows, rows))
     run.write_json(SUMMARY, summary)
     run.mark_done(SIMILARITY_DIR, summary)
+    run.remove(PARTIALS_DIR)
     return summary

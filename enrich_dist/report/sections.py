@@ -1,0 +1,271 @@
+"""The report's sections built from the run's artifacts: header, redundancy, selection, encoder, config."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from . import figures
+from .artifacts import RECONSTRUCTIONS, SUBSETS, TRAIN_JSON, Manifest, read_json
+from .html import Markup, figure, fmt_int, fmt_mean_std, fmt_pct, join, note, table, tag
+from .page import ReportPage
+
+N_LABELS_SHOWN = 12
+METHOD_ORDER = ("enrich", "random")
+
+
+def header(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
+    """Run URI, date and the archive's size."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [note(join(["Run ", tag("code", out.run.uri), f" - report generated {now}"]))]
+    if manifest is None:
+        return [*parts, out.absent("manifest (manifest/part-*.parquet)", "enrich manifest")]
+    labels = ", ".join(f"{k}: {fmt_int(v)}" for k, v in manifest.labels.most_common()) or "-"
+    rows = [
+        ("images ok", fmt_int(manifest.n_ok)),
+        ("images with errors", fmt_int(manifest.n_error)),
+        ("patients", fmt_int(manifest.n_patients)),
+        ("clips", fmt_int(manifest.n_clips)),
+        ("labels (ok images)", labels),
+    ]
+    parts.append(table(["archive", ""], rows, align="ll"))
+    if manifest.errors:
+        shown = f"first {len(manifest.errors)} of {fmt_int(manifest.n_error)}"
+        parts.append(note(f"Images that could not be read ({shown}):"))
+        parts.append(table(["uri", "error"], [(e.get("uri"), e.get("error")) for e in manifest.errors], "ll"))
+    return parts
+
+
+def _paper_bins(summary: dict) -> list[tuple[str, float]]:
+    """The paper's Figure 1 bins as (label, fraction), from a list or a label -> entry mapping."""
+    raw = summary.get("paper_bins") or []
+    entries = [{"label": k, **v} for k, v in raw.items()] if isinstance(raw, dict) else list(raw)
+    n_pairs = summary.get("n_pairs") or 0
+    out = []
+    for e in entries:
+        fraction = e.get("fraction")
+        if fraction is None:
+            fraction = e.get("pairs", 0) / n_pairs if n_pairs else 0.0
+        out.append((str(e.get("label", "?")), float(fraction)))
+    return out
+
+
+def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
+    """Similarity histogram, the paper's bins and the per-threshold table."""
+    if summary is None:
+        return [out.absent("similarity summary (similarity/summary.json)", "enrich similarity")]
+    thresholds = sorted((summary.get("thresholds") or {}).items(), key=lambda kv: float(kv[0]))
+    exact = summary.get("exact")
+    mode = "exact (all pairs)" if exact else "approximate (pairs within and across nearby partitions)"
+    parts = [
+        note(
+            f"{fmt_int(summary.get('n_images'))} images, {fmt_int(summary.get('n_pairs'))} pairs; "
+            f"similarity = 1 - cosine distance of VAE embeddings, self pairs excluded; counts are {mode}."
+        )
+    ]
+    hist = summary.get("histogram") or {}
+    edges, counts = hist.get("edges") or [], hist.get("counts") or []
+    if counts and len(edges) == len(counts) + 1:
+        png = figures.similarity_histogram(edges, counts, [float(t) for t, _ in thresholds])
+        parts.append(
+            figure(
+                out.add_figure("similarity_histogram.png", png),
+                "similarity histogram",
+                "Similarity of all image pairs (dashed: thresholds).",
+            )
+        )
+    bins = _paper_bins(summary)
+    if bins:
+        png = figures.paper_bins([b for b, _ in bins], [f for _, f in bins])
+        parts.append(
+            figure(
+                out.add_figure("paper_bins.png", png),
+                "share of pairs per similarity bin",
+                "Share of pairs per similarity bin (the paper's Figure 1).",
+            )
+        )
+    rows = [
+        (
+            f"> {t}",
+            fmt_int(v.get("pairs")),
+            fmt_pct(v.get("pair_fraction")),
+            fmt_int(v.get("images_with_neighbor")),
+            fmt_pct(v.get("image_fraction")),
+        )
+        for t, v in thresholds
+    ]
+    headers = ["similarity", "pairs above", "% of pairs", "images with a neighbour above", "% of images"]
+    parts.append(table(headers, rows))
+    parts.append(note(f"Mode: {'exact' if exact else 'approximate'}."))
+    return parts
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
+
+
+def ordered_methods(methods: set[str]) -> list[str]:
+    """ENRICH first, then random, then any other method by name."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
+
+
+def selection(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
+    """Coverage of patients and clips per budget, ENRICH vs random, and per-label counts."""
+    if not out.run.exists(SUBSETS):
+        return [out.absent("selection subsets (selection/subsets.parquet)", "enrich select")]
+    rows = out.run.read_table(SUBSETS).to_pylist()
+    by_key: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_key[(r["method"], float(r["budget"]))].append(r)
+    methods = ordered_methods({m for m, _ in by_key})
+    budgets = sorted({b for _, b in by_key})
+    replicates = len({r["replicate"] for r in rows})
+    series: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
+    table_rows = []
+    for b in budgets:
+        cells: dict[str, list[str]] = {"patients": [], "clips": []}
+        n_images = [r["n_images"] for m in methods for r in by_key.get((m, b), [])]
+        for m in methods:
+            group = by_key.get((m, b), [])
+            for what in cells:
+                if not group:
+                    cells[what].append("-")
+                    continue
+                mean, std = _mean_std([r[f"n_{what}"] for r in group])
+                cells[what].append(fmt_mean_std(mean, std))
+                series[m][f"{what}_mean"].append(mean)
+                series[m][f"{what}_std"].append(std)
+            if group:
+                series[m]["budget"].append(b)
+        table_rows.append(
+            (f"{100 * b:.3g}%", fmt_int(float(np.mean(n_images))), *cells["patients"], *cells["clips"])
+        )
+    of_p = f" (of {fmt_int(manifest.n_patients)})" if manifest and manifest.n_patients else ""
+    of_c = f" (of {fmt_int(manifest.n_clips)})" if manifest and manifest.n_clips else ""
+    headers = [
+        "budget",
+        "images",
+        *(f"patients{of_p}, {m}" for m in methods),
+        *(f"clips{of_c}, {m}" for m in methods),
+    ]
+    parts = [
+        note(f"Mean ± sd over {replicates} replicate(s) per method and budget."),
+        table(headers, table_rows),
+    ]
+    png = figures.coverage({m: dict(s) for m, s in series.items()})
+    parts.append(
+        figure(
+            out.add_figure("coverage.png", png),
+            "patients and clips covered vs budget",
+            "Patients and clips covered by each subset (mean ± sd over replicates).",
+        )
+    )
+    parts += _label_table(rows, methods, budgets)
+    return parts
+
+
+def _label_table(rows: list[dict], methods: list[str], budgets: list[float]) -> list[Markup]:
+    """Mean images per label in each subset, one column per label (the most frequent labels)."""
+    totals: Counter = Counter()
+    per: dict[tuple[str, float, str], list[int]] = defaultdict(list)
+    for r in rows:
+        counts = dict(r.get("label_counts") or [])
+        for label, n in counts.items():
+            totals[label] += n
+    labels = [label for label, _ in totals.most_common(N_LABELS_SHOWN)]
+    if not labels:
+        return []
+    for r in rows:
+        counts = dict(r.get("label_counts") or [])
+        for label in labels:
+            per[(r["method"], float(r["budget"]), label)].append(counts.get(label, 0))
+    table_rows = [
+        (
+            f"{100 * b:.3g}%",
+            *(
+                " / ".join(f"{np.mean(per[(m, b, lab)]):,.1f}" if per[(m, b, lab)] else "-" for m in methods)
+                for lab in labels
+            ),
+        )
+        for b in budgets
+    ]
+    parts = [
+        tag("h3", "Images per label"),
+        note(f"Mean images per label in each subset ({' / '.join(methods)}); labels are not used to select."),
+    ]
+    if len(totals) > len(labels):
+        parts.append(note(f"Showing the {len(labels)} most frequent of {len(totals)} labels."))
+    return [*parts, table(["budget", *labels], table_rows)]
+
+
+def encoder(out: ReportPage) -> list[Markup]:
+    """Loss curves and reconstructions of the beta-VAE."""
+    train = read_json(out.run, TRAIN_JSON)
+    has_recon = out.run.exists(RECONSTRUCTIONS)
+    if train is None and not has_recon:
+        return [out.absent("encoder training log (encoder/train.json)", "enrich train-encoder")]
+    parts: list[Markup] = []
+    if train is not None:
+        png = figures.loss_curves(train.get("history") or {})
+        if png is not None:
+            parts.append(
+                figure(
+                    out.add_figure("encoder_loss.png", png),
+                    "encoder loss curves",
+                    "beta-VAE losses per epoch (dashed: validation).",
+                )
+            )
+        else:
+            parts.append(note("encoder/train.json holds no loss history."))
+        config = train.get("config") or {}
+        if config:
+            parts.append(table(["encoder setting", "value"], flatten(config), align="ll"))
+    if has_recon:
+        src = out.add_figure("reconstructions.png", out.run.read_bytes(RECONSTRUCTIONS))
+        parts.append(figure(src, "encoder reconstructions", "Inputs and their reconstructions."))
+    else:
+        parts.append(note("encoder/reconstructions.png not found."))
+    return parts
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested mappings as (dotted key, JSON value) rows."""
+    if not isinstance(obj, dict):
+        return [(prefix, obj if isinstance(obj, str) else json.dumps(obj, default=str))]
+    rows = []
+    for key, value in obj.items():
+        rows += flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return rows
+
+
+def config(out: ReportPage, run_info: dict | None) -> list[Markup]:
+    """The resolved config, package versions and per-stage timings from run.json."""
+    if run_info is None:
+        return [out.absent("run.json (each stage records its timing there)", "enrich run")]
+    parts: list[Markup] = [tag("h3", "Stage timings")]
+    stages = run_info.get("stages") or {}
+    if stages:
+        rows = [
+            (
+                name,
+                s.get("started", "-"),
+                s.get("ended", "-"),
+                f"{s['seconds']:,.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
+                json.dumps(s.get("stats") or {}, default=str),
+            )
+            for name, s in stages.items()
+        ]
+        parts.append(table(["stage", "started", "ended", "seconds", "stats"], rows, align="lllrl"))
+    else:
+        parts.append(note("No stage timings recorded."))
+    parts += [tag("h3", "Config"), table(["setting", "value"], flatten(run_info.get("config") or {}), "ll")]
+    versions = run_info.get("versions") or {}
+    if versions:
+        parts += [tag("h3", "Versions"), table(["package", "version"], flatten(versions), "ll")]
+    return parts

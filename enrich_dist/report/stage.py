@@ -1,0 +1,72 @@
+"""The report stage: one self-contained HTML page built from the run directory's artifacts only."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+
+from ..schema import REPORT_DIR
+from ..storage import RunDir
+from . import sections
+from .artifacts import (
+    N_GROUP_NEIGHBORS,
+    N_GROUPS,
+    SUMMARY,
+    gallery_ids,
+    load_manifest,
+    load_neighbors,
+    read_json,
+    redundant_groups,
+)
+from .evaluation import evaluation
+from .galleries import galleries
+from .html import page, section
+from .page import ReportPage
+
+logger = logging.getLogger("enrich_dist.report")
+
+INDEX = posixpath.join(REPORT_DIR, "index.html")
+
+
+def run_report(run: RunDir) -> dict:
+    """Write ``report/index.html`` (figures embedded, PNG copies beside it) from whatever artifacts exist."""
+    start = time.perf_counter()
+    out = ReportPage(run)
+    run_info = read_json(run, "run.json")
+    top, unique = load_neighbors(run)
+    groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
+    manifest = load_manifest(run, gallery_ids(groups, unique))
+    header = sections.header(out, manifest)
+    parts = [
+        ("redundancy", "Redundancy", sections.redundancy(out, read_json(run, SUMMARY))),
+        ("galleries", "Galleries", galleries(out, top is not None, groups, unique, manifest)),
+        ("selection", "Selection", sections.selection(out, manifest)),
+        ("evaluation", "Evaluation", evaluation(out)),
+        ("encoder", "Encoder", sections.encoder(out)),
+        ("config", "Config and timings", sections.config(out, run_info)),
+    ]
+    doc = page(
+        f"ENRICH report: {posixpath.basename(run.uri.rstrip('/'))}",
+        header,
+        [(anchor, title, section(anchor, title, body)) for anchor, title, body in parts],
+    )
+    run.write_bytes(INDEX, doc.encode("utf-8"))
+    stats = {
+        "report": run.uri_of(INDEX),
+        "figures": out.figures,
+        "missing": out.missing,
+        "groups": len(groups),
+        "thumbnails": out.thumbnails,
+        "thumbnail_errors": out.thumbnail_errors,
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info(
+        "report written to %s (%d figures, %d thumbnails, %d failed, missing: %s)",
+        stats["report"],
+        len(out.figures),
+        out.thumbnails,
+        out.thumbnail_errors,
+        ", ".join(out.missing) or "none",
+    )
+    return stats

@@ -1,0 +1,220 @@
+"""What the select stage reads from the run dir: embedding ids and rows, top-k neighbours, the manifest, seed ids."""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ..schema import EMBEDDINGS_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SIMILARITY_DIR
+from ..storage import RunDir, read_uri
+
+log = logging.getLogger("enrich_dist.selection")
+
+SUMMARY_PATH = posixpath.join(SIMILARITY_DIR, "summary.json")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One Parquet shard of an artifact and the range of image ids in it."""
+
+    path: str
+    low: int
+    high: int
+
+
+def part_index(run: RunDir, folder: str) -> tuple[list[Part], np.ndarray]:
+    """The shards under ``folder`` with their id ranges, and every id in them (sorted)."""
+    parts, ids = [], []
+    for path in run.shards(folder).values():
+        part_ids = run.read_table(path, columns=["image_id"])["image_id"].to_numpy()
+        if len(part_ids):
+            parts.append(Part(path, int(part_ids.min()), int(part_ids.max())))
+            ids.append(part_ids)
+    return parts, np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
+
+
+def embedding_ids(run: RunDir) -> tuple[list[Part], np.ndarray, int]:
+    """Embedding shards, every embedded image id (sorted, unique) and the embedding size."""
+    if not run.shards(EMBEDDINGS_DIR):
+        raise FileNotFoundError(
+            f"no embeddings in {run.uri_of(EMBEDDINGS_DIR)}: run `enrich embed --output {run.uri}` first"
+        )
+    parts, ids = part_index(run, EMBEDDINGS_DIR)
+    if len(ids) == 0:
+        raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} holds no embeddings: rerun `enrich embed`")
+    if np.any(ids[1:] == ids[:-1]):
+        raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} repeats image ids: rerun `enrich embed`")
+    dim = run.read_table(parts[0].path, columns=["embedding"]).schema.field("embedding").type.list_size
+    return parts, ids, dim
+
+
+def read_rows(run: RunDir, parts: list[Part], want: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:
+    """``columns`` of the images ``want`` (sorted ids), in that order, from the shards that can hold them."""
+    if len(want) == 0:
+        return {}
+    low, high = int(want[0]), int(want[-1])
+    found: dict[str, list] = {c: [] for c in ["image_id", *columns]}
+    for part in parts:
+        if part.high < low or part.low > high:
+            continue
+        table = run.read_table(part.path, columns=["image_id", *columns])
+        ids = table["image_id"].to_numpy()
+        at = np.minimum(np.searchsorted(want, ids), len(want) - 1)
+        keep = np.flatnonzero(want[at] == ids)
+        for c in columns:
+            found[c].append(table[c].take(pa.array(keep)).combine_chunks())
+        found["image_id"].append(ids[keep])
+    got = np.concatenate(found["image_id"]) if found["image_id"] else np.empty(0, np.int64)
+    order = np.argsort(got, kind="stable")
+    if len(got) != len(want) or not np.array_equal(got[order], want):
+        raise ValueError(f"{run.uri_of(posixpath.dirname(parts[0].path))} lacks or repeats some images")
+    return {c: _matrix(pa.concat_arrays(found[c]).take(pa.array(order))) for c in columns}
+
+
+def _matrix(column: pa.Array) -> np.ndarray:
+    """A fixed-size or equal-length list column as a 2-D numpy array."""
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    else:
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(lengths[0]) if len(lengths) else 0
+        if np.any(lengths != width):
+            raise ValueError("neighbour lists have different lengths")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
+
+
+def read_vectors(run: RunDir, parts: list[Part], want: np.ndarray) -> np.ndarray:
+    """Embeddings of the images ``want`` (sorted ids) as float32 rows."""
+    return read_rows(run, parts, want, ["embedding"])["embedding"].astype(np.float32, copy=False)
+
+
+def neighbour_parts(run: RunDir, n: int) -> list[Part] | None:
+    """The neighbour shards when the similarity stage made exact top-k lists of these ``n`` images, else None."""
+    if not run.is_done(SIMILARITY_DIR) or not run.exists(SUMMARY_PATH):
+        log.info("no similarity stage in %s: selection runs without neighbour pruning", run.uri)
+        return None
+    summary = run.read_json(SUMMARY_PATH)
+    if not summary.get("exact") or summary.get("n_images") != n or not summary.get("top_k"):
+        log.info("the similarity lists in %s are approximate, empty or for another set: no pruning", run.uri)
+        return None
+    return part_index(run, NEIGHBORS_DIR)[0] or None
+
+
+def read_neighbours(
+    run: RunDir, parts: list[Part], ids: np.ndarray, want: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Top-k neighbour rows (-1 where unknown) and similarities of the images ``want``; None if unusable."""
+    try:
+        table = read_rows(run, parts, want, ["nn_ids", "nn_sims"])
+    except ValueError as exc:
+        log.warning("neighbour lists unusable (%s): no pruning", exc)
+        return None
+    nn_ids = table["nn_ids"].astype(np.int64)
+    at = np.minimum(np.searchsorted(ids, nn_ids), len(ids) - 1)
+    rows = np.where((ids[at] == nn_ids) & (nn_ids >= 0), at, -1)
+    return rows, table["nn_sims"].astype(np.float32)
+
+
+def read_manifest(run: RunDir, ids: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """The whole manifest, and its rows of the embedded images in ``ids`` order."""
+    if not run.shards(MANIFEST_DIR):
+        raise FileNotFoundError(
+            f"no manifest in {run.uri_of(MANIFEST_DIR)}: run `enrich manifest --output {run.uri}` first"
+        )
+    table = run.read_table(MANIFEST_DIR)
+    manifest_ids = table["image_id"].to_numpy()
+    order = np.argsort(manifest_ids, kind="stable")
+    where = np.searchsorted(manifest_ids, ids, sorter=order)
+    rows = order[np.minimum(where, len(order) - 1)]
+    missing = manifest_ids[rows] != ids
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} embedded image ids (e.g. {int(ids[missing][0])}) are not in "
+            f"{run.uri_of(MANIFEST_DIR)}: rerun `enrich embed` after `enrich manifest`"
+        )
+    return table, table.take(pa.array(rows))
+
+
+def codes(manifest: pa.Table, name: str) -> tuple[np.ndarray, list[str]]:
+    """Per row, the code of column ``name`` (-1 when null or absent) and each code's value, sorted."""
+    if name not in manifest.column_names:
+        return np.full(manifest.num_rows, -1, dtype=np.int64), []
+    encoded = manifest[name].cast(pa.string()).combine_chunks().dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    if not names:
+        return np.full(manifest.num_rows, -1, dtype=np.int64), []
+    order = sorted(range(len(names)), key=names.__getitem__)
+    remap = np.empty(len(names), dtype=np.int64)
+    remap[order] = np.arange(len(names))
+    index = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(index >= 0, remap[np.maximum(index, 0)], -1), [names[i] for i in order]
+
+
+def read_seed_ids(
+    path: str, storage_options: dict | None, manifest_all: pa.Table, ids: np.ndarray
+) -> np.ndarray:
+    """Rows of the images listed in ``path`` (ids or uris; CSV, Parquet or one per line), in file order.
+
+    Unknown ids or uris are an error naming the file; known images that have no embedding (failed
+    to decode or embed) are dropped with a warning.
+    """
+    try:
+        data = read_uri(path, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"seed id file {path} not found") from None
+    entries = _seed_entries(path, data)
+    if not entries:
+        raise ValueError(f"seed id file {path} lists no images")
+    as_ids = all(isinstance(e, int) for e in entries)
+    key = "image_id" if as_ids else "uri"
+    known = dict(zip(manifest_all[key].to_pylist(), manifest_all["image_id"].to_pylist(), strict=True))
+    missing = [e for e in entries if e not in known]
+    if missing:
+        shown = ", ".join(str(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"seed id file {path}: {len(missing)} {key}s are not in the archive's manifest: {shown}{more}"
+        )
+    chosen = list(dict.fromkeys(known[e] for e in entries))
+    wanted = np.array(chosen, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    embedded = ids[at] == wanted
+    if not embedded.all():
+        log.warning(
+            "seed id file %s: %d images have no embedding (decode or embed errors) and are not seeds, e.g. %s",
+            path,
+            int((~embedded).sum()),
+            wanted[~embedded][:5].tolist(),
+        )
+    if not embedded.any():
+        raise ValueError(f"seed id file {path}: none of its images has an embedding")
+    return at[embedded].astype(np.int64)
+
+
+def _seed_entries(path: str, data: bytes) -> list[int | str]:
+    """Image ids (ints) or uris (strings) listed in a seed file."""
+    name = path.lower()
+    if name.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+    elif name.endswith(".csv"):
+        table = pacsv.read_csv(io.BytesIO(data))
+    else:
+        lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        if lines and lines[0] in ("image_id", "uri"):
+            lines = lines[1:]
+        return [int(v) if v.lstrip("-").isdigit() else v for v in lines]
+    for column in ("image_id", "uri"):
+        if column in table.column_names:
+            values = table[column].to_pylist()
+            if column == "image_id":
+                return [int(v) for v in values if v is not None]
+            return [str(v) for v in values if v is not None]
+    raise ValueError(f"seed id file {path} needs an image_id or uri column, has {table.column_names}")

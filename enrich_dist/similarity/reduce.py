@@ -1,0 +1,114 @@
+"""Driver-side reduction of tile results, O(N k): merged top-k, per-image threshold counts, histogram; checkpoints.
+
+A checkpoint is the whole reduction plus the set of tiles it holds, committed atomically to
+``similarity/partials/state.npz``; a rerun after a crash loads it and recomputes only the other tiles.
+Merges are exact and order-independent, so a resumed run writes the same outputs as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+
+import numpy as np
+
+from ..schema import SIMILARITY_DIR
+from ..storage import RunDir
+from .kernel import TileStats, merge_topk
+from .plan import Tile, tile_pairs
+
+log = logging.getLogger("enrich_dist.similarity")
+
+PARTIALS_DIR = posixpath.join(SIMILARITY_DIR, "partials")
+STATE = posixpath.join(PARTIALS_DIR, "state.npz")
+
+
+class Reduction:
+    """Merged partial results per image, in the order of the sorted image ids.
+
+    Tiles address rows of the matrix the tasks see; ``perm[p]`` is the image at tile position p
+    (``None``: the same order). Within any tile's columns, positions must increase with images, so
+    that the tile's own tie-breaking (smaller position first) is the global one (smaller image first).
+    """
+
+    def __init__(self, n: int, k: int, n_thresholds: int, bins: int, perm: np.ndarray | None = None):
+        self.k = k
+        self.perm = perm
+        self.vals = np.full((n, k), -np.inf, np.float32)
+        self.idx = np.full((n, k), -1, np.int64)
+        self.counts = np.zeros((n_thresholds, n), np.int64)
+        self.hist = np.zeros(bins, np.int64)
+        self.pairs = 0
+
+    def _images(self, start: int, stop: int) -> slice | np.ndarray:
+        return slice(start, stop) if self.perm is None else self.perm[start:stop]
+
+    def floors(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per row and per column of ``tile``: entries below these cannot enter that image's top-k."""
+        if self.k == 0:
+            return None, None
+        r0, r1, c0, c1 = tile
+        return self._floor(self._images(r0, r1), c0), self._floor(self._images(c0, c1), r0)
+
+    def _floor(self, images: slice | np.ndarray, first_position: int) -> np.ndarray:
+        first = first_position if self.perm is None else int(self.perm[first_position])
+        kth_vals, kth_idx = self.vals[images, -1], self.idx[images, -1]
+        # every neighbour in the tile comes after a k-th neighbour below it, so ties lose
+        strict = (kth_idx >= 0) & (kth_idx < first)
+        return np.where(strict, np.nextafter(kth_vals, np.float32(np.inf)), kth_vals)
+
+    def _to_images(self, idx: np.ndarray) -> np.ndarray:
+        return idx if self.perm is None else np.where(idx >= 0, self.perm[np.maximum(idx, 0)], -1)
+
+    def add(self, tile: Tile, stats: TileStats) -> None:
+        """Fold one tile's partial results in."""
+        r0, r1, c0, c1 = tile
+        rows, cols = self._images(r0, r1), self._images(c0, c1)
+        self.counts[:, rows] += stats.row_counts
+        self.counts[:, cols] += stats.col_counts
+        self.hist += stats.hist
+        self.pairs += tile_pairs(tile)
+        if self.k:
+            self.vals[rows], self.idx[rows] = merge_topk(
+                self.vals[rows], self.idx[rows], stats.row_vals, self._to_images(stats.row_idx), self.k
+            )
+            self.vals[cols], self.idx[cols] = merge_topk(
+                self.vals[cols], self.idx[cols], stats.col_vals, self._to_images(stats.col_idx), self.k
+            )
+
+    def to_bytes(self, done: np.ndarray, fingerprint: str) -> bytes:
+        """The reduction, the done-tile mask and the inputs' fingerprint as one ``.npz``."""
+        buf = io.BytesIO()
+        np.savez(
+            buf, vals=self.vals, idx=self.idx, counts=self.counts, hist=self.hist,
+            pairs=np.int64(self.pairs), done=done, fingerprint=np.array(fingerprint),
+        )
+        return buf.getvalue()
+
+    def restore(self, data: bytes, n_tiles: int, fingerprint: str) -> np.ndarray | None:
+        """Load a checkpoint made for the same inputs; returns its done-tile mask, or None if it does not match."""
+        state = np.load(io.BytesIO(data))
+        if str(state["fingerprint"]) != fingerprint or len(state["done"]) != n_tiles:
+            return None
+        self.vals[:], self.idx[:], self.counts[:], self.hist[:] = (
+            state["vals"], state["idx"], state["counts"], state["hist"],
+        )
+        self.pairs = int(state["pairs"])
+        return state["done"].astype(bool)
+
+
+def load_checkpoint(run: RunDir, reduction: Reduction, n_tiles: int, fingerprint: str) -> np.ndarray:
+    """Tiles already committed in ``run`` for these inputs (all False when there is no matching checkpoint)."""
+    if run.exists(STATE):
+        done = reduction.restore(run.read_bytes(STATE), n_tiles, fingerprint)
+        if done is not None:
+            log.info("similarity: resuming from %s, %d of %d tiles committed", run.uri_of(STATE), done.sum(), n_tiles)
+            return done
+        log.info("similarity: %s was made for other inputs or settings, starting over", run.uri_of(STATE))
+    return np.zeros(n_tiles, bool)
+
+
+def save_checkpoint(run: RunDir, reduction: Reduction, done: np.ndarray, fingerprint: str) -> None:
+    """Commit the reduction and its done tiles atomically."""
+    run.write_bytes(STATE, reduction.to_bytes(done, fingerprint))

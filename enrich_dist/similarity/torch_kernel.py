@@ -1,0 +1,124 @@
+"""One similarity tile with torch, for GPUs (and on the CPU in tests): in fp32 the same results as the CPU kernel.
+
+Each chunk of ``S`` is one matmul. The histogram is a bincount of exact float64 bins, threshold
+counts are comparisons, and top-k per row and per column is ``torch.topk`` over int64 keys that order
+by descending value, then ascending index, so ties go to the smaller index as everywhere else.
+``fp16``/``bf16`` compute the product in half precision: faster, approximate (the error is measured
+by ``benchmarks/gpu_check_similarity.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kernel import TileStats, sorted_limits
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHUNK_ELEMENTS = 1 << 25
+_SIGN_FLIP = 0x7FFFFFFF
+_EMPTY_KEY = 1 << 62
+
+
+def _desc_keys(s: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) whose ascending order is the float32 values' descending order (-0.0 as 0.0)."""
+    bits = (s + 0.0).view(torch.int32)
+    ascending = torch.where(bits >= 0, bits, bits ^ _SIGN_FLIP)
+    return _SIGN_FLIP - ascending.long()
+
+
+def _key_values(desc: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_desc_keys`."""
+    ascending = (_SIGN_FLIP - desc).int()
+    return torch.where(ascending >= 0, ascending, ascending ^ _SIGN_FLIP).view(torch.float32)
+
+
+def _decode(keys: torch.Tensor, bits: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values and indices (plus ``offset``) of keys; empty and masked entries become ``-inf``/``-1``."""
+    vals = _key_values(torch.clamp(keys, max=(1 << (32 + bits)) - 1) >> bits)
+    idx = (keys & ((1 << bits) - 1)) + offset
+    empty = (keys >= _EMPTY_KEY) | torch.isinf(vals)
+    vals = torch.where(empty, torch.full_like(vals, -np.inf), vals)
+    idx = torch.where(empty, torch.full_like(idx, -1), idx)
+    return vals.cpu().numpy(), idx.cpu().numpy()
+
+
+def _on_device(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor on ``device`` (numpy input is copied, so read-only arrays from the object store are fine)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype)
+    return torch.tensor(np.asarray(x), device=device).to(dtype)
+
+
+def tile_stats_torch(
+    xi: np.ndarray | torch.Tensor,
+    xj: np.ndarray | torch.Tensor,
+    diagonal: bool,
+    k: int,
+    thresholds: tuple[float, ...] | list[float],
+    edges: np.ndarray,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    device: str = "cuda",
+    precision: str = "fp32",
+) -> TileStats:
+    """Histogram, per-row/column threshold counts and exact top-k of one tile ``S = xi @ xj.T`` with torch."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    nr, nc = len(xi), len(xj)
+    if diagonal and (nr != nc or row_offset != col_offset):
+        raise ValueError("a diagonal tile pairs a block with itself")
+    if edges[0] != -1.0 or edges[-1] != 1.0:
+        raise ValueError("histogram edges must span [-1, 1] uniformly (see histogram_edges)")
+    dev = torch.device(device)
+    a = _on_device(xi, dev, PRECISIONS[precision])
+    b = _on_device(xj, dev, PRECISIONS[precision])
+    bins = len(edges) - 1
+    order, limits = sorted_limits(thresholds)
+    lim = torch.as_tensor(limits, device=dev)
+    row_counts = torch.zeros((len(limits), nr), dtype=torch.int64, device=dev)
+    col_counts = torch.zeros((len(limits), nc), dtype=torch.int64, device=dev)
+    hist = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
+    row_bits, col_bits = max(1, (nc - 1).bit_length()), max(1, (nr - 1).bit_length())
+    row_keys = torch.full((nr, k), _EMPTY_KEY, dtype=torch.int64, device=dev)
+    col_keys = torch.full((k, nc), _EMPTY_KEY, dtype=torch.int64, device=dev)
+    step = max(1, min(nr, CHUNK_ELEMENTS // max(nc, 1)))
+    for r in range(0, nr, step):
+        h = min(step, nr - r)
+        lo = r if diagonal else 0
+        w = nc - lo
+        s = (a[r : r + h] @ b[lo:].T).float()
+        rows = torch.arange(r, r + h, device=dev)
+        cols = torch.arange(lo, nc, device=dev)
+        valid = cols[None, :] > rows[:, None] if diagonal else None
+        binned = torch.clamp(((s.double() + 1.0) * (bins / 2)).floor(), 0, bins - 1).long()
+        if valid is not None:
+            binned = torch.where(valid, binned, bins)
+            s = torch.where(valid, s, -np.inf)
+        hist += torch.bincount(binned.reshape(-1), minlength=bins + 1)
+        for t in range(len(limits)):
+            above = s > lim[t]
+            row_counts[t, r : r + h] += above.sum(dim=1)
+            col_counts[t, lo:] += above.sum(dim=0)
+        if k == 0:
+            continue
+        desc = _desc_keys(s)
+        keys = (desc << row_bits) | cols[None, :]
+        kk = min(k, w)
+        row_keys[r : r + h, :kk] = torch.topk(keys, kk, dim=1, largest=False, sorted=True).values
+        keys = (desc << col_bits) | rows[:, None]
+        top = torch.topk(keys, min(k, h), dim=0, largest=False, sorted=True).values
+        col_keys[:, lo:] = torch.topk(torch.cat([col_keys[:, lo:], top]), k, dim=0, largest=False).values
+    inverse = np.argsort(order)
+    row_vals, row_idx = _decode(row_keys, row_bits, col_offset)
+    col_vals, col_idx = _decode(col_keys.T.contiguous(), col_bits, row_offset)
+    return TileStats(
+        row_counts.cpu().numpy()[inverse],
+        col_counts.cpu().numpy()[inverse],
+        row_vals,
+        row_idx,
+        col_vals,
+        col_idx,
+        hist[:bins].cpu().numpy(),
+    )
