@@ -29,6 +29,7 @@ class Images:
     label: np.ndarray
     split: np.ndarray
     mask_uri: np.ndarray
+    frame: np.ndarray
     columns: tuple[str, ...]
 
     @classmethod
@@ -50,6 +51,7 @@ class Images:
             label=col("label"),
             split=col("split"),
             mask_uri=col("mask_uri"),
+            frame=np.asarray(ok["frame"].to_pylist() if "frame" in ok.column_names else [None] * n, dtype=object),
             columns=tuple(ok.column_names),
         )
 
@@ -154,10 +156,10 @@ def read_mask(data: bytes, name: str) -> np.ndarray:
 
 
 def load_pair(
-    uri: str, mask_uri: str, size: int, storage_options: dict | None = None
+    uri: str, mask_uri: str, size: int, storage_options: dict | None = None, frame: int | None = None, nifti_axis: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An image and its mask cropped to the image's content, padded square and resized together."""
-    img = decode(read_uri(uri, storage_options), uri)
+    """An image (a frame of a cine/volume) and its mask cropped to the image's content, padded and resized together."""
+    img = decode(read_uri(uri, storage_options), uri, frame, nifti_axis)
     mask = read_mask(read_uri(mask_uri, storage_options), mask_uri)
     if mask.shape != img.shape:
         raise ImageError(
@@ -170,18 +172,24 @@ def load_pair(
 
 
 def load_chunk(
-    uris: list[str], mask_uris: list[str] | None, size: int, storage_options: dict | None
+    uris: list[str],
+    mask_uris: list[str] | None,
+    size: int,
+    storage_options: dict | None,
+    frames: list[int | None] | None = None,
+    nifti_axis: int = 2,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
     """uint8 images (B, S, S), uint8 masks (or None) and a per-image error (None when decoded)."""
+    frames = frames if frames is not None else [None] * len(uris)
     if mask_uris is None:
-        x, errors = load_images(uris, size, storage_options, threads=1)
+        x, errors = load_images(uris, size, storage_options, threads=1, frames=frames, nifti_axis=nifti_axis)
         return np.round(x * 255.0).astype(np.uint8), None, errors
     images = np.zeros((len(uris), size, size), np.uint8)
     masks = np.zeros((len(uris), size, size), np.uint8)
     errors: list[str | None] = [None] * len(uris)
-    for i, (uri, mask_uri) in enumerate(zip(uris, mask_uris, strict=True)):
+    for i, (uri, mask_uri, frame) in enumerate(zip(uris, mask_uris, frames, strict=True)):
         try:
-            img, mask = load_pair(uri, mask_uri, size, storage_options)
+            img, mask = load_pair(uri, mask_uri, size, storage_options, frame, nifti_axis)
         except FileNotFoundError as exc:
             errors[i] = f"file not found: {exc}"
             continue

@@ -12,6 +12,7 @@ import pyarrow as pa
 import ray
 
 from ..config import EvaluateConfig
+from ..imaging import manifest_nifti_axis
 from ..runtime import as_completed
 from ..schema import RESULT
 from ..storage import RunDir
@@ -33,9 +34,11 @@ def task_options(gpus: int, gpu_fraction: float) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def _load(uris: list[str], mask_uris: list[str] | None, size: int, storage_options: dict) -> tuple:
+def _load(
+    uris: list[str], mask_uris: list[str] | None, size: int, storage_options: dict, frames: list, nifti_axis: int
+) -> tuple:
     """Decode one chunk of images (and masks) at the model's input size."""
-    return load_chunk(uris, mask_uris, size, storage_options)
+    return load_chunk(uris, mask_uris, size, storage_options, frames, nifti_axis)
 
 
 @ray.remote(num_cpus=1)
@@ -68,11 +71,14 @@ def _train_one(
 def _load_images(run: RunDir, cfg: EvaluateConfig, images: Images, rows: np.ndarray, size: int) -> tuple:
     """uint8 images (and masks) of ``rows`` decoded in Ray tasks, with each row's error."""
     masks = cfg.task == "segmentation"
+    axis = manifest_nifti_axis(run)
     refs = []
     for start in range(0, len(rows), LOAD_CHUNK):
         chunk = rows[start : start + LOAD_CHUNK]
         mask_uris = [str(u) for u in images.mask_uri[chunk]] if masks else None
-        refs.append(_load.remote([str(u) for u in images.uri[chunk]], mask_uris, size, run.storage_options))
+        frames = [None if f is None else int(f) for f in images.frame[chunk]]
+        uris = [str(u) for u in images.uri[chunk]]
+        refs.append(_load.remote(uris, mask_uris, size, run.storage_options, frames, axis))
     parts: dict[int, tuple] = {}
     for i, part in as_completed(refs, "evaluation: decoding images", log):
         parts[i] = part

@@ -120,7 +120,7 @@ def load_manifest(run: RunDir, wanted: set[int]) -> Manifest | None:
             m.errors += bad.select([c for c in ("uri", "error") if c in t.column_names]).to_pylist()
         if len(wanted_ids):
             hit = t.filter(pc.is_in(t["image_id"], value_set=wanted_ids))
-            cols = [c for c in ("image_id", "uri", "label") if c in t.column_names]
+            cols = [c for c in ("image_id", "uri", "frame", "label") if c in t.column_names]
             m.images.update((r["image_id"], r) for r in hit.select(cols).to_pylist())
     m.n_patients = _count_distinct(uniques["patient_id"])
     m.n_clips = _count_distinct(uniques["clip_id"])

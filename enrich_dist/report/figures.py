@@ -173,9 +173,11 @@ def loss_curves(history: Mapping[str, Sequence[float]]) -> bytes | None:
     return _png(fig)
 
 
-def thumbnail(uri: str, storage_options: dict | None = None, size: int = THUMB_SIZE) -> bytes:
-    """A grayscale PNG thumbnail (longest side ``size``) of one archive image."""
-    gray = decode(read_uri(uri, storage_options), uri)
+def thumbnail(
+    uri: str, storage_options: dict | None = None, size: int = THUMB_SIZE, frame: int | None = None, nifti_axis: int = 2
+) -> bytes:
+    """A grayscale PNG thumbnail (longest side ``size``) of one archive image (a frame of a cine/volume)."""
+    gray = decode(read_uri(uri, storage_options), uri, frame, nifti_axis)
     img = Image.fromarray(np.round(gray * 255.0).astype(np.uint8), mode="L")
     return _encode_png(ImageOps.contain(img, (size, size)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from ..imaging import manifest_nifti_axis
 from . import figures
 from .artifacts import Group, Manifest, gallery_ids
 from .html import Markup, join, note, tag, thumb
@@ -18,13 +19,15 @@ THUMB_THREADS = 4
 def thumbnails(out: ReportPage, ids: set[int], manifest: Manifest | None) -> dict[int, tuple[str | None, str | None]]:
     """Thumbnail data URI (or the error instead) of each image id, decoded in a few threads."""
     images = manifest.images if manifest else {}
+    axis = manifest_nifti_axis(out.run)
 
     def one(image_id: int) -> tuple[str | None, str | None]:
         row = images.get(image_id)
         if row is None or not row.get("uri"):
             return None, f"image {image_id} not in the manifest"
         try:
-            return figures.data_uri(figures.thumbnail(row["uri"], out.run.storage_options)), None
+            png = figures.thumbnail(row["uri"], out.run.storage_options, frame=row.get("frame"), nifti_axis=axis)
+            return figures.data_uri(png), None
         except FileNotFoundError:
             return None, "file not found"
         except Exception as exc:  # any decoder failure becomes a placeholder, never a crashed report
