@@ -108,7 +108,15 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
             done_before = name in STAGE_DIRS and run.is_done(STAGE_DIRS[name])
             log.info("stage %s: %s on %s", name, "already complete" if done_before else "starting", run.uri)
             started, t0 = _now(), time.monotonic()
-            stats = fn(run)
+            try:
+                stats = fn(run)
+            except ValueError as exc:
+                if name != "evaluate" or len(fns) == 1:
+                    raise
+                # in a whole-pipeline run the evaluation is an extra: data it cannot use is reported, not fatal
+                log.warning("stage evaluate: skipped, %s", exc)
+                results[name] = {"skipped": str(exc)}
+                continue
             seconds = round(time.monotonic() - t0, 3)
             if not done_before:  # a skipped stage keeps the record of the run that computed it
                 _record(run, cfg, name, {"started": started, "ended": _now(), "seconds": seconds, "stats": stats})
