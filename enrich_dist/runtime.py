@@ -11,10 +11,10 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 # Storage settings passed to Ray workers through the runtime_env when this process starts or attaches to a Ray.
-# Only settings, never secrets: a runtime_env is stored by the cluster and shown on its dashboard. Credentials
-# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, keys of the package) reach a local Ray's workers
-# because they inherit this process's environment, and a cluster's workers from each node's own environment
-# (a Kubernetes Secret, an instance role): see docs/operations.md.
+# Only settings, never secrets: a runtime_env is stored by the cluster and shown on its dashboard. S3 credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) reach a local Ray's workers because they inherit
+# this process's environment, and a cluster's workers from each node's own environment (a Kubernetes Secret, an
+# instance role): see docs/operations.md. ENRICH_PSEUDONYM_KEY is only ever read by the driver.
 FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",

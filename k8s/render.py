@@ -133,11 +133,15 @@ def _resources(group: dict) -> dict:
 def ray_pod(values: dict, profile: str, role: str) -> dict:
     """Pod template of the Ray head or of a worker group."""
     group = values["profiles"][profile]["head" if role == "head" else "workers"]
+    env = storage_env(values)
+    if role == "head" and values["pseudonymKeySecret"]:  # the driver pseudonymises DICOM identifiers
+        ref = {"name": values["pseudonymKeySecret"], "key": "ENRICH_PSEUDONYM_KEY"}
+        env.append({"name": "ENRICH_PSEUDONYM_KEY", "valueFrom": {"secretKeyRef": ref}})
     container = {
         "name": f"ray-{role}",
         "image": image(values, profile),
         "imagePullPolicy": values["image"]["pullPolicy"],
-        "env": storage_env(values),
+        "env": env,
         "resources": _resources(group),
         "securityContext": container_security(values),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],

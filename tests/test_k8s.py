@@ -267,3 +267,15 @@ def test_fallback_cronjob_forbids_overlap_with_minimal_rbac():
     assert shell, "no POSIX shell to syntax-check the CronJob's script"
     checked = subprocess.run([shell, "-n", "-c", script], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_pseudonym_key_reaches_the_driver_only():
+    values = {**VALUES, "pseudonymKeySecret": "enrich-pseudonym"}
+    for where, pod in _pod_specs(render.rayjob(values, "cpu")):
+        names = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+        if where == "head":
+            assert names["ENRICH_PSEUDONYM_KEY"]["valueFrom"]["secretKeyRef"] == {
+                "name": "enrich-pseudonym", "key": "ENRICH_PSEUDONYM_KEY"}
+        else:
+            assert "ENRICH_PSEUDONYM_KEY" not in names, where
+    _validate(render.rayjob(values, "cpu"))

@@ -17,10 +17,12 @@ from enrich_dist.storage import RunDir, is_transient, read_uri, redact_uri, with
 
 # Set while pytest collects, before any test starts a Ray: Ray workers inherit the environment of the process
 # that started Ray (credentials are never forwarded through a runtime_env). Dummy values for the loopback server;
-# IMDS lookups are off so nothing tries an address outside 127.0.0.0/8.
+# IMDS lookups are off, and the environment's endpoint is a closed loopback port: an S3 call that misses the
+# --storage-options endpoint fails on 127.0.0.1 instead of going anywhere else.
 ACCESS_KEY = "AKIAENRICHTEST000001"
 SECRET_KEY = "enrich-test-secret-7f3c9d2a1b"
 os.environ.update({
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
     "AWS_ACCESS_KEY_ID": ACCESS_KEY,
     "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -31,7 +33,6 @@ os.environ.update({
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
 
-STAGE_DIRS = ("manifest", "encoder", "embeddings", "similarity", "selection")
 
 
 @pytest.fixture(scope="session")
@@ -86,26 +87,28 @@ def test_run_s3_to_s3_then_resume_rewrites_nothing(ray_local, s3, s3_endpoint, c
     from enrich_dist import schema
     from enrich_dist.cli import main
     from enrich_dist.datasets import make_echo_archive
+    from enrich_dist.pipeline import STAGE_DIRS
 
     caplog.set_level(logging.DEBUG)  # even at DEBUG, no credential and no endpoint in the logs
     options = {"endpoint_url": s3_endpoint}
     archive_bucket, runs_bucket = _bucket(s3, "archive"), _bucket(s3, "runs", versioned=True)
-    make_echo_archive(f"s3://{archive_bucket}/echo", 60, 0, storage_options=options, workers=1, progress=False)
+    # 120 images: two patients, so the evaluate stage can hold one out
+    make_echo_archive(f"s3://{archive_bucket}/echo", 120, 0, storage_options=options, workers=1, progress=False)
     out = f"s3://{runs_bucket}/nightly"
     args = ["run", "--input", f"s3://{archive_bucket}/echo/manifest.csv", "--output", out,
             "--storage-options", json.dumps(options), "--epochs", "1", "--sample", "40", "--replicates", "2",
-            "--block-size", "32", "--budgets", "0.5,1.0", "--log-level", "DEBUG"]
+            "--block-size", "32", "--budgets", "0.5,1.0", "--model", "linear", "--log-level", "DEBUG"]
     assert main(args) == 0
 
     run = RunDir(out, options)
-    for stage in STAGE_DIRS:
-        assert run.is_done(stage), stage
+    for folder in STAGE_DIRS.values():
+        assert run.is_done(folder), folder
     manifest = run.read_table(schema.MANIFEST_DIR)
-    assert manifest.num_rows == 60 and set(manifest["status"].to_pylist()) == {"ok"}
+    assert manifest.num_rows == 120 and set(manifest["status"].to_pylist()) == {"ok"}
     assert all(u.startswith(f"s3://{archive_bucket}/echo/") for u in manifest["uri"].to_pylist())
-    assert run.read_table(schema.EMBEDDINGS_DIR).num_rows == 60
-    assert run.read_json("similarity/summary.json")["n_pairs"] == 60 * 59 // 2
-    assert run.read_table("selection/ranking.parquet").num_rows == 2 * 60
+    assert run.read_table(schema.EMBEDDINGS_DIR).num_rows == 120
+    assert run.read_json("similarity/summary.json")["n_pairs"] == 120 * 119 // 2
+    assert run.read_table("selection/ranking.parquet").num_rows == 2 * 120
     assert run.exists("report/index.html")
 
     # nothing secret in what the run wrote, nor in its logs: not the credentials, not the endpoint
@@ -121,14 +124,14 @@ def test_run_s3_to_s3_then_resume_rewrites_nothing(ray_local, s3, s3_endpoint, c
 
     # a resumed rerun writes no new version of any committed artifact (only the report and run.json)
     archive_before, versions_before = _etags(s3, archive_bucket), _versions(s3, runs_bucket)
-    assert all(len(v) == 1 for k, v in versions_before.items() if k.split("/")[1] in STAGE_DIRS)
+    assert all(len(v) == 1 for k, v in versions_before.items() if k.split("/")[1] in STAGE_DIRS.values())
     assert main(args) == 0
     versions_after = _versions(s3, runs_bucket)
     changed = {k for k in versions_after if versions_after[k] != versions_before.get(k)}
     assert changed and all(k.startswith("nightly/report/") or k == "nightly/run.json" for k in changed), changed
     assert _etags(s3, archive_bucket) == archive_before
     rerun_state = run.read_json("run.json")
-    for stage in ("manifest", "train-encoder", "embed", "similarity", "select"):
+    for stage in STAGE_DIRS:
         assert rerun_state["stages"][stage] == state["stages"][stage]
 
 

@@ -19,6 +19,8 @@ from numba import njit
 CHUNK_ROWS = 256
 RUN = 16
 HIST_COPIES = 4
+CANDIDATES = 1 << 14
+GROUPS_PER_K = 4
 NORM_LIMIT = 1.01
 INDEX_BITS = 20
 EMPTY_INDEX = (1 << INDEX_BITS) - 1
@@ -63,12 +65,14 @@ def chunk_rows(nrows: int) -> int:
 def tile_products(xi: np.ndarray, xj: np.ndarray, diagonal: bool) -> Iterator[tuple[np.ndarray, int, int]]:
     """``(S chunk, first row, first column)`` covering ``xi @ xj.T``; a diagonal tile skips columns left of the chunk.
 
-    The chunk is a view of one reused buffer, valid until the next one is produced.
+    A diagonal tile's chunks come last rows first (see :func:`tile_stats`). The chunk is a view of
+    one reused buffer, valid until the next one is produced.
     """
     nr, nc = len(xi), len(xj)
     step = chunk_rows(nr)
     buf = np.empty(step * nc, np.float32)
-    for r in range(0, nr, step):
+    starts = range(0, nr, step)
+    for r in reversed(starts) if diagonal else starts:
         h = min(step, nr - r)
         lo = r if diagonal else 0
         s = buf[: h * (nc - lo)].reshape(h, nc - lo)
@@ -123,12 +127,13 @@ def _max(a):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _group_bound(row, k):  # pragma: no cover - compiled
-    """Min over k contiguous groups of ``row`` of each group's max: at most the row's k-th best entry."""
-    size = row.shape[0] // k
-    bound = np.float32(np.inf)
-    for g in range(k):
-        bound = min(bound, _max(row[g * size : (g + 1) * size]))
-    return bound
+    """k-th largest of the maxima of ``GROUPS_PER_K * k`` contiguous groups: at most the row's k-th best entry."""
+    groups = min(GROUPS_PER_K * k, row.shape[0] // 2)
+    size = row.shape[0] // groups
+    maxima = np.empty(groups, np.float32)
+    for g in range(groups):
+        maxima[g] = _max(row[g * size : (g + 1) * size])
+    return np.sort(maxima)[groups - k]
 
 
 @njit(cache=True, nogil=True)
@@ -184,11 +189,39 @@ def _raise_floor(keys, gate, line, bound, scratch_f, scratch_i):  # pragma: no c
 
 
 @njit(cache=True, nogil=True)
+def _offer_columns(
+    cand_key, cand_col, n, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
+):  # pragma: no cover - compiled
+    """Offer buffered column candidates in column order, so heaps are visited in memory order."""
+    order = np.argsort(cand_col[:n])
+    for c in order:
+        j = cand_col[c]
+        if cand_key[c] < col_keys[j, 0] and _key_value(cand_key[c], scratch_f, scratch_i) >= col_floor[j]:
+            _offer(col_keys, col_gate, j, cand_key[c], k, scratch_f, scratch_i)
+            col_gate[j] = max(col_gate[j], col_floor[j])
+            col_check[j] = min(col_gate[j], lim0)
+
+
+@njit(cache=True, nogil=True)
+def _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0):  # pragma: no cover - compiled
+    """Diagonal tile: a row's gate bounds the same image's k-th best, so it is also its column floor."""
+    for i in range(r, r + h):
+        if row_gate[i] > col_floor[i]:
+            col_floor[i] = row_gate[i]
+            col_gate[i] = max(col_gate[i], col_floor[i])
+            col_check[i] = min(col_gate[i], lim0)
+
+
+@njit(cache=True, nogil=True)
 def _sweep(
     s, bits, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
-    row_keys, row_gate, col_keys, col_gate, col_check, scratch_f, scratch_i,
+    row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col, scratch_f, scratch_i,
 ):  # pragma: no cover - compiled
-    """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``)."""
+    """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``).
+
+    Row heaps take offers at once (a row's heap stays in cache); column candidates are buffered and
+    offered in column order at the end of the chunk (or when the buffer fills).
+    """
     h, w = s.shape
     nt = limits.shape[0]
     lim0 = limits[0] if nt else np.float32(np.inf)
@@ -198,6 +231,7 @@ def _sweep(
         for q in range(bound.shape[0]):
             j = lo + j0 + q
             _raise_floor(col_keys, col_gate, j, bound[q], scratch_f, scratch_i)
+            col_floor[j] = max(col_floor[j], col_gate[j])
             col_check[j] = min(col_gate[j], lim0)
     row_check = np.empty(h, np.float32)
     for ii in range(h):
@@ -206,10 +240,13 @@ def _sweep(
         if k > 0 and row_gate[i] == -np.inf and w - j0 >= 2 * k:
             _raise_floor(row_keys, row_gate, i, _group_bound(s[ii, j0:], k), scratch_f, scratch_i)
         row_check[ii] = min(row_gate[i], lim0)
+    if diagonal and k > 0:
+        _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
     nbins = hist.shape[0] // HIST_COPIES
     top = nbins - 0.5
     counts = np.zeros(nt, np.int64)
     run_hits = np.empty((w + RUN - 1) // RUN, np.int32)
+    n_cand = 0
     for ii in range(h):
         j0 = ii + 1 if diagonal else 0
         row = s[ii, j0:]
@@ -239,12 +276,19 @@ def _sweep(
                         _offer(row_keys, row_gate, i, key, k, scratch_f, scratch_i)
                         check = min(row_gate[i], lim0)
                 if v >= col_gate[j]:
-                    key = _key(bits[ii, jj], i)
-                    if key < col_keys[j, 0]:
-                        _offer(col_keys, col_gate, j, key, k, scratch_f, scratch_i)
-                        col_check[j] = min(col_gate[j], lim0)
+                    cand_key[n_cand] = _key(bits[ii, jj], i)
+                    cand_col[n_cand] = j
+                    n_cand += 1
+                    if n_cand == cand_key.shape[0]:
+                        _offer_columns(
+                            cand_key, cand_col, n_cand, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
+                        )
+                        n_cand = 0
         for t in range(nt):
             row_counts[t, i] += counts[t]
+    _offer_columns(cand_key, cand_col, n_cand, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
+    if diagonal and k > 0:
+        _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
 
 
 @njit(cache=True, nogil=True)
@@ -345,14 +389,16 @@ def tile_stats(
     bins_buf = np.empty(nc, np.int32)
     row_keys, row_gate = _heaps(row_floor, nr, k)
     col_keys, col_gate = _heaps(col_floor, nc, k)
+    col_floor = col_gate.copy()
     col_check = np.minimum(col_gate, limits[0] if len(limits) else _INF)
-    estimate_cols = bool(np.any(col_gate == -_INF))
+    estimate_cols = not diagonal and bool(np.any(col_gate == -_INF))
     scratch_f = np.zeros(1, np.float32)
+    cand_key, cand_col = np.empty(CANDIDATES, np.int64), np.empty(CANDIDATES, np.int32)
     for s, r, lo in tile_products(np.ascontiguousarray(xi), np.ascontiguousarray(xj), diagonal):
         _sweep(
             s, s.view(np.int32), r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
-            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_check, scratch_f,
-            scratch_f.view(np.int32),
+            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col,
+            scratch_f, scratch_f.view(np.int32),
         )
     inverse = np.argsort(order)
     row_vals, row_idx = _heap_result(row_keys, col_offset)

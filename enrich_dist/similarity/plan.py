@@ -11,7 +11,7 @@ Tile = tuple[int, int, int, int]
 
 MIN_BLOCK = 256
 MAX_BLOCK = 16384
-TILES_PER_WORKER = 8
+TILES_PER_WORKER = 16
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
