@@ -391,17 +391,20 @@ def test_partition_tile_plan_covers_paired_partitions_once() -> None:
 
 
 def test_tile_task_torch_branch_matches_numba() -> None:
-    """The task body's GPU branch (torch, blocks moved once), run on the CPU, equals the numba branch."""
+    """The task body's GPU branch (torch, blocks moved once), run on the CPU, reduces to the numba branch's results."""
     x = exact_unit_vectors(40, 8, seed=4, duplicates=5)
     tiles = tile_plan(40, 16)
-    spec = stage._Kernel("numba", "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30))
     floors = [(None, None)] * len(tiles)
-    cpu = stage._tile_group(x, tiles, floors, spec)
-    gpu = stage._tile_group(x, tiles, floors, stage._Kernel("torch", "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30)))
-    for (tile_a, a), (tile_b, b) in zip(cpu, gpu, strict=True):
-        assert tile_a == tile_b
-        for name in ("row_counts", "col_counts", "row_vals", "row_idx", "col_vals", "col_idx", "hist"):
-            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    merged = []
+    for backend in ("numba", "torch"):
+        spec = stage._Kernel(backend, "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30))
+        reduction = reduce.Reduction(40, 6, len(THRESHOLDS), 30)
+        for tile, stats in stage._tile_group(x, tiles, floors, spec):
+            reduction.add(tile, stats)
+        merged.append(reduction)
+    for name in ("hist", "counts", "vals", "idx"):
+        np.testing.assert_array_equal(getattr(merged[0], name), getattr(merged[1], name), err_msg=name)
+    np.testing.assert_array_equal(merged[0].idx, oracle(x, 6, THRESHOLDS, 30)[3])
 
 
 def test_device_choice_says_what_is_missing() -> None:
@@ -517,3 +520,39 @@ def test_exact_rows_and_sample_quality_against_oracle() -> None:
     for t, c in zip(THRESHOLDS, counts[:, rows], strict=True):
         want = (c.sum() - (c // 2).sum()) / c.sum() if c.sum() else 0.0
         assert q["threshold_count_rel_error"][f"{t:g}"] == pytest.approx(want)
+
+
+def _gpu_check_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check_similarity.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_similarity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_runs_its_correctness_part_on_cpu_and_fails_without_cuda(tmp_path, monkeypatch, capsys) -> None:
+    """The GPU check's exactness cases pass with the torch kernel on the CPU; without CUDA it fails loudly."""
+    import torch
+
+    gpu_check = _gpu_check_module()
+    small = gpu_check.check_small("cpu")
+    assert small["all_exact"] and len(small["cases"]) > 10
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the failure path is not reachable")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        gpu_check.check_gpu(str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["gpu_check_similarity.py", "--out", str(tmp_path)])
+    assert gpu_check.main() == 1
+    assert "FAILED: CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_similarity.json").exists()
+
+
+@pytest.mark.parametrize("bins", [1, 3, 256, 257, 1000])
+def test_histogram_bin_counts(bins: int) -> None:
+    """Few and many bins (the CPU kernel stores bins as bytes up to 256, as int32 past it)."""
+    x = exact_unit_vectors(60, 8, seed=bins)
+    for kernel_fn in (tile_stats, torch_cpu):
+        assert_same(tiled(x, 3, THRESHOLDS, bins, 16, kernel_fn), oracle(x, 3, THRESHOLDS, bins))

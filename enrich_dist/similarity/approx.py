@@ -16,6 +16,7 @@ from .kernel import float32_below, merge_topk
 from .plan import partition_pairs
 
 SAMPLE_PAIRS = 1_000_000
+PAIR_CHUNK = 1 << 16
 EXACT_CHUNK = 8192
 
 
@@ -77,7 +78,9 @@ def estimate_missing_histogram(
     i, j = i[keep], j[keep]
     if len(i) == 0:
         return np.zeros(bins, np.int64), 0
-    sims = np.einsum("ij,ij->i", x[i], x[j], dtype=np.float32).astype(np.float64)
+    sims = np.concatenate(
+        [np.einsum("ij,ij->i", x[i[c : c + PAIR_CHUNK]], x[j[c : c + PAIR_CHUNK]]) for c in range(0, len(i), PAIR_CHUNK)]
+    ).astype(np.float64)
     counts = np.histogram(np.clip(sims, -1.0, 1.0), edges)[0] * (missing_pairs / len(i))
     whole = np.floor(counts).astype(np.int64)
     short = missing_pairs - int(whole.sum())

@@ -168,7 +168,7 @@ def _bin_row(row, col_check, check, half, top, bins_buf, hist, nbins, run_hits):
         hits = np.int32(0)
         for q in range(min(RUN, m - base)):
             v = row[base + q]
-            bins_buf[base + q] = np.int32(min(max((np.float64(v) + 1.0) * half, 0.0), top))
+            bins_buf[base + q] = min(max((np.float64(v) + 1.0) * half, 0.0), top)
             hits += np.int32(v >= min(check, col_check[base + q]))
         run_hits[run] = hits
         total += hits
@@ -386,7 +386,7 @@ def tile_stats(
     row_counts = np.zeros((len(limits), nr), np.int64)
     col_counts = np.zeros((len(limits), nc), np.int64)
     hist = np.zeros(HIST_COPIES * bins, np.int64)
-    bins_buf = np.empty(nc, np.int32)
+    bins_buf = np.empty(nc, np.uint8 if bins <= 256 else np.int32)
     row_keys, row_gate = _heaps(row_floor, nr, k)
     col_keys, col_gate = _heaps(col_floor, nc, k)
     col_floor = col_gate.copy()
