@@ -358,13 +358,14 @@ def test_parse_memory_and_block_choice() -> None:
     n, dim, k = 45460, 128, 10
     block = plan.choose_block(n, dim, k, 3, 2 << 30, 2, 256)
     nb = -(-n // block)
-    assert block % 64 == 0 and nb * (nb + 1) // 2 >= plan.TILES_PER_WORKER * 2
+    assert block % 64 == 0 and nb * (nb + 1) // 2 >= plan.TILES_PER_WORKER * 2 and block * dim * 4 <= plan.PANEL_BYTES
     small = plan.choose_block(n, dim, k, 3, 40 << 20, 2, 256)
     assert small < block
     assert plan.driver_bytes(n, dim, k, 3) + 4 * plan.task_bytes(small, k, 3, 256) <= 40 << 20
     with pytest.raises(ValueError, match="max-memory"):
         plan.choose_block(n, dim, k, 3, 1 << 20, 2, 256)
-    assert plan.choose_block(10**6, dim, k, 3, 4 << 30, 2, 256) == plan.MAX_BLOCK
+    assert plan.choose_block(10**6, dim, k, 3, 4 << 30, 2, 256) == plan.PANEL_BYTES // (4 * dim)
+    assert plan.choose_block(10**6, 16, k, 3, 4 << 30, 2, 256) == plan.MAX_BLOCK
     assert plan.choose_block(1, dim, k, 3, 1 << 30, 2, 256) == 1
 
 

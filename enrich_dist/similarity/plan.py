@@ -11,6 +11,7 @@ Tile = tuple[int, int, int, int]
 
 MIN_BLOCK = 256
 MAX_BLOCK = 16384
+PANEL_BYTES = 2 << 20
 TILES_PER_WORKER = 16
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -121,7 +122,9 @@ def choose_block(
 
     The budget covers the embeddings, the driver's reduction, and ``2 * workers`` tasks in flight
     (running ones and finished results waiting to be reduced). Blocks also stay small enough to
-    give every worker ``TILES_PER_WORKER`` tiles, so the last tiles do not leave workers idle.
+    give every worker ``TILES_PER_WORKER`` tiles, so the last tiles do not leave workers idle, and
+    for a block's rows (``block * dim`` floats) to stay within ``PANEL_BYTES``, so the GEMM streams
+    them from cache.
     """
     fixed = driver_bytes(n, dim, k, n_thresholds)
     if n <= 1:
@@ -129,7 +132,8 @@ def choose_block(
     blocks = 1
     while blocks * (blocks + 1) // 2 < TILES_PER_WORKER * workers and blocks < n:
         blocks += 1
-    block = min(MAX_BLOCK, _round_up(math.ceil(n / blocks), 64))
+    panel = max(MIN_BLOCK, PANEL_BYTES // (4 * dim) // 64 * 64)
+    block = min(MAX_BLOCK, panel, _round_up(math.ceil(n / blocks), 64))
     while block > MIN_BLOCK and fixed + 2 * workers * task_bytes(block, k, n_thresholds, chunk_rows) > max_memory:
         block = max(MIN_BLOCK, _round_up(block // 2, 64))
     if fixed + 2 * workers * task_bytes(block, k, n_thresholds, chunk_rows) > max_memory:

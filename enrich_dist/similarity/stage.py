@@ -316,8 +316,10 @@ def compute_similarity(
         raise ValueError(f"thresholds must lie in [-1, 1), got {cfg.thresholds}")
     if cfg.mode not in MODES:
         raise ValueError(f"similarity mode must be one of {MODES}, got {cfg.mode!r}")
-    order = np.argsort(ids, kind="stable")
-    ids, x = ids[order], np.ascontiguousarray(x[order])
+    if np.any(ids[1:] < ids[:-1]):
+        order = np.argsort(ids, kind="stable")
+        ids, x = ids[order], x[order]
+    x = np.ascontiguousarray(x)
     n, dim = x.shape
     thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS))
     k = min(cfg.top_k, max(n - 1, 0))
