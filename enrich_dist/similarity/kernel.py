@@ -1,11 +1,14 @@
 """One similarity tile on the CPU: ``S = X_i X_j^T`` by BLAS in row chunks, each chunk swept once, compiled.
 
 The sweep (numba) bins every entry with exact float64 arithmetic, counts entries above each threshold
-per row and per column, and keeps a heap of the best k neighbours per row and per column. A vectorised
-check over short runs of a row skips runs that hold nothing above the lowest threshold and nothing
-that could enter a heap, so the scalar work follows the candidates, not the tile. A heap admits an
-entry only at or above its gate: the caller's floor, a lower bound of the tile's k-th best taken from
-group maxima, or (once full) just above its worst entry.
+per row and per column, and keeps the best k neighbours per row and per column as heaps of int64
+keys (value descending, then index ascending, so ties go to the smaller index). A vectorised check
+over short runs of a row skips runs that hold nothing above the lowest threshold and nothing that
+could enter a heap, so the scalar work follows the candidates, not the tile. Heaps start full of
+sentinels at a floor (the caller's, or a lower bound of the k-th best from group maxima), so an
+entry is only looked at when it reaches its line's gate. Column candidates are buffered and offered
+in column order once per chunk; a diagonal tile runs its chunks last rows first, so each row's gate
+is already known when its column receives entries, and serves as that column's floor.
 """
 
 from __future__ import annotations
