@@ -150,6 +150,11 @@ def crop_to_content(img: np.ndarray, level: float = CROP_LEVEL) -> np.ndarray:
     if len(rows):
         cols = np.flatnonzero(img[rows[0] : rows[-1] + 1].max(axis=0) > threshold)
         img = img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return pad_square(img)
+
+
+def pad_square(img: np.ndarray) -> np.ndarray:
+    """Zero-pad a 2-D array to a centred square, keeping its dtype."""
     h, w = img.shape
     side = max(h, w)
     out = np.zeros((side, side), dtype=img.dtype)

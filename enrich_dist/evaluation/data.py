@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from ..config import resolve_size
-from ..imaging import CROP_LEVEL, ImageError, decode, load_images, resize
+from ..imaging import CROP_LEVEL, ImageError, decode, load_images, pad_square, resize
 from ..storage import read_uri
 
 GROUP_COLUMNS = ("patient_id", "clip_id")
@@ -130,15 +130,6 @@ def _content_box(img: np.ndarray) -> tuple[slice, slice]:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def _pad_square(a: np.ndarray) -> np.ndarray:
-    h, w = a.shape
-    side = max(h, w)
-    out = np.zeros((side, side), dtype=a.dtype)
-    top, left = (side - h) // 2, (side - w) // 2
-    out[top : top + h, left : left + w] = a
-    return out
-
-
 def read_mask(data: bytes, name: str) -> np.ndarray:
     """A label map (H, W) of class indices from PNG/TIFF/NPY bytes (first channel of a colour image)."""
     if name.lower().endswith(".npy"):
@@ -166,7 +157,7 @@ def load_pair(
             f"mask {mask_uri} is {mask.shape[1]}x{mask.shape[0]}, image is {img.shape[1]}x{img.shape[0]}"
         )
     box = _content_box(img)
-    img, mask = _pad_square(img[box]), _pad_square(mask[box])
+    img, mask = pad_square(img[box]), pad_square(mask[box])
     small = Image.fromarray(mask.astype(np.int32), mode="I").resize((size, size), Image.Resampling.NEAREST)
     return resize(img, size), np.asarray(small, dtype=np.int64)
 
