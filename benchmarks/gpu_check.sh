@@ -21,13 +21,13 @@ run() {
   local name=$1; shift
   echo "=== $name: $*"
   local t0=$SECONDS
-  if ! timeout "${GPU_CHECK_STEP_TIMEOUT:-300}" "$@"; then
+  if ! timeout -s INT -k 20 "${GPU_CHECK_STEP_TIMEOUT:-260}" "$@"; then
     echo "=== $name FAILED (exit status above)"; status=1
   fi
   echo "=== $name took $((SECONDS - t0)) s"
 }
 {
-  run similarity "$PY" benchmarks/gpu_check_similarity.py --out "$OUT" ${GPU_SIMILARITY_ARGS:-}
+  run similarity "$PY" benchmarks/gpu_check_similarity.py --out "$OUT" ${GPU_SIMILARITY_ARGS:---budget-seconds 170}
   run embed "$PY" benchmarks/gpu_check_embed.py --out "$OUT" ${GPU_EMBED_ARGS:-}
 } 2>&1 | tee "$OUT/gpu_check.log"
 # the pipeline's status is tee's; the functions above recorded failures in the log

@@ -1,6 +1,7 @@
 """GPU check of the similarity tile kernel: correctness against the CPU kernel and brute force, then timings.
 
-One run, one JSON file (``gpu_similarity.json`` in ``--out``):
+One run, one JSON file (``gpu_similarity.json`` in ``--out``), rewritten after every part so a run
+cut short still leaves what it measured:
 
 1. correctness on small awkward data (sizes 1..1000, blocks 1..128, ties, duplicates, products past
    1.0): the torch kernel on the GPU equals a float64 brute force and the compiled CPU kernel exactly;
@@ -8,34 +9,58 @@ One run, one JSON file (``gpu_similarity.json`` in ``--out``):
    every core), and the error of fp16/bf16 products against fp32 (histogram L1 share, threshold
    count relative error, recall of the top-k, largest similarity error);
 3. timings of the whole all-pairs pass (fused kernel, reduction included) against the bare tiled
-   GEMM over the same tiles and chunks, at each ``--sizes`` N and precision.
+   GEMM over the same tiles and chunks, at each ``--sizes`` N (fp32, bf16, fp16 up to 100,000; fp32
+   and bf16 above). A timing whose projection (the last measured one of that precision, scaled by
+   N^2, plus 30 %) would end past ``--budget-seconds`` from the start is not run; its entry says
+   so and gives the projection, marked as extrapolated.
 
-Needs only torch with CUDA, numba and numpy (no Ray): run from the repository root as
-``PYTHONPATH=. python benchmarks/gpu_check_similarity.py --out DIR``. Without CUDA it fails with
-exit status 1 and says so; it never skips.
+Needs only torch with CUDA, numba and numpy (no Ray, pyarrow, fsspec or FAISS; threadpoolctl is used
+when present): run from the repository root as
+``PYTHONPATH=. python benchmarks/gpu_check_similarity.py --out DIR`` (about 3 minutes on one H200 with
+the defaults). Without CUDA it fails with exit status 1 and says so; it never skips.
+``--dry-run`` runs every part with torch on the CPU at small sizes (what the unit test runs).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
+START = time.perf_counter()
 
-from enrich_dist.similarity import kernel, torch_kernel
-from enrich_dist.similarity.plan import histogram_edges, schedule, tile_plan
-from enrich_dist.similarity.reduce import Reduction
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from enrich_dist.similarity import kernel, torch_kernel  # noqa: E402
+from enrich_dist.similarity.plan import histogram_edges, schedule, tile_plan  # noqa: E402
+from enrich_dist.similarity.reduce import Reduction  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 BINS = 200
 K = 10
 GPU_BLOCK = 65536
+CPU_BLOCK = 5696
+COMPARE_N = 45460
+SIZES = (45460, 200_000, 1_000_000)
+BUDGET_SECONDS = 180.0
+SAFETY = 1.3
+HALF_MAX_N = 100_000
+DRY_RUN = {"compare_n": 1500, "sizes": (600, 1200), "block": 512}
+
+
+def one_blas_thread():
+    """One BLAS thread per caller (threadpoolctl when installed; otherwise the BLAS defaults)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def require_cuda() -> str:
@@ -43,15 +68,27 @@ def require_cuda() -> str:
     if not torch.cuda.is_available():
         raise RuntimeError(
             "CUDA is not available to torch on this machine: the GPU similarity check needs an NVIDIA GPU "
-            f"and a CUDA build of torch (torch {torch.__version__}, CUDA {torch.version.cuda})"
+            f"and a CUDA build of torch (torch {torch.__version__}, CUDA {torch.version.cuda}); "
+            "--dry-run checks the script on the CPU"
         )
     return torch.cuda.get_device_name(0)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     """Seeded random L2-normalised float32 rows."""
     x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def device_unit_vectors(n: int, dim: int, seed: int, device: str) -> torch.Tensor:
+    """Seeded random L2-normalised float32 rows made on ``device`` (no host copy of a large N)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, device=device, generator=gen))
 
 
 def grid_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -73,7 +110,7 @@ def brute_force(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return hist, counts, np.take_along_axis(s, order, axis=1).astype(np.float32), order
 
 
-def all_pairs(x: np.ndarray, block: int, tile_fn, workers: int = 1) -> Reduction:
+def all_pairs(x: np.ndarray | torch.Tensor, block: int, tile_fn, workers: int = 1) -> Reduction:
     """Every tile through ``tile_fn(xi, xj, diagonal, r0, c0)``, merged by the stage's reduction."""
     n = len(x)
     reduction = Reduction(n, min(K, max(n - 1, 0)), len(THRESHOLDS), BINS)
@@ -83,7 +120,7 @@ def all_pairs(x: np.ndarray, block: int, tile_fn, workers: int = 1) -> Reduction
         r0, r1, c0, c1 = tile
         return tile, tile_fn(x[r0:r1], x[c0:c1], r0 == c0, r0, c0)
 
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         for tile, stats in pool.map(run, tiles):
             reduction.add(tile, stats)
     return reduction
@@ -126,7 +163,8 @@ def check_small(device: str) -> dict:
 
 def compare(got: Reduction, want: Reduction, n: int) -> dict:
     """Histogram L1 share, threshold count relative errors, top-k recall and largest similarity error."""
-    found = sum(np.isin(g, w).sum() for g, w in zip(got.idx, want.idx, strict=True))
+    valid = want.idx >= 0
+    found = ((got.idx[:, :, None] == want.idx[:, None, :]) & valid[:, None, :]).any(axis=1)
     counts = {
         f"{t:g}": float(abs(int(got.counts[i].sum()) - int(want.counts[i].sum())) / max(int(want.counts[i].sum()), 1))
         for i, t in enumerate(THRESHOLDS)
@@ -134,15 +172,15 @@ def compare(got: Reduction, want: Reduction, n: int) -> dict:
     return {
         "histogram_l1_share": float(np.abs(got.hist - want.hist).sum() / max(n * (n - 1) // 2, 1)),
         "threshold_count_rel_error": counts,
-        "recall_at_k": float(found / want.idx.size),
-        "max_sim_abs_error": float(np.abs(got.vals[:, 0] - want.vals[:, 0]).max()),
+        "recall_at_k": float(found.sum() / max(valid.sum(), 1)),
+        "max_sim_abs_error": float(np.abs(got.vals[:, 0] - want.vals[:, 0]).max()) if got.k else 0.0,
     }
 
 
-def bare_gemm(x: torch.Tensor, block: int) -> float:
+def bare_gemm(x: torch.Tensor, block: int, device: str) -> float:
     """Seconds for only the chunked products of every tile, as the torch kernel makes them."""
     n = len(x)
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for r0, r1, c0, c1 in tile_plan(n, block):
         xi, xj = x[r0:r1], x[c0:c1]
@@ -150,54 +188,155 @@ def bare_gemm(x: torch.Tensor, block: int) -> float:
         for r in range(0, len(xi), step):
             lo = r if r0 == c0 else 0
             xi[r : r + step] @ xj[lo:].T
-    torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def time_all_pairs(n: int, precision: str, dim: int = 128) -> dict:
-    """Seconds of the fused all-pairs pass (reduction included) against the bare tiled GEMM, on the GPU."""
-    x = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0)))
-    xs = x.to(torch_kernel.PRECISIONS[precision])
-    block = min(GPU_BLOCK, n)
-    bare_gemm(xs[: min(n, 4096)], min(block, 4096))
-    gemm = bare_gemm(xs, block)
-    torch.cuda.synchronize()
+def time_all_pairs(x: torch.Tensor, precision: str, block: int, device: str) -> tuple[dict, Reduction]:
+    """Seconds of the fused all-pairs pass (reduction included) against the bare tiled GEMM on ``device``."""
+    n = len(x)
+    block = min(block, n)
+    warm = x[: min(n, 4096)]
+    bare_gemm(warm.to(torch_kernel.PRECISIONS[precision]), min(block, 2048), device)
+    all_pairs(warm, min(block, 2048), gpu_tile(K, device, precision))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gemm = bare_gemm(x.to(torch_kernel.PRECISIONS[precision]), block, device)
+    synchronize(device)
     start = time.perf_counter()
-    reduction = all_pairs(x, block, gpu_tile(K, "cuda", precision))
+    reduction = all_pairs(x, block, gpu_tile(K, device, precision))
     seconds = time.perf_counter() - start
-    return {
+    timing = {
         "n": n, "precision": precision, "block": block, "stage_seconds": round(seconds, 3),
         "gemm_seconds": round(gemm, 3), "ratio": round(seconds / gemm, 3),
         "pairs_above_0.5": int(reduction.counts[0].sum()) // 2,
-        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
     }
+    return timing, reduction
 
 
-def check_gpu(out_dir: str, sizes: tuple[int, ...] = (45460, 1_000_000), precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")) -> dict:
-    """Run every check and timing; write ``gpu_similarity.json`` to ``out_dir`` and return it."""
-    name = require_cuda()
-    torch.set_float32_matmul_precision("highest")
-    result: dict = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
-    result["small_awkward"] = check_small("cuda")
-    x = unit_vectors(45460, 128, 0)
-    cpu = all_pairs(x, 5696, cpu_tile(K), workers=os.cpu_count() or 1)
-    gpu = {p: all_pairs(x, GPU_BLOCK, gpu_tile(K, "cuda", p)) for p in precisions}
-    result["n45460_vs_cpu_fp32"] = compare(gpu["fp32"], cpu, len(x))
-    result["half_precision_error_vs_fp32"] = {p: compare(gpu[p], gpu["fp32"], len(x)) for p in precisions if p != "fp32"}
-    result["timings"] = [time_all_pairs(n, p) for n in sizes for p in (precisions if n <= 100_000 else ("fp32", "bf16"))]
+def write_result(out_dir: str, result: dict) -> None:
+    """Commit ``gpu_similarity.json`` by rename, so the file on disk is always a whole record."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_similarity.json"), "w", encoding="utf-8") as fh:
+    path = os.path.join(out_dir, "gpu_similarity.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def check_gpu(
+    out_dir: str,
+    sizes: tuple[int, ...] = SIZES,
+    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16"),
+    budget_seconds: float = BUDGET_SECONDS,
+    dry_run: bool = False,
+) -> dict:
+    """Run every check and timing; write ``gpu_similarity.json`` to ``out_dir`` after each part and return it."""
+    if dry_run:
+        device, name, compare_n, block = "cpu", "cpu (dry run)", DRY_RUN["compare_n"], DRY_RUN["block"]
+        sizes = DRY_RUN["sizes"]
+    else:
+        device, name, compare_n, block = "cuda", require_cuda(), COMPARE_N, GPU_BLOCK
+    torch.set_float32_matmul_precision("highest")
+    result: dict = {
+        "device": name, "dry_run": dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cpu_cores": os.cpu_count(), "budget_seconds": budget_seconds,
+    }
+    result["small_awkward"] = check_small(device)
+    result["seconds_so_far"] = round(time.perf_counter() - START, 1)
+    write_result(out_dir, result)
+
+    x = unit_vectors(compare_n, 128, 0)
+    start = time.perf_counter()
+    cpu = all_pairs(x, min(CPU_BLOCK, max(64, compare_n // 8)), cpu_tile(K), workers=os.cpu_count() or 1)
+    result["cpu_kernel_seconds"] = {"n": compare_n, "threads": os.cpu_count(), "seconds": round(time.perf_counter() - start, 3)}
+    xt = torch.tensor(x, device=device)
+    timings, gpu, last = [], {}, {}
+    for p in precisions:
+        timing, gpu[p] = time_all_pairs(xt, p, block, device)
+        timings.append(timing)
+        last[p] = timing
+    del xt
+    result[f"n{compare_n}_vs_cpu_fp32"] = compare(gpu["fp32"], cpu, compare_n)
+    result["half_precision_error_vs_fp32"] = {p: compare(gpu[p], gpu["fp32"], compare_n) for p in precisions if p != "fp32"}
+    del gpu, cpu
+    result["timings"] = timings
+    result["seconds_so_far"] = round(time.perf_counter() - START, 1)
+    write_result(out_dir, result)
+
+    time_sizes(out_dir, result, [s for s in sizes if s != compare_n], precisions, last, block, device, budget_seconds)
+    result["seconds_total"] = round(time.perf_counter() - START, 1)
+    write_result(out_dir, result)
     return result
+
+
+def time_sizes(
+    out_dir: str,
+    result: dict,
+    sizes: list[int],
+    precisions: tuple[str, ...],
+    last: dict[str, dict],
+    block: int,
+    device: str,
+    budget_seconds: float,
+) -> None:
+    """Timings at each N (ascending) appended to ``result["timings"]``; ``last[p]`` is the latest timing of p.
+
+    A timing projected to end past the budget is skipped with the reason and its extrapolation.
+    """
+    timings = result["timings"]
+    for n in sorted(sizes):
+        x_n = None
+        for p in precisions if n <= HALF_MAX_N or device == "cpu" else [q for q in precisions if q != "fp16"]:
+            prev = last.get(p)
+            elapsed = time.perf_counter() - START
+            if prev is not None:
+                scale = (n / prev["n"]) ** 2
+                projected = (prev["stage_seconds"] + prev["gemm_seconds"]) * scale * SAFETY
+                if elapsed + projected > budget_seconds:
+                    timings.append({
+                        "n": n, "precision": p, "skipped": (
+                            f"projected {projected:.0f} s (from N={prev['n']}, scaled by N^2, +30 %) would end "
+                            f"past the {budget_seconds:.0f} s budget ({elapsed:.0f} s used)"
+                        ),
+                        "extrapolated_stage_seconds": round(prev["stage_seconds"] * scale, 1),
+                        "extrapolated_gemm_seconds": round(prev["gemm_seconds"] * scale, 1),
+                    })
+                    write_result(out_dir, result)
+                    continue
+            if x_n is None:
+                x_n = device_unit_vectors(n, 128, 1, device)
+            timing, _ = time_all_pairs(x_n, p, block, device)
+            timings.append(timing)
+            last[p] = timing
+            result["seconds_so_far"] = round(time.perf_counter() - START, 1)
+            write_result(out_dir, result)
+        del x_n
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_similarity.json")
-    parser.add_argument("--sizes", default="45460,1000000", help="N for the timings (default 45460,1000000)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)),
+        help=f"N for the timings, each run only if projected to fit the budget (default {','.join(map(str, SIZES))})",
+    )
+    parser.add_argument(
+        "--budget-seconds", type=float, default=BUDGET_SECONDS,
+        help=f"no timing starts that is projected to end later than this after start-up (default {BUDGET_SECONDS:g})",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="torch on the CPU at small sizes: checks the script, not a GPU")
     args = parser.parse_args()
     try:
-        result = check_gpu(args.out, tuple(int(s) for s in args.sizes.split(",")))
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r} must be comma-separated integers, e.g. 45460,200000")
+    if any(n < 2 for n in sizes):
+        parser.error(f"--sizes {args.sizes!r}: every N must be at least 2")
+    try:
+        result = check_gpu(args.out, sizes, budget_seconds=args.budget_seconds, dry_run=args.dry_run)
     except RuntimeError as exc:
         print(f"gpu_check_similarity: FAILED: {exc}", file=sys.stderr)
         return 1

@@ -5,7 +5,10 @@ the same seeded unit vectors (optionally clustered, to mimic a redundant archive
 the fastest the stage could be. Runs alternate (GEMM, stage, GEMM, ...). Prints one JSON line with
 the ratio of the best stage to the best GEMM run, the median of each stage run over the GEMM run
 just before it (steadier on a shared machine), and the peak resident memory of the driver and of
-the Ray workers, and appends it to ``--out``. ``--mode approx``
+the Ray workers, and appends it to ``--out``. Wall times on a shared machine move with its load, so
+each run also records the CPU seconds spent by the driver and every Ray process it started (workers,
+raylet, GCS): their ratio, stage over GEMM, is the same work comparison without the neighbours'
+load (it leaves out idle waits, which the wall-time ratio counts). ``--mode approx``
 times the approximate mode instead (no GEMM baseline) and reports its measured recall.
 
     python -P benchmarks/similarity.py --n 45460 --out results.jsonl
@@ -22,6 +25,7 @@ import resource
 import time
 
 import numpy as np
+import psutil
 import ray
 from threadpoolctl import threadpool_limits
 
@@ -81,6 +85,24 @@ def bare_gemm_seconds(x: np.ndarray, block: int, cpus: int) -> float:
     return time.perf_counter() - start
 
 
+def cluster_cpu() -> dict[tuple[int, float], float]:
+    """CPU seconds (user + system) of this process and every process under it (the local Ray), per process."""
+    me = psutil.Process()
+    seconds = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            seconds[(proc.pid, proc.create_time())] = times.user + times.system
+        except psutil.Error:
+            continue
+    return seconds
+
+
+def cpu_since(before: dict[tuple[int, float], float]) -> float:
+    """CPU seconds spent since ``before`` by this process and the processes under it (new ones from zero)."""
+    return sum(v - before.get(key, 0.0) for key, v in cluster_cpu().items())
+
+
 def workers_peak_mib(cpus: int) -> tuple[int, float]:
     """Number of pool workers and the sum of their peak resident memory (shared pages counted in each)."""
     peaks = dict(ray.get([_peak_rss.remote() for _ in range(4 * cpus)]))
@@ -119,14 +141,23 @@ def main() -> None:
         )
         warm = min(args.n, 2 * block, 20_000)
         compute_similarity(x[:warm], ids[:warm], cfg, progress=False)
-        gemm, stage = [], []
+        gemm, stage, gemm_cpu, stage_cpu = [], [], [], []
+        load = [os.getloadavg()[0]]
         for _ in range(args.repeats):
             if args.mode == "exact":
+                before = cluster_cpu()
                 gemm.append(bare_gemm_seconds(x, block, resources.cpus))
+                gemm_cpu.append(cpu_since(before))
+            before = cluster_cpu()
             start = time.perf_counter()
             _, summary = compute_similarity(x, ids, cfg, progress=args.mode == "approx")
             stage.append(time.perf_counter() - start)
-            log.info("bare GEMM %s s, stage %.2f s", f"{gemm[-1]:.2f}" if gemm else "-", stage[-1])
+            stage_cpu.append(cpu_since(before))
+            log.info(
+                "bare GEMM %s s (%s CPU s), stage %.2f s (%.2f CPU s)",
+                f"{gemm[-1]:.2f}" if gemm else "-", f"{gemm_cpu[-1]:.2f}" if gemm_cpu else "-", stage[-1], stage_cpu[-1],
+            )
+        load.append(os.getloadavg()[0])
         n_workers, workers = workers_peak_mib(resources.cpus)
     driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
@@ -140,6 +171,8 @@ def main() -> None:
         "cpus": resources.cpus,
         "stage_seconds": round(min(stage), 3),
         "stage_runs": [round(s, 3) for s in stage],
+        "stage_cpu_seconds": [round(s, 3) for s in stage_cpu],
+        "load_average": [round(v, 1) for v in load],
         "pairs_above_0.5": summary["thresholds"]["0.5"]["pairs"],
         "driver_peak_mib": round(driver, 1),
         "workers": n_workers,
@@ -155,6 +188,9 @@ def main() -> None:
             median_paired_ratio=round(float(np.median(paired)), 3),
             paired_ratios=[round(r, 3) for r in paired],
             gemm_runs=[round(s, 3) for s in gemm],
+            gemm_cpu_seconds=[round(s, 3) for s in gemm_cpu],
+            cpu_ratio=round(min(stage_cpu) / min(gemm_cpu), 3),
+            median_paired_cpu_ratio=round(float(np.median([s / g for s, g in zip(stage_cpu, gemm_cpu, strict=True)])), 3),
         )
     if "approx" in summary:
         result["approx"] = summary["approx"]

@@ -62,6 +62,9 @@ _OVERRIDES = {
     "seconds_per_image": ("evaluate", "seconds_per_image", float),
     "gpu_fraction": ("evaluate", "gpu_fraction", float),
     "alpha": ("evaluate", "alpha", float),
+    "previous_run": ("incremental", "previous_run", str),
+    "labelled": ("incremental", "labelled", str),
+    "retrain_encoder": ("incremental", "retrain_encoder", bool),
 }
 
 
@@ -155,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=3000, help="synthetic images (default 3000)")
     run = sub.add_parser("run", help="every stage in order")
     run.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
+    run.add_argument(
+        "--previous-run",
+        help="incremental run: reuse this run dir's encoder and the embeddings of unchanged images, rank only new "
+        "ones; 'latest': the newest finished run dir beside --output (dated run dirs; none: a fresh run)",
+    )
+    run.add_argument(
+        "--labelled",
+        help="with --previous-run: already-labelled images (uris, or image ids of the previous run) that seed the "
+        "ranking (default: the previous run's first selected subset)",
+    )
+    run.add_argument(
+        "--retrain-encoder", action="store_true", default=None,
+        help="with --previous-run: train a new encoder and embed every image fresh (nothing is reused)",
+    )
     man = sub.add_parser("manifest", help="list the archive's images")
     man.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
     enc = sub.add_parser("train-encoder", help="fit the beta-VAE on a sample")

@@ -53,7 +53,11 @@ class ManifestConfig:
     ``sniff_dicom`` also keeps files of other extensions that carry the DICOM marker (``IM0001``,
     UID-named files). ``nifti_axis`` slices NIfTI volumes along 0 (sagittal), 1 (coronal) or 2
     (axial) of their closest RAS+ orientation. ``pseudonymise`` writes PatientID and DICOM UIDs as
-    keyed hashes (key from ``ENRICH_PSEUDONYM_KEY``); False copies them as they are.
+    keyed hashes (key from ``ENRICH_PSEUDONYM_KEY``); False copies them as they are. ``root`` declares
+    the archive root every image (and mask) must lie under (``..``, ``file://`` and symlinks resolved);
+    a path outside it is refused. Without it, a folder input is its own root and a table's relative
+    paths must stay under the table's folder; a table's absolute paths and URIs are confined only when
+    ``root`` is declared (do so for tables from other hands).
     """
 
     extensions: tuple[str, ...] = (
@@ -63,6 +67,7 @@ class ManifestConfig:
     sniff_dicom: bool = True
     nifti_axis: int = 2
     pseudonymise: bool = True
+    root: str | None = None
 
 
 @dataclass
@@ -71,7 +76,8 @@ class EncoderConfig:
 
     ``objective`` "beta" is the plain recon + beta * KL (the paper's loss); "capacity" is Burgess et
     al.'s recon + gamma * |KL - C| with the KL target C raised linearly from 0 to ``capacity`` nats
-    over the first 3/4 of training, which keeps the KL from collapsing to zero.
+    over the first 3/4 of training, which keeps the KL from collapsing to zero. ``device`` "auto" trains
+    on a GPU when the Ray cluster (or, without Ray, torch) has one.
     """
 
     sample: Size = 5000
@@ -85,6 +91,7 @@ class EncoderConfig:
     learning_rate: float = 5e-4
     image_size: int = 64
     seed: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -94,6 +101,8 @@ class EmbedConfig:
     ``embedder`` is "vae" (the trained beta-VAE's encoder mean, the paper's), "pixels" (the 64x64
     input block-averaged to ``pixel_size`` x ``pixel_size``, mean-centred per image: a baseline), or
     "byo" (vectors from ``embeddings``, a Parquet/.npy/.npz file made by any other model).
+    ``decode_threads`` None gives each actor's decoding the CPUs it holds. ``precision`` "auto" encodes
+    with bf16 autocast on GPU and fp32 on CPU; "fp32", "bf16" or "fp16" force one (mixed ones on GPU only).
     """
 
     embedder: str = "vae"
@@ -101,8 +110,9 @@ class EmbedConfig:
     embeddings: str | None = None
     batch_size: int = 256
     num_actors: int | None = None
-    decode_threads: int = 2
+    decode_threads: int | None = None
     device: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass
@@ -185,6 +195,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class IncrementalConfig:
+    """An incremental run over a grown archive (see ``enrich_dist/incremental.py``).
+
+    ``previous_run`` is the run dir to reuse: its encoder and the embeddings of unchanged images
+    (same uri, size and mtime/ETag). ``labelled`` names a file of already-labelled images (uris, or
+    image ids of the previous run) that seed the ranking of the new images; None takes the
+    previous run's first selected subset. ``retrain_encoder`` trains a new encoder and reuses nothing.
+    """
+
+    previous_run: str | None = None
+    labelled: str | None = None
+    retrain_encoder: bool = False
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; stored (without secrets) in ``run.json``."""
 
@@ -198,6 +223,7 @@ class RunConfig:
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -222,6 +248,7 @@ _SECTION_TYPES = {
     "similarity": SimilarityConfig,
     "select": SelectConfig,
     "evaluate": EvaluateConfig,
+    "incremental": IncrementalConfig,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +21,13 @@ from .storage import RunDir, read_uri
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPY_EXTENSIONS = (".npy",)
 CROP_LEVEL = 0.02  # pixels brighter than this (in [0, 1]) count as content when cropping
-MAX_PIXELS = 400_000_000
+MAX_PIXELS = 400_000_000  # larger images (above 20000 x 20000) are refused, never decoded
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Images with a longer side are shrunk right after decoding (JPEG: while decoding), before any copy is
+# made: a 20000 x 20000 8-bit PNG peaks at its decoded size (400 MB) instead of about three times that.
+# The result is 64 x 64 anyway; the crop is then found on the shrunk image.
+SHRINK_SIDE = 4096
+TOO_LARGE = "image too large ({w}x{h} pixels, limit {limit}): downscale it below 20000 x 20000 pixels"
 
 
 UNKNOWN_FORMAT = "not a recognised image format (PNG, JPEG, TIFF, BMP, NPY, DICOM or NIfTI expected)"
@@ -111,14 +117,19 @@ def _decode_single(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit {MAX_PIXELS})")
+                raise ImageError(TOO_LARGE.format(w=img.width, h=img.height, limit=MAX_PIXELS))
+            factor = -(-max(img.width, img.height) // SHRINK_SIDE)
+            if factor > 1:
+                img.draft(img.mode, (max(1, img.width // factor), max(1, img.height // factor)))  # JPEG only
             img.load()
-            return _pil_to_gray(img)
+            return _pil_to_gray(_shrink(img))
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(UNKNOWN_FORMAT) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_too_large(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from None
 
 
@@ -126,6 +137,23 @@ def decode(data: bytes, name: str, frame: int | None = None, nifti_axis: int = D
     """Decode one image of file bytes (PNG, JPEG, TIFF, BMP, NPY, DICOM, NIfTI) to float32 grayscale in [0, 1]."""
     arr = decode_native(data, name, frame, nifti_axis)
     return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
+
+
+def _too_large(exc: Image.DecompressionBombError) -> str:
+    """The refusal of an image PIL stops at its header (over twice MAX_PIXELS), in TOO_LARGE's words."""
+    size = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = size.group(1) if size else "too many"
+    return f"image too large ({pixels} pixels, limit {MAX_PIXELS}): downscale it below 20000 x 20000 pixels"
+
+
+def _shrink(img: Image.Image) -> Image.Image:
+    """An image whose longer side exceeds SHRINK_SIDE, box-reduced by an integer factor to fit it."""
+    factor = -(-max(img.width, img.height) // SHRINK_SIDE)
+    if factor <= 1:
+        return img
+    if img.mode in ("1", "P", "I;16", "I;16B", "I;16L"):  # modes Image.reduce does not take
+        img = img.convert("RGBA" if img.mode == "P" else "L" if img.mode == "1" else "I")
+    return img.reduce(factor)
 
 
 def _pil_to_gray(img: Image.Image) -> np.ndarray:
@@ -256,12 +284,14 @@ def probe(data: bytes, name: str) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
-                return f"image too large ({img.width}x{img.height} pixels, limit {MAX_PIXELS})"
+                return TOO_LARGE.format(w=img.width, h=img.height, limit=MAX_PIXELS)
             if img.width < 1 or img.height < 1:
                 return "empty image (0 pixels)"
             img.verify()
     except UnidentifiedImageError:
         return UNKNOWN_FORMAT
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return _too_large(exc)
+    except (OSError, SyntaxError, ValueError) as exc:
         return f"cannot decode image: {exc}"
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from . import formats, imaging, schema
 from .config import ManifestConfig
 from .formats.pseudonym import identifier_mapper, key_from_env
 from .runtime import as_completed
-from .storage import RunDir, filesystem, join_uri, read_uri, shard_name, split_uri, walk_files
+from .storage import RunDir, filesystem, join_uri, read_uri, redact_uri, shard_name, split_uri, walk_files
 
 log = logging.getLogger(__name__)
 HEADER_BLOCK = 256 * 1024  # read-ahead of header-only reads (object stores default to tens of MB)
@@ -47,9 +48,45 @@ def _dirname(uri: str) -> str:
 
 
 def _resolve(uri: str, base: str) -> str:
-    if "://" in uri or uri.startswith("/"):
+    """A table's uri made absolute against the table's folder; local paths normalised (``./``, ``..``)."""
+    if uri.startswith("file://"):
+        return os.path.normpath(uri[len("file://") :])
+    if "://" in uri:
         return uri
-    return join_uri(base, uri)
+    if uri.startswith("/"):
+        return os.path.normpath(uri)
+    joined = join_uri(base, uri)
+    return joined if "://" in joined else os.path.normpath(joined)
+
+
+
+
+def _inside(uri: str, protocol: str, root: str, links: bool) -> bool:
+    scheme, path = split_uri(uri)
+    if scheme != protocol:
+        return False
+    if protocol == "file":
+        real = os.path.realpath(path) if links else os.path.normpath(path)  # realpath resolves symlinks too
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    return path.startswith(root.rstrip("/") + "/") and ".." not in path.split("/")
+
+
+def confine(uris: pa.Array | pa.ChunkedArray, src: str, root: str, links: bool = True) -> None:
+    """Refuse ``uris`` (of images or masks) that lie outside the archive ``root``, naming them and the fix.
+
+    ``links`` resolves symlinks before the check (table inputs); a folder scan lists the operator's own
+    tree, whose links are followed as they are.
+    """
+    protocol, path = split_uri(root)
+    root_path = (os.path.realpath(path) if links else os.path.normpath(path)) if protocol == "file" else path
+    outside = [u for u in uris.to_pylist() if u is not None and not _inside(u, protocol, root_path, links)]
+    if outside:
+        shown = ", ".join(repr(redact_uri(u)) for u in outside[:3])
+        raise ValueError(
+            f"{redact_uri(src)}: {len(outside)} image paths lie outside the archive root {redact_uri(root)!r} "
+            f"(e.g. {shown}; '..', other buckets, file:// paths and symlinks are resolved first): list only "
+            "images under the root, or set manifest.root in --config to a folder that holds them all"
+        )
 
 
 def read_source_table(src: str, storage_options: dict | None = None) -> pa.Table:
@@ -60,7 +97,8 @@ def read_source_table(src: str, storage_options: dict | None = None) -> pa.Table
             table = pacsv.read_csv(
                 io.BytesIO(data),
                 convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in ("uri", "patient_id", "clip_id", "label", "split", "mask_uri")}
+                    column_types={c: pa.string() for c in ("uri", "patient_id", "clip_id", "label", "split", "mask_uri")},
+                    strings_can_be_null=True,  # an empty cell is no value (a DICOM's header id is then used)
                 ),
             )
         else:
@@ -84,9 +122,15 @@ def read_source_table(src: str, storage_options: dict | None = None) -> pa.Table
             try:
                 col = col.cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ValueError(f"{src}: column {name!r} cannot be read as {field.type}: {exc}") from None
+                raise ValueError(
+                    f"{src}: column {name!r} cannot be read as {field.type}: {exc}; fix the values or drop the column"
+                ) from None
             if name in ("uri", "mask_uri"):
-                col = pa.array([None if u is None else _resolve(u, base) for u in col.to_pylist()], pa.string())
+                given = [None if u is None or not u.strip() else u for u in col.to_pylist()]  # "" is empty
+                col = pa.array([None if u is None else _resolve(u, base) for u in given], pa.string())
+                relative = [u is not None and "://" not in u and not u.startswith("/") for u in given]
+                # a relative path must stay under the table's folder ('..' and symlinks resolved)
+                confine(col.filter(pa.array(relative, pa.bool_())), src, base, links=True)
             out[name] = col
         else:
             out[name] = pa.nulls(table.num_rows, field.type)
@@ -249,6 +293,9 @@ def build_manifest(src: str, cfg: ManifestConfig, storage_options: dict | None =
             key_from_env()  # fail before reading a large tree, not after
     if table.num_rows == 0:
         raise _no_images(src, cfg, skipped)
+    if cfg.root or not is_table(src):  # a table's absolute uris are confined when a root is declared
+        for column in ("uri", "mask_uri"):
+            confine(table.column(column), src, cfg.root or src, links=is_table(src) or bool(cfg.root))
     probes = probe_all(table.column("uri").to_pylist(), storage_options, cfg.nifti_axis, sniff)
     keep = [p.skipped is None or is_table(src) for p in probes]
     skipped += [u for u, k in zip(table.column("uri").to_pylist(), keep, strict=True) if not k]
@@ -308,9 +355,20 @@ def run_manifest(run: RunDir, src: str, cfg: ManifestConfig, storage_options: di
     run.remove(schema.MANIFEST_DIR)
     for i, off in enumerate(range(0, manifest.num_rows, cfg.shard_size)):
         run.write_table(f"{schema.MANIFEST_DIR}/{shard_name(i)}", manifest.slice(off, cfg.shard_size))
+    # file fingerprints (size, mtime_ns or ETag) that a later incremental run compares (incremental.py)
+    from .incremental import FILES_PATH, fingerprint_files
+
+    run.write_table(FILES_PATH, fingerprint_files(manifest.column("uri").to_pylist(), storage_options))
     stats["n_shards"] = -(-manifest.num_rows // cfg.shard_size)
     stats["seconds"] = round(time.monotonic() - start, 3)
     run.mark_done(schema.MANIFEST_DIR, stats)
+    if stats["n_error"]:
+        bad = manifest.filter(pc.equal(manifest.column("status"), "error")).slice(0, 3).to_pylist()
+        log.warning(
+            "manifest: %d images cannot be used and are left out, e.g. %s; each has status 'error' and the reason "
+            "in %s: replace or remove those files and run again with a new --output to include them",
+            stats["n_error"], "; ".join(f"{redact_uri(r['uri'])}: {r['error']}" for r in bad), run.uri_of(schema.MANIFEST_DIR),
+        )
     log.info(
         "manifest: %d images (%d ok, %d errors, %d non-image files skipped) in %.1fs",
         stats["n_images"], stats["n_ok"], stats["n_error"], stats["n_skipped_files"], stats["seconds"],

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 import platform
 import time
 from collections.abc import Callable, Sequence
 
 from .config import RunConfig
+from .invariants import InvariantError, check_stage
 from .runtime import ray_session
-from .storage import RunDir
+from .storage import RunDir, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,16 @@ STAGE_DIRS = {
     "select": "selection", "evaluate": "evaluation",
 }
 RUN_JSON = "run.json"
+RUN_FORMAT = 1  # layout of the run dir; a run dir of another format is refused, never mixed
+# config sections whose settings decide each completed stage's artifacts (operational knobs left out):
+# rerunning a completed stage with other settings is refused rather than silently mixing two configs
+STAGE_CONFIG = {"manifest": "manifest", "train-encoder": "encoder", "embed": "embed", "similarity": "similarity",
+                "select": "select"}
+_OPERATIONAL = {
+    "manifest": {"shard_size"}, "encoder": {"device"}, "embed": {"batch_size", "num_actors", "decode_threads", "device"},
+    "similarity": {"block_size", "max_memory", "device", "checkpoint_seconds"}, "select": {"workers", "checkpoint_seconds"},
+}
+_URI_KEYS = ("input", "output", "seed_ids", "embeddings", "previous_run", "labelled")
 _PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
 
 
@@ -65,6 +77,10 @@ def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callab
         from .selection import run_select
 
         return lambda run: run_select(run, cfg.select)
+    if name == "incremental":  # only in runs with --previous-run (enrich_dist/incremental.py)
+        from .incremental import run_incremental
+
+        return lambda run: run_incremental(run, cfg, storage_options)
     if name == "evaluate":
         from .evaluation import run_evaluate
 
@@ -86,9 +102,72 @@ def _has_targets(run: RunDir, task: str) -> bool:
     return table.num_rows > table.column(column).null_count
 
 
+def public_config(cfg: RunConfig) -> dict:
+    """The config as stored in run.json: URIs with any ``user:password@`` part removed."""
+    out = cfg.to_dict()
+    for section in (out, *[v for v in out.values() if isinstance(v, dict)]):
+        for key in _URI_KEYS:
+            if isinstance(section.get(key), str):
+                section[key] = redact_uri(section[key])
+    return out
+
+
+def _stage_settings(cfg: RunConfig, stage: str) -> dict | None:
+    section = STAGE_CONFIG.get(stage)
+    if section is None:
+        return None
+    values = public_config(cfg)[section]
+    # as JSON stores it (tuples become lists), so settings read back from run.json compare equal
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in _OPERATIONAL[section]}))
+
+
+def _read_state(run: RunDir) -> dict | None:
+    if not run.exists(RUN_JSON):
+        return None
+    try:
+        state = run.read_json(RUN_JSON)
+    except ValueError as exc:
+        raise ValueError(
+            f"{run.uri_of(RUN_JSON)} is not readable JSON ({exc}): start fresh with a new --output folder"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
+        raise ValueError(f"{run.uri_of(RUN_JSON)} is not an enrich_dist run record: use a new --output folder")
+    return state
+
+
+def check_compatible(run: RunDir, cfg: RunConfig, stages: Sequence[str]) -> None:
+    """Refuse a run dir of another format, or a completed stage computed with other settings than ``cfg``."""
+    state = _read_state(run)
+    if state is None:
+        return
+    fmt = state.get("format", RUN_FORMAT)
+    if fmt != RUN_FORMAT:
+        raise ValueError(
+            f"{run.uri} was written by an incompatible enrich_dist (run dir format {fmt!r}, this version reads "
+            f"{RUN_FORMAT}): start fresh with a new --output folder, or rerun with the enrich_dist that wrote it"
+        )
+    for stage in stages:
+        held = state.get("stages", {}).get(stage, {}).get("settings")
+        if stage not in STAGE_DIRS or held is None or not run.is_done(STAGE_DIRS[stage]):
+            continue
+        wanted = _stage_settings(cfg, stage)
+        diff = {k: (held.get(k), wanted.get(k)) for k in sorted(set(held) | set(wanted)) if held.get(k) != wanted.get(k)}
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{run.uri_of(STAGE_DIRS[stage])} was computed with other {STAGE_CONFIG[stage]} settings ({shown}): "
+                f"refusing to mix them in one run dir. Start fresh with a new --output folder, or delete "
+                f"{run.uri_of(STAGE_DIRS[stage])} and the stages after it to recompute"
+            )
+
+
 def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
     state = run.read_json(RUN_JSON) if run.exists(RUN_JSON) else {"created": _now(), "stages": {}}
-    state["config"] = cfg.to_dict()
+    state.setdefault("format", RUN_FORMAT)
+    state["config"] = public_config(cfg)
+    settings = _stage_settings(cfg, stage)
+    if settings is not None:
+        entry = {**entry, "settings": settings}
     state["versions"] = versions()
     state["stages"][stage] = entry
     run.write_json(RUN_JSON, state)
@@ -97,10 +176,21 @@ def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
 def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: dict | None = None) -> dict:
     """Run ``stages`` in order on ``cfg.output`` inside one Ray session; returns stats per stage."""
     run = RunDir(cfg.output, storage_options)
+    if cfg.incremental.previous_run:  # an incremental run: see enrich_dist/incremental.py
+        from .incremental import plan_stages
+
+        stages = plan_stages(run, cfg, stages)
+    elif cfg.incremental.labelled or cfg.incremental.retrain_encoder:
+        raise ValueError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
     fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]
+    check_compatible(run, cfg, stages)
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
         for name, fn in fns:
+            if name == "select" and results.get("incremental", {}).get("n_to_rank") == 0:
+                log.info("stage select: skipped, the incremental run found no new or changed image to rank")
+                results[name] = {"skipped": "incremental run: no new or changed images to rank"}
+                continue
             if name == "evaluate" and len(fns) > 1 and not _has_targets(run, cfg.evaluate.task):
                 log.info("stage evaluate: skipped, the manifest has no %s", _TARGETS[cfg.evaluate.task])
                 results[name] = {"skipped": f"no {_TARGETS[cfg.evaluate.task]} in the manifest"}
@@ -118,8 +208,20 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
                 results[name] = {"skipped": str(exc)}
                 continue
             seconds = round(time.monotonic() - t0, 3)
+            try:  # read back what the stage committed; a violation means the stage is not complete
+                if name == "incremental":
+                    from .incremental import check_incremental
+
+                    invariants = check_incremental(run)
+                else:
+                    invariants = check_stage(run, name)
+            except InvariantError:
+                if name in STAGE_DIRS:
+                    run.clear_done(STAGE_DIRS[name])
+                raise
             if not done_before:  # a skipped stage keeps the record of the run that computed it
-                _record(run, cfg, name, {"started": started, "ended": _now(), "seconds": seconds, "stats": stats})
+                entry = {"started": started, "ended": _now(), "seconds": seconds, "stats": stats}
+                _record(run, cfg, name, {**entry, "invariants": invariants})
                 log.info("stage %s: finished in %.1fs", name, seconds)
             results[name] = stats
     return results

@@ -52,6 +52,16 @@ _TRANSIENT_TYPES = frozenset({
     "ResponseParserError",
 })
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# write errors that need the user, with what to do about them (the message names the file)
+_WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space on it, or give another --output",
+    errno.EDQUOT: "the disk quota is used up: free space or raise the quota, or give another --output",
+    errno.EFBIG: "the file is over this process's file-size limit (ulimit -f) or the filesystem's largest file: "
+    "raise the limit, or give another --output",
+    errno.EROFS: "the filesystem is read-only: give a writable --output",
+    errno.EACCES: "permission denied: make the folder writable for this user, or give another --output",
+    errno.EPERM: "operation not permitted: make the folder writable for this user, or give another --output",
+}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -282,7 +292,17 @@ class RunDir:
         ``fsync=False`` skips flushing to disk before the rename (still atomic for a crashed process,
         not for a power cut); bulk writers of many small files use it.
         """
-        with_retries(lambda: self._write_once(rel, data, fsync), self.uri_of(rel))
+        try:
+            with_retries(lambda: self._write_once(rel, data, fsync), self.uri_of(rel))
+        except OSError as exc:
+            fix = _WRITE_FIXES.get(exc.errno) if exc.errno is not None else None
+            if fix is None:
+                raise
+            raise OSError(
+                exc.errno,
+                f"cannot write {redact_uri(self.uri_of(rel))}: {os.strerror(exc.errno)}; {fix}. Files already "
+                "committed are kept and a rerun of the same command resumes from them",
+            ) from exc
 
     def _write_once(self, rel: str, data: bytes, fsync: bool) -> None:
         path = self.path(rel)

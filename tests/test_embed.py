@@ -12,7 +12,7 @@ from PIL import Image
 
 from enrich_dist import imaging, schema
 from enrich_dist.config import EmbedConfig, EncoderConfig, ManifestConfig
-from enrich_dist.embed import ERRORS_DIR, plan_actors, run_embed
+from enrich_dist.embed import ERRORS_DIR, actor_threads, autocast_dtype, plan_actors, run_embed
 from enrich_dist.encoder import BetaVAE, embed_images, encoder_bytes, load_encoder
 from enrich_dist.manifest import run_manifest
 from enrich_dist.runtime import Resources
@@ -39,9 +39,16 @@ def make_run(run_dir, tmp_path, n=23, shard_size=7):
 
 
 def test_plan_actors_never_waits_for_absent_gpus():
-    assert plan_actors(Resources(cpus=2, gpus=0), EmbedConfig()) == (1, 1.0, 0.0, "cpu")
-    assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig()) == (15, 1.0, 0.0, "cpu")
-    assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig()) == (4, 1.0, 1.0, "cuda")
+    assert plan_actors(Resources(cpus=2, gpus=0), EmbedConfig()) == (1, 2.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig()) == (4, 4.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig(num_actors=16)) == (16, 1.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig()) == (4, 4.0, 1.0, "cuda")
+    assert plan_actors(Resources(cpus=64, gpus=4), EmbedConfig(), cpus_per_gpu=8) == (4, 8.0, 1.0, "cuda")
+    # torch threads, decode threads: CPU actors use every CPU they hold for both, GPU actors decode with theirs
+    assert actor_threads(2.0, "cpu", EmbedConfig()) == (1, 2)
+    assert actor_threads(4.0, "cpu", EmbedConfig()) == (1, 4)
+    assert actor_threads(8.0, "cuda", EmbedConfig()) == (1, 8)
+    assert actor_threads(8.0, "cuda", EmbedConfig(decode_threads=3)) == (1, 3)
     assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig(device="cpu"))[3] == "cpu"
     with pytest.raises(ValueError, match="no GPUs"):
         plan_actors(Resources(cpus=2, gpus=0), EmbedConfig(device="cuda"))
@@ -79,6 +86,17 @@ def test_embed_matches_direct_encoding_and_resumes(ray_local, run_dir, tmp_path)
     for i in (0, 1, 3):
         assert after[i] == before[i]
     assert after[2][1] == before[2][1] and after[2][0] != before[2][0]
+
+
+def test_precision_is_fp32_on_cpu_and_mixed_only_on_gpu():
+    import torch
+
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("fp16", "cuda") is torch.float16
+    with pytest.raises(ValueError, match="needs a GPU"):
+        autocast_dtype("bf16", "cpu")
+    with pytest.raises(ValueError, match="auto, fp32, bf16 or fp16"):
+        autocast_dtype("int8", "cuda")
 
 
 def test_embed_requires_earlier_stages(ray_local, run_dir):

@@ -26,7 +26,7 @@ from enrich_dist.encoder import (
     vae_loss,
 )
 from enrich_dist.encoder import train as train_module
-from enrich_dist.encoder.train import capacity_schedule
+from enrich_dist.encoder.train import capacity_schedule, collapse_warning, encoder_quality
 from enrich_dist.storage import RunDir, shard_name
 
 TINY = EncoderConfig(
@@ -219,3 +219,50 @@ def test_run_train_encoder_without_manifest_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run `enrich manifest` first") as err:
         run_train_encoder(run, TINY)
     assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_train_encoder_runs_as_a_deterministic_ray_task(ray_local, tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=1, device="auto")
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    runs = [write_archive(tmp_path / name, 24) for name in "ab"]
+    stats = [run_train_encoder(run, cfg) for run in runs]
+    assert all(s["ray_task"] and s["device"] == "cpu" for s in stats)
+    assert stats[0]["quality"] == stats[1]["quality"] and "collapsed" in stats[0]["quality"]
+    a, b = (load_encoder(run.read_bytes(CHECKPOINT)).state_dict() for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = runs[0].read_json(TRAIN_STATS)
+    assert len(info["quality"]["kl_per_dim"]) == 128 and len(info["quality"]["mu_variance_per_dim"]) == 128
+    with pytest.raises(ValueError, match="no GPUs"):
+        run_train_encoder(write_archive(tmp_path / "c", 4), dataclasses.replace(cfg, device="cuda"))
+
+
+def test_quality_tells_a_collapsed_encoder_from_one_that_learned():
+    images = discs(240, size=16, seed=3)  # 16x16: small enough to train to a useful model in seconds
+    mean = images[:200].mean(axis=0)
+    cfg = dataclasses.replace(TINY, epochs=15, latent_dim=8, image_size=16, beta=1.0, learning_rate=3e-3)
+    learned, _ = train_vae(images[:200], cfg)
+    good = encoder_quality(learned, images[200:], mean)
+    torch.manual_seed(0)
+    prior = BetaVAE(latent_dim=8, image_size=16)
+    for layer in (prior.encoder[-1], prior.decoder[0]):
+        torch.nn.init.zeros_(layer.weight)  # mu = logvar = 0 for every image: the posterior is the prior
+        torch.nn.init.zeros_(layer.bias)
+    bad = encoder_quality(prior, images[140:], mean)
+    assert bad["active_dims"] == 0 and bad["kl_nats"] == pytest.approx(0.0, abs=1e-9) and bad["collapsed"]
+    assert collapse_warning(bad) is not None and "collapsed" in collapse_warning(bad)
+    assert good["active_dims"] >= 2 and good["recon_to_mean_ratio"] < 0.9 and not good["collapsed"]
+    assert good["recon_bce"] < good["mean_image_bce"] <= bad["recon_bce"] + 1e-6
+    assert collapse_warning(good) is None
+
+
+def test_report_shows_the_encoder_check_and_warns_when_collapsed():
+    from enrich_dist.report.sections import encoder_quality as report_rows
+
+    quality = {"active_dims": 0, "kl_nats": 0.04, "recon_to_mean_ratio": 1.3, "collapsed": True,
+               "mu_variance_per_dim": [0.0] * 128}
+    html = "".join(str(part) for part in report_rows(quality))
+    assert "0 of 128" in html and "1.30" in html and "Warning: the encoder looks collapsed" in html
+    fine = "".join(str(p) for p in report_rows({**quality, "active_dims": 9, "recon_to_mean_ratio": 0.4, "collapsed": False}))
+    assert "9 of 128" in fine and "Warning" not in fine
+    assert report_rows({}) == []  # train.json from before the check: nothing shown

@@ -185,6 +185,42 @@ def test_products_past_one_land_in_the_last_bin(kernel_fn) -> None:
 
 
 @pytest.mark.parametrize("kernel_fn", [tile_stats, torch_cpu])
+def test_products_past_minus_one_land_in_the_first_bin(kernel_fn) -> None:
+    """An antipodal pair whose product rounds below -1 is binned as -1, off-diagonal and diagonal tiles alike."""
+    x = np.array([[0.6, 0.8, 0.0]], np.float32) * np.float32(1.0000001)
+    y = np.concatenate([x, -x, x, -x])
+    assert float(x[0] @ -x[0]) < -1.0
+    st = kernel_fn(y, y, True, 3, THRESHOLDS, histogram_edges(200))
+    assert st.hist[0] == 4 and st.hist[-1] == 2 and st.hist.sum() == 6
+    st = kernel_fn(y[:2], y[2:], False, 1, THRESHOLDS, histogram_edges(200), row_offset=0, col_offset=2)
+    assert st.hist[0] == 2 and st.hist[-1] == 2
+    assert st.row_idx[:, 0].tolist() == [2, 3] and st.col_idx[:, 0].tolist() == [0, 1]
+
+
+def test_stage_bins_products_past_one_like_the_oracle(ray_local, one_tile_per_task) -> None:
+    """Duplicates of a row of norm 1.0016 (on the 2^-8 grid, so every product is exact) meet at 1.003, antipodes
+    at -1.003: through Ray they land in the last and first bins and count above 0.9999999, as in the oracle."""
+    x = exact_unit_vectors(40, 8, seed=5, duplicates=6)
+    g = np.float32([154, 205, 0, 0, 0, 0, 0, 0]) / 256
+    assert float(g @ g) > 1.003
+    x[[0, 9, 17, 33]] = g
+    x[[4, 25]] = -g
+    check_stage(x, np.arange(40), SimilarityConfig(block_size=16, top_k=4, bins=20, thresholds=(0.5, 0.9, 0.9999999)))
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 4, 40, 200, 257, 1000])
+def test_torch_bin_limits_reproduce_the_cpu_arithmetic(bins: int) -> None:
+    """The GPU kernel's float32 bin limits give every float32 the CPU kernel's float64 bin, tiny negatives included."""
+    limits = torch_kernel.bin_limits(bins)
+    assert limits.dtype == np.float32 and len(limits) == bins - 1 and (np.diff(limits) > 0).all()
+    rng = np.random.default_rng(bins)
+    special = np.float32([-1, 1, 0, -0.0, 1.0000001, -1.0000001, 1e-30, -1e-30, 1e-45, -1e-45, -3e-17, 3e-17])
+    v = np.concatenate([rng.uniform(-1.01, 1.01, 20000).astype(np.float32), limits, np.nextafter(limits, -np.inf), special])
+    cpu_bins = np.clip(np.floor((v.astype(np.float64) + 1.0) * (bins / 2)), 0, bins - 1)
+    np.testing.assert_array_equal(np.searchsorted(limits, v, side="right"), cpu_bins)
+
+
+@pytest.mark.parametrize("kernel_fn", [tile_stats, torch_cpu])
 def test_values_on_bin_edges_and_thresholds(kernel_fn) -> None:
     """Similarities exactly on an edge go to the bin above it; counts are strictly above the threshold."""
     x = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, -1, -1], [1, -1, 1, -1]], np.float32) / 2
@@ -251,6 +287,7 @@ def check_stage(x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig) -> tuple[
         assert table.column(threshold_column(t)).to_pylist() == c.tolist()
     n_pairs = n * (n - 1) // 2
     assert summary["n_images"] == n and summary["n_pairs"] == n_pairs and summary["exact"] is True
+    assert summary["inexact_reasons"] == []
     assert summary["histogram"]["counts"] == hist.tolist()
     assert summary["histogram"]["edges"] == histogram_edges(cfg.bins).tolist()
     for t, c in zip(cfg.thresholds, counts, strict=True):
@@ -502,10 +539,41 @@ def test_approx_mode_reports_measured_quality(ray_local, one_tile_per_task) -> N
     for t, g, w in zip((0.5, 0.9), got_counts, counts, strict=True):
         assert quality["threshold_count_rel_error"][f"{t:g}"] == pytest.approx((w.sum() - g.sum()) / w.sum())
     assert summary["exact"] is False and summary["mode"] == "approx" and quality["sample_size"] == n
+    assert summary["inexact_reasons"] == [stage.inexact_reasons("approx", "fp32")[0]]
+    assert "partitions" in summary["inexact_reasons"][0]
     assert sum(summary["histogram"]["counts"]) == n * (n - 1) // 2
     assert 0 < quality["pair_fraction_computed"] < 1 and quality["recall_at_k"] > 0.8
     full = compute_similarity(x, ids, dataclasses.replace(cfg, nprobe=10), progress=False)[1]
     assert full["approx"]["recall_at_k"] == 1.0 and full["histogram"]["counts"] == hist.tolist()
+
+
+@pytest.mark.parametrize(
+    "mode, precision, words",
+    [
+        ("exact", "fp32", ["counts are exact (all pairs)"]),
+        ("approx", "fp32", ["approximate (approximate mode", "k-means partitions"]),
+        ("exact", "bf16", ["approximate (bf16 products"]),
+        ("approx", "fp16", ["k-means partitions", "fp16 products"]),
+    ],
+)
+def test_report_says_why_similarity_is_inexact(run_dir, mode: str, precision: str, words: list[str]) -> None:
+    """summary.json names the cause (approximate mode, half precision); the report repeats it, not a guess."""
+    from enrich_dist.report import sections
+    from enrich_dist.report.page import ReportPage
+
+    reasons = stage.inexact_reasons(mode, precision)
+    assert bool(reasons) == (mode != "exact" or precision != "fp32")
+    summary = {"n_images": 3, "n_pairs": 3, "exact": not reasons, "inexact_reasons": reasons, "mode": mode,
+               "precision": precision, "thresholds": {}}
+    text = " ".join(str(p) for p in sections.redundancy(ReportPage(run_dir), summary))
+    for w in words:
+        assert w in text
+    if precision != "fp32" and mode == "exact":
+        assert "partitions" not in text
+    # summaries written before the reasons existed: mode and precision decide the words
+    old = {k: v for k, v in summary.items() if k != "inexact_reasons"}
+    text = " ".join(str(p) for p in sections.redundancy(ReportPage(run_dir), old))
+    assert ("partitions" in text) == (mode == "approx") and (f"{precision} products" in text) == (precision != "fp32")
 
 
 def test_exact_rows_and_sample_quality_against_oracle() -> None:
@@ -521,34 +589,6 @@ def test_exact_rows_and_sample_quality_against_oracle() -> None:
     for t, c in zip(THRESHOLDS, counts[:, rows], strict=True):
         want = (c.sum() - (c // 2).sum()) / c.sum() if c.sum() else 0.0
         assert q["threshold_count_rel_error"][f"{t:g}"] == pytest.approx(want)
-
-
-def _gpu_check_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check_similarity.py"
-    spec = importlib.util.spec_from_file_location("gpu_check_similarity", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_check_runs_its_correctness_part_on_cpu_and_fails_without_cuda(tmp_path, monkeypatch, capsys) -> None:
-    """The GPU check's exactness cases pass with the torch kernel on the CPU; without CUDA it fails loudly."""
-    import torch
-
-    gpu_check = _gpu_check_module()
-    small = gpu_check.check_small("cpu")
-    assert small["all_exact"] and len(small["cases"]) > 10
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the failure path is not reachable")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        gpu_check.check_gpu(str(tmp_path))
-    monkeypatch.setattr("sys.argv", ["gpu_check_similarity.py", "--out", str(tmp_path)])
-    assert gpu_check.main() == 1
-    assert "FAILED: CUDA is not available" in capsys.readouterr().err
-    assert not (tmp_path / "gpu_similarity.json").exists()
 
 
 @pytest.mark.parametrize("bins", [1, 3, 256, 257, 1000])

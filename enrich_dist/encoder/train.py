@@ -6,6 +6,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import posixpath
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .. import imaging
@@ -33,6 +35,10 @@ PATIENCE = 5
 GRID_IMAGES = 8
 MAX_LISTED_FAILURES = 20
 LOSSES = ("total", "recon", "kl")
+ACTIVE_VARIANCE = 0.01  # a latent dimension whose posterior mean varies more than this across images is active
+ACTIVE_KL = 0.01  # nats: KL per latent dimension reported as well (KL alone can come from shrunk variances)
+MIN_ACTIVE_DIMS = 2  # fewer active dimensions than this: collapsed
+MAX_RECON_RATIO = 0.9  # reconstruction error at least this share of the mean image's: collapsed
 
 
 def validation_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,16 +51,32 @@ def validation_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic torch algorithms and a private, restored RNG state for the duration."""
+def _deterministic(device: str = "cpu") -> Iterator[None]:
+    """Deterministic torch algorithms and a private, restored RNG state for the duration.
+
+    On CUDA the RNG of the current device is forked too, and an op without a deterministic CUDA
+    kernel warns instead of failing (CPU training is the bit-for-bit reproducible one).
+    """
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.use_deterministic_algorithms(True)
+    cuda = device.startswith("cuda")
+    index = torch.device(device).index
+    devices = [torch.cuda.current_device() if index is None else index] if cuda else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
         try:
             yield
         finally:
             torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', or 'cuda' for "cuda" / "auto" with a CUDA device visible to torch; refuses cuda without one."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"encoder device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("encoder device 'cuda' requested but torch sees no CUDA device: use --device auto or cpu")
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def _check_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -118,15 +140,24 @@ def _evaluate(model: BetaVAE, data: torch.Tensor, cfg: EncoderConfig) -> np.ndar
     return sums / len(data)
 
 
-def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tuple[BetaVAE, dict]:
-    """Fit a seeded beta-VAE on CPU to float32 (N, S, S) images in [0, 1]; returns the best model and history."""
-    data = torch.from_numpy(_check_images(images, cfg.image_size))
+def train_vae(
+    images: np.ndarray, cfg: EncoderConfig, log_every: int = 1, device: str = "cpu"
+) -> tuple[BetaVAE, dict]:
+    """Fit a seeded beta-VAE to float32 (N, S, S) images in [0, 1]; returns the best model (on CPU) and history.
+
+    Bit-for-bit reproducible from ``cfg.seed`` on CPU; on ``device`` "cuda" the images live on the GPU
+    and the result may differ in the last bits between runs.
+    """
+    if device.startswith("cuda"):
+        # cuBLAS needs a fixed workspace for deterministic GEMMs; it is read when the first handle is made
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    data = torch.from_numpy(_check_images(images, cfg.image_size)).to(device)
     if len(data) == 0:
         raise ValueError("no images to train the encoder on")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     train_idx, val_idx = validation_split(len(data), cfg.seed)
-    val_data = data[torch.from_numpy(val_idx)]
+    val_data = data[torch.from_numpy(val_idx).to(device)]
     monitor = "val_total" if len(val_idx) else "train_total"
     history: dict = {"n_train": len(train_idx), "n_val": len(val_idx), "monitor": monitor, "epoch": []}
     history.update({f"{part}_{name}": [] for part in ("train", "val") for name in LOSSES}, seconds=[])
@@ -138,13 +169,13 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
     )
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
     best_loss, best_epoch, best_state = math.inf, 0, {}
-    with _deterministic():
+    with _deterministic(device):
         torch.manual_seed(cfg.seed)
-        model = BetaVAE(cfg.latent_dim, cfg.image_size)
+        model = BetaVAE(cfg.latent_dim, cfg.image_size).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
-            order = torch.from_numpy(shuffle_rng.permutation(train_idx))
+            order = torch.from_numpy(shuffle_rng.permutation(train_idx)).to(device)
             schedule = capacity_schedule(cfg, epoch)
             results = {"train": _train_epoch(model, optimizer, data, order, cfg, schedule)}
             if len(val_idx):
@@ -153,6 +184,8 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
             for part, values in results.items():
                 for name, value in zip(LOSSES, values, strict=True):
                     history[f"{part}_{name}"].append(float(value))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
             history["seconds"].append(time.perf_counter() - start)
             current = history[monitor][-1]
             if not math.isfinite(current):
@@ -161,7 +194,7 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
                 )
             if current < best_loss:
                 best_loss, best_epoch = current, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             annealing = schedule[1] is not None and schedule[1] < cfg.capacity
             stop = not annealing and epoch - best_epoch >= PATIENCE
             if epoch % log_every == 0 or stop or epoch == cfg.epochs:
@@ -174,10 +207,84 @@ def train_vae(images: np.ndarray, cfg: EncoderConfig, log_every: int = 1) -> tup
             if stop:
                 log.info("early stop: %s has not improved for %d epochs", monitor, PATIENCE)
                 break
+    model = model.cpu()
     model.load_state_dict(best_state)
     model.eval()
-    history.update(best_epoch=best_epoch, best_loss=best_loss, stopped_early=epoch < cfg.epochs)
+    history.update(best_epoch=best_epoch, best_loss=best_loss, stopped_early=epoch < cfg.epochs, device=device)
     return model, history
+
+
+def encoder_quality(model: BetaVAE, images: np.ndarray, mean_image: np.ndarray, batch_size: int = 256) -> dict:
+    """Label-free signs that the encoder learned the images rather than collapsing to the prior.
+
+    On held-out ``images``: the number of *active* latent dimensions, whose posterior mean varies across
+    images with variance above ``ACTIVE_VARIANCE`` (Burda et al. 2016; a dimension can carry KL without
+    telling images apart, by shrinking its variance alone), the KL of each dimension (nats, averaged over
+    images) and how many exceed ``ACTIVE_KL``, and the reconstruction from z = mu against predicting
+    ``mean_image`` (the training images' mean) for every image: mean squared error and Bernoulli
+    cross-entropy (nats per image, the training loss). A collapsed encoder has almost no active
+    dimension; an untrained one reconstructs no better than the mean image.
+    """
+    arr = _check_images(images, model.image_size)
+    if len(arr) < 2:
+        raise ValueError("encoder_quality needs at least two images")
+    model.eval()
+    mus, kl_dims, sq_err, bce = [], torch.zeros(model.latent_dim, dtype=torch.float64), 0.0, 0.0
+    with torch.inference_mode():
+        for first in range(0, len(arr), batch_size):
+            xb = torch.from_numpy(arr[first : first + batch_size])
+            mu, logvar = model.encode(xb)
+            mus.append(mu.double())
+            kl_dims += (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).double().sum(dim=0)
+            logits = model.decode(mu)[:, 0]
+            sq_err += float((torch.sigmoid(logits).double() - xb.double()).pow(2).sum())
+            bce += float(F.binary_cross_entropy_with_logits(logits.double(), xb.double(), reduction="sum"))
+    kl_dims /= len(arr)
+    variance = torch.cat(mus).var(dim=0)
+    x = arr.astype(np.float64)
+    mean = np.clip(np.asarray(mean_image, np.float64), 1e-6, 1 - 1e-6)[None]
+    baseline = float(np.mean((x - mean) ** 2))
+    baseline_bce = float(-(x * np.log(mean) + (1 - x) * np.log1p(-mean)).sum() / len(arr))
+    mse = sq_err / arr.size
+    active = int((variance > ACTIVE_VARIANCE).sum())
+    ratio = mse / baseline if baseline > 0 else float("nan")
+    collapsed = active < MIN_ACTIVE_DIMS or not ratio < MAX_RECON_RATIO
+    return {
+        "n_images": len(arr),
+        "active_dims": active,
+        "active_variance_threshold": ACTIVE_VARIANCE,
+        "kl_nats": float(kl_dims.sum()),
+        "kl_active_dims": int((kl_dims > ACTIVE_KL).sum()),
+        "active_kl_threshold": ACTIVE_KL,
+        "recon_mse": mse,
+        "mean_image_mse": baseline,
+        "recon_to_mean_ratio": ratio,
+        "recon_bce": bce / len(arr),
+        "mean_image_bce": baseline_bce,
+        "collapsed": bool(collapsed),
+        "kl_per_dim": [round(float(v), 5) for v in kl_dims],
+        "mu_variance_per_dim": [round(float(v), 6) for v in variance],
+    }
+
+
+def collapse_warning(quality: dict) -> str | None:
+    """A message saying why the encoder looks collapsed (or unlearned) and what to try; None when it looks fine."""
+    if not quality["collapsed"]:
+        return None
+    ratio = quality["recon_to_mean_ratio"]
+    why = []
+    if quality["active_dims"] < MIN_ACTIVE_DIMS:
+        why.append(
+            f"only {quality['active_dims']} latent dimension(s) vary across images (KL {quality['kl_nats']:.2f} nats "
+            "in total)"
+        )
+    if not ratio < MAX_RECON_RATIO:
+        why.append(f"its reconstructions have {100 * ratio:.0f}% of the error of the mean image")
+    return (
+        f"the beta-VAE looks collapsed or untrained: {' and '.join(why)}, so its embeddings say little about the "
+        "images; train longer (--epochs, a larger --sample), lower --beta, use --objective capacity, or use "
+        "--embedder pixels"
+    )
 
 
 def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
@@ -267,15 +374,79 @@ def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[s
     return ids[pick], uris[pick].tolist(), frames[pick].tolist()
 
 
-def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
-    """Stage: fit the encoder on a sample of the archive and write ``encoder/``; skipped when already done."""
+def run_train_encoder(run: RunDir, cfg: EncoderConfig, use_ray: bool | None = None) -> dict:
+    """Stage: fit the encoder on a sample of the archive and write ``encoder/``; skipped when already done.
+
+    With a Ray attached (``use_ray`` None: whenever Ray is initialised) the work runs as one Ray task
+    holding a GPU when the cluster has one (else the CPUs of the largest node); otherwise here.
+    """
     if run.is_done(ENCODER_DIR):
         log.info("encoder already trained in %s: skipping", run.uri_of(ENCODER_DIR))
         return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME))
+    if use_ray is None:
+        use_ray = _ray_initialized()
+    if use_ray:
+        stats = _train_on_ray(run, cfg)
+    else:
+        stats = train_encoder_stage(run, cfg, resolve_device(cfg.device), threads=torch.get_num_threads())
+    warning = collapse_warning(stats["quality"])
+    if warning:
+        log.warning("%s (see %s)", warning, run.uri_of(TRAIN_STATS))
+    log.info("encoder trained in %.1fs on %s: %s", stats["seconds"], stats["device"], run.uri_of(CHECKPOINT))
+    return stats
+
+
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def _train_on_ray(run: RunDir, cfg: EncoderConfig) -> dict:
+    """Run :func:`train_encoder_stage` as one Ray task on a GPU, or on the CPUs of the largest node."""
+    import ray
+
+    from ..runtime import cluster_resources
+
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"encoder device must be auto, cpu or cuda, got {cfg.device!r}")
+    res = cluster_resources()
+    if cfg.device == "cuda" and res.gpus == 0:
+        raise ValueError("encoder device 'cuda' requested but the Ray cluster has no GPUs: use --device auto or cpu")
+    if res.gpus > 0 and cfg.device != "cpu":
+        device, options = "cuda", {"num_gpus": 1, "num_cpus": 1}
+        threads = 4
+    else:
+        cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
+        device, options, threads = "cpu", {"num_cpus": cpus}, cpus
+    log.info("training the encoder as a Ray task on %s (%s)", device.upper(), options)
+    level = logging.getLogger("enrich_dist").getEffectiveLevel()
+    task = ray.remote(_train_task).options(max_retries=0, **options)
+    return ray.get(task.remote(run, cfg, device, threads, level))
+
+
+def _train_task(run: RunDir, cfg: EncoderConfig, device: str, threads: int, level: int) -> dict:
+    """Ray task body: the driver's log level, the task's threads, then the stage's work."""
+    package = logging.getLogger("enrich_dist")
+    package.setLevel(level)
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    return train_encoder_stage(run, cfg, device, threads, ray_task=True)
+
+
+def train_encoder_stage(run: RunDir, cfg: EncoderConfig, device: str, threads: int = 1, ray_task: bool = False) -> dict:
+    """Decode the seeded sample, train, and write the checkpoint, reconstructions, train.json and _SUCCESS."""
+    if device == "cpu":
+        torch.set_num_threads(max(1, threads))
     start = time.perf_counter()
     ids, uris, frames = sample_manifest(run, cfg)
     images, errors = imaging.load_images(
-        uris, cfg.image_size, run.storage_options, frames=frames, nifti_axis=imaging.manifest_nifti_axis(run)
+        uris, cfg.image_size, run.storage_options, max(4, threads), frames=frames,
+        nifti_axis=imaging.manifest_nifti_axis(run),
     )
     keep = np.array([e is None for e in errors], dtype=bool)
     failures = [{"image_id": int(ids[i]), "uri": uris[i], "error": errors[i]} for i in np.flatnonzero(~keep)]
@@ -292,9 +463,11 @@ def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
             f"none of the {len(uris)} sampled images could be decoded; first error: {failures[0]['error']}"
         )
     images = images[keep]
-    model, history = train_vae(images, cfg)
+    model, history = train_vae(images, cfg, device=device)
     train_idx, val_idx = validation_split(len(images), cfg.seed)
-    shown = (val_idx if len(val_idx) else train_idx)[:GRID_IMAGES]
+    held_out = val_idx if len(val_idx) else train_idx
+    quality = encoder_quality(model, images[held_out], images[train_idx].mean(axis=0))
+    shown = held_out[:GRID_IMAGES]
     run.write_bytes(CHECKPOINT, encoder_bytes(model, cfg))
     run.write_bytes(RECONSTRUCTIONS, reconstruction_grid(model, images[shown]))
     stats = {
@@ -306,6 +479,9 @@ def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
         "best_epoch": history["best_epoch"],
         "best_loss": history["best_loss"],
         "monitor": history["monitor"],
+        "device": device,
+        "ray_task": ray_task,
+        "quality": {k: v for k, v in quality.items() if k != "kl_per_dim"},
         "seconds": time.perf_counter() - start,
     }
     run.write_json(
@@ -313,10 +489,10 @@ def run_train_encoder(run: RunDir, cfg: EncoderConfig) -> dict:
         {
             "config": dataclasses.asdict(cfg),
             **stats,
+            "quality": quality,
             "failures": failures[:MAX_LISTED_FAILURES],
             "history": history,
         },
     )
     run.mark_done(ENCODER_DIR, stats)
-    log.info("encoder trained in %.1fs: %s", stats["seconds"], run.uri_of(CHECKPOINT))
     return stats

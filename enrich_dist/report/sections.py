@@ -54,13 +54,25 @@ def _paper_bins(summary: dict) -> list[tuple[str, float]]:
     return out
 
 
+def _inexact_why(summary: dict) -> str:
+    """Why the similarity counts are not exact: summary.json's reasons, else its mode and precision."""
+    if summary.get("inexact_reasons"):
+        return "; ".join(summary["inexact_reasons"])
+    why = []
+    if summary.get("mode", "approx") == "approx":
+        why.append("pairs within and across nearby partitions")
+    if summary.get("precision", "fp32") != "fp32":
+        why.append(f"{summary['precision']} products")
+    return "; ".join(why) or "reason not recorded"
+
+
 def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     """Similarity histogram, the paper's bins and the per-threshold table."""
     if summary is None:
         return [out.absent("similarity summary (similarity/summary.json)", "enrich similarity")]
     thresholds = sorted((summary.get("thresholds") or {}).items(), key=lambda kv: float(kv[0]))
     exact = summary.get("exact")
-    mode = "exact (all pairs)" if exact else "approximate (pairs within and across nearby partitions)"
+    mode = "exact (all pairs)" if exact else f"approximate ({_inexact_why(summary)})"
     parts = [
         note(
             f"{fmt_int(summary.get('n_images'))} images, {fmt_int(summary.get('n_pairs'))} pairs; "
@@ -226,11 +238,34 @@ def encoder(out: ReportPage) -> list[Markup]:
         config = train.get("config") or {}
         if config:
             parts.append(table(["encoder setting", "value"], flatten(config), align="ll"))
+        parts += encoder_quality(train.get("quality") or {})
     if has_recon:
         src = out.add_figure("reconstructions.png", out.run.read_bytes(RECONSTRUCTIONS))
         parts.append(figure(src, "encoder reconstructions", "Inputs and their reconstructions."))
     else:
         parts.append(note("encoder/reconstructions.png not found."))
+    return parts
+
+
+def encoder_quality(quality: dict) -> list[Markup]:
+    """The encoder's label-free check (encoder/train.json "quality"): a table, and a warning when it looks collapsed."""
+    if "active_dims" not in quality:
+        return []
+    dims = len(quality.get("mu_variance_per_dim") or []) or "?"
+    rows = [
+        ("active latent dimensions (posterior mean varies across held-out images)", f"{quality['active_dims']} of {dims}"),
+        ("KL to the prior (nats per image)", f"{quality.get('kl_nats', float('nan')):.2f}"),
+        ("reconstruction error / error of the mean image", f"{quality.get('recon_to_mean_ratio', float('nan')):.2f}"),
+    ]
+    parts = [table(["encoder check (no labels)", "value"], rows, align="ll")]
+    if quality.get("collapsed"):
+        parts.append(
+            note(
+                "Warning: the encoder looks collapsed or untrained (few active dimensions, or reconstructions no "
+                "better than the mean image), so its embeddings say little about the images. Train longer, lower "
+                "beta, use the capacity objective, or compare with --embedder pixels."
+            )
+        )
     return parts
 
 

@@ -19,6 +19,7 @@ from ..storage import RunDir, read_uri
 log = logging.getLogger("enrich_dist.selection")
 
 SUMMARY_PATH = posixpath.join(SIMILARITY_DIR, "summary.json")
+SCOPE_PATH = "incremental/scope.parquet"  # enrich_dist/incremental.py (selection imports no orchestrator)
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,22 @@ def embedding_ids(run: RunDir) -> tuple[list[Part], np.ndarray, int]:
         raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} holds no embeddings: rerun `enrich embed`")
     if np.any(ids[1:] == ids[:-1]):
         raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} repeats image ids: rerun `enrich embed`")
+    scope = scope_ids(run)
+    if scope is not None:
+        ids = ids[np.isin(ids, scope)]
+        log.info("incremental run: ranking %d images (labelled + new) of %s", len(ids), run.uri_of(SCOPE_PATH))
     dim = run.read_table(parts[0].path, columns=["embedding"]).schema.field("embedding").type.list_size
     return parts, ids, dim
+
+
+def scope_ids(run: RunDir) -> np.ndarray | None:
+    """The images an incremental run ranks (its labelled and new images), sorted; None in a fresh run.
+
+    Written by ``enrich_dist/incremental.py``; the rankings of such a run cover these ids only.
+    """
+    if not run.exists(SCOPE_PATH):
+        return None
+    return np.sort(run.read_table(SCOPE_PATH, columns=["image_id"])["image_id"].to_numpy())
 
 
 def read_rows(run: RunDir, parts: list[Part], want: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:

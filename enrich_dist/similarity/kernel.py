@@ -181,6 +181,41 @@ def _bin_row(row, col_check, check, half, top, bins_buf, hist, nbins, run_hits):
 
 
 @njit(cache=True, nogil=True)
+def _bin_row_runs(row, run_min, check, half, top, bins_buf, hist, nbins, run_hits):  # pragma: no cover - compiled
+    """:func:`_bin_row` for rows whose runs line up with ``run_min`` (each run's lowest column gate).
+
+    Comparing a run against one number, not a gate per column, lets the check share the binning's
+    vector loop. A run flagged here may still hold nothing at its columns' own gates; the caller
+    checks each entry again.
+    """
+    m = row.shape[0]
+    total = 0
+    for run in range((m + RUN - 1) // RUN):
+        base = run * RUN
+        hits = np.int32(0)
+        gate = min(check, run_min[run])
+        for q in range(min(RUN, m - base)):
+            v = row[base + q]
+            bins_buf[base + q] = min(max((np.float64(v) + 1.0) * half, 0.0), top)
+            hits += np.int32(v >= gate)
+        run_hits[run] = hits
+        total += hits
+    for q in range(m):
+        hist[(q & (HIST_COPIES - 1)) * nbins + bins_buf[q]] += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _run_minima(col_check, lo, w, out):  # pragma: no cover - compiled
+    """``out[run]``: the lowest ``col_check`` over the run's columns ``lo + RUN * run ...`` of a chunk ``w`` wide."""
+    for run in range((w + RUN - 1) // RUN):
+        m = np.float32(np.inf)
+        for q in range(lo + run * RUN, lo + min(w, run * RUN + RUN)):
+            m = min(m, col_check[q])
+        out[run] = m
+
+
+@njit(cache=True, nogil=True)
 def _raise_floor(keys, gate, line, bound, scratch_f, scratch_i):  # pragma: no cover - compiled
     """Refill a heap that holds only floor sentinels with sentinels of a higher ``bound``."""
     if bound > gate[line]:
@@ -249,11 +284,19 @@ def _sweep(
     top = nbins - 0.5
     counts = np.zeros(nt, np.int64)
     run_hits = np.empty((w + RUN - 1) // RUN, np.int32)
+    # column gates only rise during the chunk, so minima taken now stay below them
+    run_min = np.empty((w + RUN - 1) // RUN, np.float32)
+    if not diagonal:
+        _run_minima(col_check, lo, w, run_min)
     n_cand = 0
     for ii in range(h):
         j0 = ii + 1 if diagonal else 0
         row = s[ii, j0:]
-        if _bin_row(row, col_check[lo + j0 :], row_check[ii], half, top, bins_buf, hist, nbins, run_hits) == 0:
+        if diagonal:
+            found = _bin_row(row, col_check[lo + j0 :], row_check[ii], half, top, bins_buf, hist, nbins, run_hits)
+        else:
+            found = _bin_row_runs(row, run_min, row_check[ii], half, top, bins_buf, hist, nbins, run_hits)
+        if found == 0:
             continue
         i = r + ii
         check = row_check[ii]

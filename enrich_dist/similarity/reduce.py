@@ -10,17 +10,19 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..schema import SIMILARITY_DIR
-from ..storage import RunDir
 from .kernel import TileStats, merge_topk
 from .plan import Tile, tile_pairs
 
+if TYPE_CHECKING:  # the GPU check imports this module where pyarrow and fsspec are not installed
+    from ..storage import RunDir
+
 log = logging.getLogger("enrich_dist.similarity")
 
-PARTIALS_DIR = posixpath.join(SIMILARITY_DIR, "partials")
+PARTIALS_DIR = posixpath.join("similarity", "partials")  # under schema.SIMILARITY_DIR (a test checks)
 STATE = posixpath.join(PARTIALS_DIR, "state.npz")
 
 

@@ -263,8 +263,19 @@ def _summary(
         "thresholds": per_threshold,
         "paper_bins": {name: {"pairs": c, "fraction": fraction(c, n_pairs)} for name, c in paper.items()},
         "exact": cfg.mode == "exact" and cfg.precision == "fp32",
+        "inexact_reasons": inexact_reasons(cfg.mode, cfg.precision),
         "top_k": cfg.top_k,
     }
+
+
+def inexact_reasons(mode: str, precision: str) -> list[str]:
+    """Why a summary is not exact (empty when it is): the approximate mode, half-precision products, or both."""
+    reasons = []
+    if mode == "approx":
+        reasons.append("approximate mode: only pairs within and across nearby k-means partitions were compared")
+    if precision != "fp32":
+        reasons.append(f"{precision} products on the GPU: similarities carry half-precision rounding")
+    return reasons
 
 
 def _neighbors_table(

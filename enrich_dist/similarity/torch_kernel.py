@@ -1,6 +1,7 @@
 """One similarity tile with torch, for GPUs (and on the CPU in tests): in fp32 the same results as the CPU kernel.
 
-Each chunk of ``S`` is one matmul. The histogram is a bincount of exact float64 bins, threshold
+Each chunk of ``S`` is one matmul. The histogram is a bincount of the CPU kernel's float64 bins
+(found by a search over precomputed float32 bin limits, see :func:`bin_limits`), threshold
 counts are comparisons, and top-k per row and per column is ``torch.topk`` over int64 keys that order
 by descending value, then ascending index, so ties go to the smaller index as everywhere else.
 ``fp16``/``bf16`` compute the product in half precision: faster, approximate (the error is measured
@@ -43,6 +44,37 @@ def _decode(keys: torch.Tensor, bits: int, offset: int) -> tuple[np.ndarray, np.
     return vals.cpu().numpy(), idx.cpu().numpy()
 
 
+def _monotone(v: np.float32) -> int:
+    """An integer that orders float32 values as their values do."""
+    bits = int(np.array(v, np.float32).view(np.int32))
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def bin_limits(bins: int) -> np.ndarray:
+    """float32 ``L[b - 1]``, b = 1..bins-1: the smallest float32 ``v`` with ``floor((float64(v) + 1) * bins / 2) >= b``.
+
+    The bin of ``v`` under the CPU kernel's float64 arithmetic (clipped to [0, bins - 1]) is the
+    number of limits at or below ``v``, so one search over float32 values replaces the float64
+    temporaries, bin for bin the same.
+    """
+    half = bins / 2
+    target = np.arange(1, bins, dtype=np.float64)
+
+    def binned(keys: np.ndarray) -> np.ndarray:
+        bits = (keys ^ ((keys >> 31) & 0x7FFFFFFF)).astype(np.int32)
+        return np.floor((bits.view(np.float32).astype(np.float64) + 1.0) * half)
+
+    # binary search over float32s in value order (sign-magnitude bits made monotone), all bins at once
+    lo = np.full(len(target), _monotone(np.float32(-2.0)), np.int64)
+    hi = np.full(len(target), _monotone(np.float32(2.0)), np.int64)
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        up = binned(mid) >= target
+        hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
+    limits = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+    return limits
+
+
 def _on_device(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on ``device`` (numpy input is copied, so read-only arrays from the object store are fine)."""
     if isinstance(x, torch.Tensor):
@@ -80,6 +112,7 @@ def tile_stats_torch(
     row_counts = torch.zeros((len(limits), nr), dtype=torch.int64, device=dev)
     col_counts = torch.zeros((len(limits), nc), dtype=torch.int64, device=dev)
     hist = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
+    bin_lim = torch.as_tensor(bin_limits(bins), device=dev)
     row_bits, col_bits = max(1, (nc - 1).bit_length()), max(1, (nr - 1).bit_length())
     row_keys = torch.full((nr, k), _EMPTY_KEY, dtype=torch.int64, device=dev)
     col_keys = torch.full((k, nc), _EMPTY_KEY, dtype=torch.int64, device=dev)
@@ -92,7 +125,7 @@ def tile_stats_torch(
         rows = torch.arange(r, r + h, device=dev)
         cols = torch.arange(lo, nc, device=dev)
         valid = cols[None, :] > rows[:, None] if diagonal else None
-        binned = torch.clamp(((s.double() + 1.0) * (bins / 2)).floor(), 0, bins - 1).long()
+        binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
         if valid is not None:
             binned = torch.where(valid, binned, bins)
             s = torch.where(valid, s, -np.inf)
