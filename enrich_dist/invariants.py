@@ -220,6 +220,11 @@ def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
 def check_select(run: RunDir) -> tuple[dict, list[str]]:
     """Every replicate of each ranking is a permutation of the embedded ids, ranked 0..N-1; no NaN score."""
     embedded = np.sort(_ids_of(run, EMBEDDINGS_DIR))
+    from .selection.inputs import scope_ids
+
+    scope = scope_ids(run)  # an incremental run ranks its labelled and new images only
+    if scope is not None:
+        embedded = embedded[np.isin(embedded, scope)]
     problems, record = [], {"rows": int(len(embedded)), "duplicate_ids": 0, "nan": 0, "replicates": 0}
     for rel in RANKINGS:
         if not run.exists(rel):
