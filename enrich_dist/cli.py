@@ -25,6 +25,7 @@ _OVERRIDES = {
     "beta": ("encoder", "beta", float),
     "objective": ("encoder", "objective", str),
     "capacity": ("encoder", "capacity", float),
+    "learning_rate": ("encoder", "learning_rate", float),
     "latent_dim": ("encoder", "latent_dim", int),
     "embed_batch_size": ("embed", "batch_size", int),
     "embedder": ("embed", "embedder", str),
@@ -91,7 +92,8 @@ def _manifest_opts(p: argparse.ArgumentParser) -> None:
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
     p.add_argument("--epochs", help="training epochs (default 20; demo 10)")
-    p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss (default) or capacity-annealed")
+    p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss or capacity-annealed (default)")
+    p.add_argument("--learning-rate", help="Adam learning rate of the beta-VAE (default 0.002)")
     p.add_argument("--beta", help="KL weight of the beta-VAE (default 4)")
     p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
     p.add_argument("--latent-dim", help="embedding size (default 128)")
@@ -245,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.model is None:
                     cfg.evaluate.model = DEMO_MODEL
         results = run_stages(cfg, _stages_for(args.command), args.storage_options)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
+        # bad input, a missing file, a full disk: the message names the file and the fix; the
+        # traceback only with --log-level DEBUG
         log.error("%s", exc)
+        log.debug("details", exc_info=True)
         return 2
     if "report" in results:
         log.info("report: %s", join_uri(cfg.output, "report/index.html"))

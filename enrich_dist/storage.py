@@ -59,8 +59,8 @@ _WRITE_FIXES = {
     errno.EFBIG: "the file is over this process's file-size limit (ulimit -f) or the filesystem's largest file: "
     "raise the limit, or give another --output",
     errno.EROFS: "the filesystem is read-only: give a writable --output",
-    errno.EACCES: "permission denied: make the folder writable for this user, or give another --output",
-    errno.EPERM: "operation not permitted: make the folder writable for this user, or give another --output",
+    errno.EACCES: "permission denied: give this user (or these credentials) write access, or give another --output",
+    errno.EPERM: "not permitted: give this user (or these credentials) write access, or give another --output",
 }
 
 

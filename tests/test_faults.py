@@ -103,16 +103,50 @@ def driver(args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def finish(proc: subprocess.Popen, log: Path) -> str:
-    """Wait for a driver; its output (the test fails with it on a non-zero exit)."""
-    try:
-        proc.wait(timeout=DRIVER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        pytest.fail(f"driver still running after {DRIVER_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-    text = log.read_text()
+# A local Ray that cannot start on an overloaded machine (its agent too slow to report a port) is no fault of
+# the stage under test: such a driver is started once more, never more, and only for that message.
+RAY_STARTUP_FAILED = "The current node timed out during startup"
+
+
+def _ray_start_failed(proc: subprocess.Popen, log: Path, offset: int) -> bool:
+    return proc.returncode != 0 and RAY_STARTUP_FAILED in log.read_text()[offset:]
+
+
+def complete(args: list[str], log: Path) -> str:
+    """Run a driver to its end; its output (the test fails with it on a non-zero exit)."""
+    for attempt in (1, 2):
+        offset = len(log.read_text()) if log.exists() else 0
+        proc = driver(args, log)
+        try:
+            proc.wait(timeout=DRIVER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            pytest.fail(f"driver still running after {DRIVER_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+        if not (attempt == 1 and _ray_start_failed(proc, log, offset)):
+            break
+    text = log.read_text()[offset:]
     assert proc.returncode == 0, text[-4000:]
     return text
+
+
+def start_and_kill_when(args: list[str], log: Path, predicate, what: str) -> None:
+    """Start a driver, SIGKILL it (and its local Ray) as soon as ``predicate()`` holds."""
+    for attempt in (1, 2):
+        offset = len(log.read_text()) if log.exists() else 0
+        proc = driver(args, log)
+        deadline = time.monotonic() + DRIVER_TIMEOUT_S
+        while not predicate():
+            if proc.poll() is not None:
+                if attempt == 1 and _ray_start_failed(proc, log, offset):
+                    break
+                pytest.fail(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                kill_group(proc)
+                pytest.fail(f"no {what} after {DRIVER_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.01)
+        else:
+            kill_group(proc)
+            return
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -134,18 +168,6 @@ def kill_group(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
-
-
-def wait_until(predicate, proc: subprocess.Popen, log: Path, what: str) -> None:
-    """Poll ``predicate`` every 10 ms while the driver runs; fail if it exits or times out first."""
-    deadline = time.monotonic() + DRIVER_TIMEOUT_S
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            kill_group(proc)
-            pytest.fail(f"no {what} after {DRIVER_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.01)
 
 
 def write_config(path: Path, text: str) -> str:
@@ -282,14 +304,12 @@ def test_driver_sigkilled_during_similarity_rerun_redoes_only_uncommitted_tiles(
     args = ["similarity", "--output", killed.uri, "--num-cpus", "1", "--block-size", str(block), "--config", config]
     log = tmp_path / "driver.log"
 
-    proc = driver(args, log)
-    wait_until(lambda: killed.exists(STATE), proc, log, "similarity checkpoint")
-    kill_group(proc)
+    start_and_kill_when(args, log, lambda: killed.exists(STATE), "a similarity checkpoint")
     state = np.load(io.BytesIO(killed.read_bytes(STATE)))
     committed, total = int(state["done"].sum()), len(state["done"])
     assert 0 < committed < total and not killed.is_done("similarity"), (committed, total)
 
-    finish(driver(args, log), log)
+    complete(args, log)
     summary = killed.read_json("similarity/summary.json")
     assert summary["tiles"] == {"total": total, "computed": total - committed, "resumed": committed}
     assert not killed.exists(PARTIALS_DIR) and not tmp_files(Path(killed.uri))
@@ -319,15 +339,12 @@ def test_driver_sigkilled_during_selection_rerun_resumes_checkpoint(ray_local, t
     args = ["select", "--output", killed.uri, "--num-cpus", "1", "--config", config, *SELECT_ARGS]
     log = tmp_path / "driver.log"
 
-    proc = driver(args, log)
-    wait_until(lambda: killed.exists(checkpoint_path(0)), proc, log, "selection checkpoint")
-    kill_group(proc)
+    start_and_kill_when(args, log, lambda: killed.exists(checkpoint_path(0)), "a selection checkpoint")
     saved = killed.read_table(checkpoint_path(0))
-    ranked = int(pc_sum(saved["chosen"]))
+    ranked = int(np.count_nonzero(saved["chosen"].to_numpy()))
     assert 30 <= ranked < n and not killed.is_done("selection"), ranked
-    before = log.read_text()
 
-    text = finish(driver(args, log), log)[len(before):]
+    text = complete(args, log)
     # replicate 0 picks up where its last committed checkpoint stopped, not from its seeds
     assert f"resuming a ranking at {ranked} of {n} images" in text, text[-3000:]
     assert killed.is_done("selection") and not killed.exists(CHECKPOINT_DIR)
@@ -336,12 +353,6 @@ def test_driver_sigkilled_during_selection_rerun_resumes_checkpoint(ray_local, t
     run_select(clean, SelectConfig(**SELECT_CFG))
     for rel in SELECTION_FILES:
         assert killed.read_bytes(rel) == clean.read_bytes(rel), rel
-
-
-def pc_sum(column: pa.ChunkedArray) -> int:
-    import pyarrow.compute as pc
-
-    return pc.sum(column).as_py() or 0
 
 
 # ---------------------------------------------------------------- write errors: a full disk, a file-size limit
@@ -366,10 +377,13 @@ else:
 
 
 def limited(limit: int, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", _LIMITED_DRIVER, str(limit), *argv], cwd=REPO, capture_output=True, text=True,
-        timeout=DRIVER_TIMEOUT_S,
-    )
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", _LIMITED_DRIVER, str(limit), *argv], cwd=REPO, capture_output=True, text=True,
+            timeout=DRIVER_TIMEOUT_S,
+        )
+        if attempt == 2 or RAY_STARTUP_FAILED not in done.stderr:
+            return done
 
 
 def test_overwrite_past_the_file_size_limit_keeps_the_previous_version(tmp_path):
