@@ -4,7 +4,8 @@ The sweep (numba) bins every entry with exact float64 arithmetic, counts entries
 per row and per column, and keeps the best k neighbours per row and per column as heaps of int64
 keys (value descending, then index ascending, so ties go to the smaller index). A vectorised check
 over short runs of a row skips runs that hold nothing above the lowest threshold and nothing that
-could enter a heap, so the scalar work follows the candidates, not the tile. Heaps start full of
+could enter a heap (off-diagonal tiles compare each run against the lowest gate of its columns, taken
+once per chunk), so the scalar work follows the candidates, not the tile. Heaps start full of
 sentinels at a floor (the caller's, or a lower bound of the k-th best from group maxima), so an
 entry is only looked at when it reaches its line's gate. Column candidates are buffered and offered
 in column order once per chunk; a diagonal tile runs its chunks last rows first, so each row's gate
