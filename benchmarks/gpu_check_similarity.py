@@ -8,7 +8,9 @@ cut short still leaves what it measured:
 2. on N=45,460 random unit vectors (d=128): the GPU fp32 results against the CPU kernel (run on
    every core), and the error of fp16/bf16 products against fp32 (histogram L1 share, threshold
    count relative error, recall of the top-k, largest similarity error);
-3. timings of the whole all-pairs pass (fused kernel, reduction included) against the bare tiled
+3. a profile of the fp32 kernel's parts (matmul, binning + histogram, threshold counts, keys, row and
+   column top-k, device-to-host copies), each timed alone on the N=45,460 chunks (``profile_45460``);
+4. timings of the whole all-pairs pass (fused kernel, reduction included) against the bare tiled
    GEMM over the same tiles and chunks, at each ``--sizes`` N (fp32, bf16, fp16 up to 100,000; fp32
    and bf16 above). A timing whose projection (the last measured one of that precision, scaled by
    N^2, plus 30 %) would end past ``--budget-seconds`` from the start is not run; its entry says
@@ -184,7 +186,7 @@ def bare_gemm(x: torch.Tensor, block: int, device: str) -> float:
     start = time.perf_counter()
     for r0, r1, c0, c1 in tile_plan(n, block):
         xi, xj = x[r0:r1], x[c0:c1]
-        step = max(1, min(len(xi), torch_kernel.CHUNK_ELEMENTS // len(xj)))
+        step = max(1, min(len(xi), torch_kernel.chunk_elements(torch.device(device), len(xj)) // len(xj)))
         for r in range(0, len(xi), step):
             lo = r if r0 == c0 else 0
             xi[r : r + step] @ xj[lo:].T
@@ -208,11 +210,107 @@ def time_all_pairs(x: torch.Tensor, precision: str, block: int, device: str) -> 
     seconds = time.perf_counter() - start
     timing = {
         "n": n, "precision": precision, "block": block, "stage_seconds": round(seconds, 3),
+        "chunk_elements": torch_kernel.chunk_elements(torch.device(device), min(block, n)),
         "gemm_seconds": round(gemm, 3), "ratio": round(seconds / gemm, 3),
         "pairs_above_0.5": int(reduction.counts[0].sum()) // 2,
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
     }
     return timing, reduction
+
+
+class PartTimer:
+    """Seconds per named part: CUDA events on the GPU (read once at the end), wall clock on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.events, self.seconds = device, [], {}
+
+    def __call__(self, name: str, fn):
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    def totals(self) -> dict:
+        synchronize(self.device)
+        for name, start, end in self.events:
+            self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1000
+        self.events = []
+        return {name: round(s, 4) for name, s in self.seconds.items()}
+
+
+def profile_parts(x: torch.Tensor, device: str, k: int = K) -> dict:
+    """Seconds of each part of the fp32 tile kernel, timed separately on the chunks of one diagonal tile of ``x``.
+
+    Every part starts from the same chunk product, so the parts are timed alone: the matmul, the
+    diagonal mask, binning + histogram, threshold counts, building the int64 (value, index) keys,
+    row and column top-k over those keys, row and column top-k over float32 values (the fast path),
+    and the device-to-host copies of one tile's results.
+    """
+    n = len(x)
+    a = x.float()
+    bins = BINS
+    bin_lim = torch.as_tensor(torch_kernel.bin_limits(bins), device=device)
+    lim = torch.as_tensor(kernel.sorted_limits(THRESHOLDS)[1], device=device)
+    step = max(1, min(n, torch_kernel.chunk_elements(torch.device(device), n) // n))
+    bits = max(1, (n - 1).bit_length())
+    timer = PartTimer(device)
+    hist = torch.zeros(bins + 1, dtype=torch.int64, device=device)
+    counts = torch.zeros((len(THRESHOLDS), n), dtype=torch.int64, device=device)
+    row_keys = torch.zeros((n, k), dtype=torch.int64, device=device)
+    synchronize(device)
+    wall = time.perf_counter()
+    chunks = 0
+    for r in range(0, n, step):
+        h, chunks = min(step, n - r), chunks + 1
+        s = timer("matmul", lambda: a[r : r + h] @ a[r:].T)
+        mask = torch.ones((h, h), dtype=torch.bool, device=device).tril()
+        timer("diagonal_mask", lambda: s[:, :h].masked_fill_(mask, -np.inf))
+
+        def histogram():
+            binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
+            hist.add_(torch.bincount(binned.reshape(-1), minlength=bins + 1))
+
+        timer("bin_histogram", histogram)
+
+        def thresholds():
+            for t in range(len(THRESHOLDS)):
+                above = s > lim[t]
+                counts[t, r : r + h] += above.sum(dim=1)
+                counts[t, r:] += above.sum(dim=0)
+
+        timer("threshold_counts", thresholds)
+        cols = torch.arange(r, n, device=device)
+        rows = torch.arange(r, r + h, device=device)
+        keys = timer("key_building", lambda: (torch_kernel._desc_keys(s) << bits) | cols[None, :])
+        kk = min(k, n - r)
+        timer("row_topk_int64_keys", lambda: torch.topk(keys, kk, dim=1, largest=False, sorted=True))
+        del keys
+        ckeys = (torch_kernel._desc_keys(s) << bits) | rows[:, None]
+        timer("col_topk_int64_keys_dim0", lambda: torch.topk(ckeys, min(k, h), dim=0, largest=False, sorted=True))
+        del ckeys
+        timer("row_topk_float32", lambda: torch.topk(s, min(k + 1, n - r), dim=1, sorted=True))
+        timer("col_transpose_float32", lambda: s.T.contiguous())
+        timer("col_topk_float32_transposed", lambda: torch.topk(s.T.contiguous(), min(k + 1, h), dim=1, sorted=True))
+        rk = timer("row_topk_kernel", lambda: torch_kernel._row_topk_keys(s, cols, k, bits))
+        timer("col_topk_kernel", lambda: torch_kernel._row_topk_keys(s.T.contiguous(), rows, k, bits))
+        row_keys[r : r + h, : rk.shape[1]] = rk
+        del s
+    timer("device_to_host", lambda: (row_keys.cpu(), counts.cpu(), hist.cpu(), row_keys.T.contiguous().cpu()))
+    parts = timer.totals()
+    return {
+        "n": n, "precision": "fp32", "chunks": chunks, "rows_per_chunk": step,
+        "chunk_elements": step * n, "parts_seconds": parts,
+        "wall_seconds_all_parts": round(time.perf_counter() - wall, 3),
+        "note": "each part timed alone on the same chunks (a diagonal tile of all N); top-k is timed both on "
+        "int64 keys (the exact slow path) and on float32 values (the fast path); *_kernel is the kernel's helper",
+    }
 
 
 def write_result(out_dir: str, result: dict) -> None:
@@ -256,6 +354,9 @@ def check_gpu(
         timing, gpu[p] = time_all_pairs(xt, p, block, device)
         timings.append(timing)
         last[p] = timing
+    result["seconds_so_far"] = round(time.perf_counter() - START, 1)
+    write_result(out_dir, result)
+    result[f"profile_{compare_n}"] = profile_parts(xt, device)
     del xt
     result[f"n{compare_n}_vs_cpu_fp32"] = compare(gpu["fp32"], cpu, compare_n)
     result["half_precision_error_vs_fp32"] = {p: compare(gpu[p], gpu["fp32"], compare_n) for p in precisions if p != "fp32"}

@@ -432,8 +432,10 @@ def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
         for row in ds.iter_rows():
             done += int(row["n"]) + int(row["n_errors"])
             log.info(
-                "embed: shard %d done (%d images, %d errors); %d/%d images, %.0f images/s",
-                row["shard"], row["n"], row["n_errors"], done, total, done / max(time.monotonic() - start, 1e-9),
+                "embed: shard %d done (%d images, %d errors) in %.2fs; %d/%d images, %.0f images/s",
+                row["shard"], row["n"], row["n_errors"], row["seconds"], done, total,
+                done / max(time.monotonic() - start, 1e-9),
+                extra={"shard_seconds": float(row["seconds"])},
             )
     return {"device": device, "actors": n_actors}
 

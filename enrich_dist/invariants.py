@@ -218,8 +218,16 @@ def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
 
 
 def check_select(run: RunDir) -> tuple[dict, list[str]]:
-    """Every replicate of each ranking is a permutation of the embedded ids, ranked 0..N-1; no NaN score."""
+    """Every replicate of each ranking is a permutation of the ranked ids, ranked 0..N-1; no NaN score.
+
+    The ranked ids are the embedded ones, within ``incremental/scope.parquet`` in an incremental run.
+    """
+    from .selection.inputs import scope_ids
+
     embedded = np.sort(_ids_of(run, EMBEDDINGS_DIR))
+    scope = scope_ids(run)
+    if scope is not None:
+        embedded = embedded[np.isin(embedded, scope)]
     from .selection.inputs import scope_ids
 
     scope = scope_ids(run)  # an incremental run ranks its labelled and new images only

@@ -240,7 +240,7 @@ def test_train_encoder_runs_as_a_deterministic_ray_task(ray_local, tmp_path):
 def test_quality_tells_a_collapsed_encoder_from_one_that_learned():
     images = discs(240, size=16, seed=3)  # 16x16: small enough to train to a useful model in seconds
     mean = images[:200].mean(axis=0)
-    cfg = dataclasses.replace(TINY, epochs=15, latent_dim=8, image_size=16, beta=1.0, learning_rate=3e-3)
+    cfg = dataclasses.replace(TINY, epochs=15, latent_dim=8, image_size=16, objective="beta", beta=1.0, learning_rate=3e-3)
     learned, _ = train_vae(images[:200], cfg)
     good = encoder_quality(learned, images[200:], mean)
     torch.manual_seed(0)

@@ -126,6 +126,54 @@ def test_torch_kernel_matches_oracle(n: int, block: int) -> None:
     assert_same(tiled(x, 5, (-0.5, 0.0, 0.5), 8, block, torch_cpu), oracle(x, 5, (-0.5, 0.0, 0.5), 8))
 
 
+def reference_topk_keys(s: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, values and indices of the top-k by (descending value, ascending index), -0.0 as 0.0."""
+    s = s + np.float32(0.0)
+    order = np.lexsort((np.broadcast_to(index, s.shape), -s.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), index[order]
+
+
+def test_torch_row_topk_with_ties_across_the_boundary() -> None:
+    """float32 top-k fast path: rows whose k-th value is tied past k fall back to keys, ties to the smaller index."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    s = rng.choice(np.float32([-0.5, -0.0, 0.0, 0.25, 0.5, 1.0]), size=(40, 23)).astype(np.float32)
+    s[0] = np.arange(23, dtype=np.float32)  # no ties at all
+    s[1] = 0.5  # every entry tied
+    s[2, :5] = -np.inf  # masked entries, fewer valid than k in row 3
+    s[3, 3:] = -np.inf
+    s[4] = np.where(np.arange(23) % 2, np.float32(0.0), np.float32(-0.0))  # -0.0 ties 0.0
+    s[5] = np.float32(0.25)
+    s[5, [0, 22]] = 1.0  # k-th tied across the boundary, the tie's indices on both sides
+    index = rng.permutation(1000)[:23].astype(np.int64)
+    bits = 10
+    for k in (1, 2, 4, 22, 23, 30):
+        keys = torch_kernel._row_topk_keys(torch.tensor(s), torch.tensor(index), k, bits)
+        vals, idx = torch_kernel._decode(keys, bits, 0)
+        want_vals, want_idx = reference_topk_keys(s, index, min(k, 23))
+        valid = np.isfinite(want_vals)
+        np.testing.assert_array_equal(np.where(valid, want_idx, -1), idx, err_msg=f"k={k}")
+        np.testing.assert_array_equal(np.where(valid, want_vals, -np.inf), vals, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 40, 1 << 25])
+def test_torch_kernel_off_diagonal_ties_across_chunks(chunk_elements: int, monkeypatch) -> None:
+    """An off-diagonal tile full of duplicate rows and columns, in chunks of 1 row up to one chunk: the CPU kernel's results."""
+    monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", chunk_elements)
+    assert torch_kernel.chunk_elements(__import__("torch").device("cpu"), 9) == chunk_elements
+    x = exact_unit_vectors(30, 8, seed=chunk_elements)
+    xi, xj = x[:13].copy(), x[13:].copy()
+    xi[5:] = xi[0]
+    xj[::2] = xj[1]
+    for k in (1, 3, 9, 20):
+        edges = histogram_edges(40)
+        want = tile_stats(xi, xj, False, k, THRESHOLDS, edges, row_offset=3, col_offset=40)
+        got = torch_cpu(xi, xj, False, k, THRESHOLDS, edges, row_offset=3, col_offset=40)
+        for name in ("row_counts", "col_counts", "row_vals", "row_idx", "col_vals", "col_idx", "hist"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{name}, k={k}")
+
+
 def test_torch_kernel_half_precision_is_close() -> None:
     """bf16 products are approximate: same histogram mass, neighbours mostly the same."""
     x = exact_unit_vectors(60, 16, seed=2)

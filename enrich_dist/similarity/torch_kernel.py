@@ -2,8 +2,12 @@
 
 Each chunk of ``S`` is one matmul. The histogram is a bincount of the CPU kernel's float64 bins
 (found by a search over precomputed float32 bin limits, see :func:`bin_limits`), threshold
-counts are comparisons, and top-k per row and per column is ``torch.topk`` over int64 keys that order
-by descending value, then ascending index, so ties go to the smaller index as everywhere else.
+counts are comparisons. Top-k per row is ``torch.topk`` of ``k + 1`` float32 values: where the
+``k``-th value is strictly above the ``(k+1)``-th, those ``k`` entries are the top-k whatever the
+tie order, and they are sorted by int64 keys that order by descending value, then ascending
+index. Only rows where the ``k``-th value is tied across that boundary take the top-k of keys over
+the whole row, so ties go to the smaller index as everywhere else. Columns are rows of the
+transposed chunk, merged across chunks by key. On CUDA, chunks are sized from free GPU memory.
 ``fp16``/``bf16`` compute the product in half precision: faster, approximate (the error is measured
 by ``benchmarks/gpu_check_similarity.py``).
 """
@@ -17,6 +21,8 @@ from .kernel import TileStats, sorted_limits
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHUNK_ELEMENTS = 1 << 25
+GPU_CHUNK_MAX = 1 << 28
+GPU_BYTES_PER_ELEMENT = 64
 _SIGN_FLIP = 0x7FFFFFFF
 _EMPTY_KEY = 1 << 62
 
@@ -75,6 +81,33 @@ def bin_limits(bins: int) -> np.ndarray:
     return limits
 
 
+def chunk_elements(device: torch.device, ncols: int) -> int:
+    """Elements of ``S`` per chunk: ``CHUNK_ELEMENTS`` on the CPU; on CUDA as many as free memory allows, up to ``GPU_CHUNK_MAX``."""
+    if device.type != "cuda":
+        return CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(CHUNK_ELEMENTS, min(GPU_CHUNK_MAX, free // GPU_BYTES_PER_ELEMENT))
+
+
+def _row_topk_keys(s: torch.Tensor, index: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Per row of ``s`` (h, w), the ``min(k, w)`` smallest keys ``desc(value) << bits | index[col]``, ascending.
+
+    float32 ``topk`` of ``k + 1`` finds them; a row whose ``k``-th and ``(k+1)``-th values are equal
+    (a tie across the boundary, masked ``-inf`` entries included) is done again over all its keys.
+    """
+    h, w = s.shape
+    kk = min(k, w)
+    if kk == w:
+        return torch.sort((_desc_keys(s) << bits) | index[None, :], dim=1).values
+    vals, pos = torch.topk(s, kk + 1, dim=1, sorted=True)
+    keys = torch.sort((_desc_keys(vals[:, :kk]) << bits) | index[pos[:, :kk]], dim=1).values
+    tied = (vals[:, kk] == vals[:, kk - 1]).nonzero()[:, 0]
+    if len(tied):
+        full = (_desc_keys(s[tied]) << bits) | index[None, :]
+        keys[tied] = torch.topk(full, kk, dim=1, largest=False, sorted=True).values
+    return keys
+
+
 def _on_device(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on ``device`` (numpy input is copied, so read-only arrays from the object store are fine)."""
     if isinstance(x, torch.Tensor):
@@ -112,40 +145,40 @@ def tile_stats_torch(
     row_counts = torch.zeros((len(limits), nr), dtype=torch.int64, device=dev)
     col_counts = torch.zeros((len(limits), nc), dtype=torch.int64, device=dev)
     hist = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
-    bin_lim = torch.as_tensor(bin_limits(bins), device=dev)
+    # a sentinel limit below every finite value: masked (-inf) entries count in bin 0, bin b in b + 1
+    lowest = np.array([np.finfo(np.float32).min], np.float32)
+    bin_lim = torch.as_tensor(np.concatenate([lowest, bin_limits(bins)]), device=dev)
     row_bits, col_bits = max(1, (nc - 1).bit_length()), max(1, (nr - 1).bit_length())
     row_keys = torch.full((nr, k), _EMPTY_KEY, dtype=torch.int64, device=dev)
-    col_keys = torch.full((k, nc), _EMPTY_KEY, dtype=torch.int64, device=dev)
-    step = max(1, min(nr, CHUNK_ELEMENTS // max(nc, 1)))
+    col_keys = torch.full((nc, k), _EMPTY_KEY, dtype=torch.int64, device=dev)
+    step = max(1, min(nr, chunk_elements(dev, nc) // max(nc, 1)))
+    tril = torch.ones((step, step), dtype=torch.bool, device=dev).tril() if diagonal else None
     for r in range(0, nr, step):
         h = min(step, nr - r)
         lo = r if diagonal else 0
-        w = nc - lo
         s = (a[r : r + h] @ b[lo:].T).float()
-        rows = torch.arange(r, r + h, device=dev)
-        cols = torch.arange(lo, nc, device=dev)
-        valid = cols[None, :] > rows[:, None] if diagonal else None
+        if diagonal:
+            # columns lo..lo+h-1 are rows r..r+h-1: the diagonal and below are not pairs
+            s[:, :h].masked_fill_(tril[:h, :h], -np.inf)
         binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
-        if valid is not None:
-            binned = torch.where(valid, binned, bins)
-            s = torch.where(valid, s, -np.inf)
         hist += torch.bincount(binned.reshape(-1), minlength=bins + 1)
+        del binned
         for t in range(len(limits)):
             above = s > lim[t]
             row_counts[t, r : r + h] += above.sum(dim=1)
             col_counts[t, lo:] += above.sum(dim=0)
         if k == 0:
             continue
-        desc = _desc_keys(s)
-        keys = (desc << row_bits) | cols[None, :]
-        kk = min(k, w)
-        row_keys[r : r + h, :kk] = torch.topk(keys, kk, dim=1, largest=False, sorted=True).values
-        keys = (desc << col_bits) | rows[:, None]
-        top = torch.topk(keys, min(k, h), dim=0, largest=False, sorted=True).values
-        col_keys[:, lo:] = torch.topk(torch.cat([col_keys[:, lo:], top]), k, dim=0, largest=False).values
+        rows = torch.arange(r, r + h, device=dev)
+        cols = torch.arange(lo, nc, device=dev)
+        top = _row_topk_keys(s, cols, k, row_bits)
+        row_keys[r : r + h, : top.shape[1]] = top
+        top = _row_topk_keys(s.T.contiguous(), rows, k, col_bits)
+        merged = torch.cat([col_keys[lo:], top], dim=1)
+        col_keys[lo:] = torch.topk(merged, k, dim=1, largest=False, sorted=True).values
     inverse = np.argsort(order)
     row_vals, row_idx = _decode(row_keys, row_bits, col_offset)
-    col_vals, col_idx = _decode(col_keys.T.contiguous(), col_bits, row_offset)
+    col_vals, col_idx = _decode(col_keys, col_bits, row_offset)
     return TileStats(
         row_counts.cpu().numpy()[inverse],
         col_counts.cpu().numpy()[inverse],
@@ -153,5 +186,5 @@ def tile_stats_torch(
         row_idx,
         col_vals,
         col_idx,
-        hist[:bins].cpu().numpy(),
+        hist[1:].cpu().numpy(),
     )
