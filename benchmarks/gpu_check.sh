@@ -28,7 +28,7 @@ run() {
 }
 {
   run similarity "$PY" benchmarks/gpu_check_similarity.py --out "$OUT" ${GPU_SIMILARITY_ARGS:---budget-seconds 170}
-  run embed "$PY" benchmarks/gpu_check_embed.py --out "$OUT" ${GPU_EMBED_ARGS:-}
+  run embed "$PY" benchmarks/gpu_check_embed.py --out "$OUT" ${GPU_EMBED_ARGS:---long-epochs 150}
 } 2>&1 | tee "$OUT/gpu_check.log"
 # the pipeline's status is tee's; the functions above recorded failures in the log
 grep -q "FAILED" "$OUT/gpu_check.log" && status=1

@@ -39,9 +39,9 @@ import torch
 from enrich_dist import imaging, schema
 from enrich_dist.config import EmbedConfig, EncoderConfig
 from enrich_dist.datasets import make_echo_archive
-from enrich_dist.embed import ShardEmbedder, VaeEmbedder
+from enrich_dist.embed import PixelEmbedder, ShardEmbedder, VaeEmbedder
 from enrich_dist.encoder import CHECKPOINT, encoder_bytes, train_vae
-from enrich_dist.encoder.train import encoder_quality, validation_split
+from enrich_dist.encoder.train import embed_images, encoder_quality, load_encoder, validation_split
 from enrich_dist.storage import RunDir
 
 SHARD = 4096  # images per committed shard, as the manifest stage's default shard_size
@@ -65,8 +65,33 @@ def sync(device: str) -> None:
 
 def read_archive(archive: str) -> list[str]:
     """Absolute paths of the archive's images, in manifest order."""
+    return [os.path.join(archive, row["uri"]) for row in read_rows(archive)]
+
+
+def read_rows(archive: str) -> list[dict]:
+    """The synthetic archive's manifest rows (uri, patient_id, clip_id, label, ...), in order."""
     with open(os.path.join(archive, "manifest.csv"), newline="", encoding="utf-8") as fh:
-        return [os.path.join(archive, row["uri"]) for row in csv.DictReader(fh)]
+        return list(csv.DictReader(fh))
+
+
+def label_agreement(vectors: np.ndarray, labels: np.ndarray, patients: np.ndarray, device: str) -> float:
+    """Share of images whose most similar image of ANOTHER patient has the same label (view).
+
+    A check of what an embedding captures, using the synthetic archive's labels (the product never
+    uses labels to embed or select): frames of one clip are near-duplicates, so neighbours from the
+    same patient are excluded.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(vectors, np.float32), device=device)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    _, pat = np.unique(patients, return_inverse=True)
+    pat_t = torch.as_tensor(pat, device=device)
+    hits = 0
+    for first in range(0, len(x), 2048):
+        s = x[first : first + 2048] @ x.T
+        s[pat_t[first : first + 2048, None] == pat_t[None, :]] = -2.0
+        nn = s.argmax(dim=1).cpu().numpy()
+        hits += int((labels[nn] == labels[first : first + 2048]).sum())
+    return round(hits / len(x), 4)
 
 
 def bare_decode(uris: list[str], threads: int) -> tuple[np.ndarray, float]:
@@ -166,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs at most (default 30)")
     parser.add_argument("--batch-size", type=int, default=256, help="embedding batch (default 256)")
     parser.add_argument("--decode-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--long-epochs", type=int, default=0,
+                        help="also train the default objective this many epochs (0: skip) and report its quality")
     parser.add_argument("--work", help="folder for the archive and runs (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.images, args.sample, args.epochs, args.batch_size = min(args.images, 48), min(args.sample, 40), 2, 16
+        args.long_epochs = min(args.long_epochs, 3)
     try:
         name = require_cuda() if args.device == "cuda" else platform.processor() or "cpu"
     except RuntimeError as exc:
@@ -190,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         archive = os.path.join(work, "archive")
         make_echo_archive(archive, args.images, 0, workers=1 if args.dry_run else os.cpu_count(), progress=False)
-        uris = read_archive(archive)
+        rows = read_rows(archive)
+        uris = [os.path.join(archive, row["uri"]) for row in rows]
+        labels = np.array([row["label"] for row in rows])
+        patients = np.array([row["patient_id"] for row in rows])
         result["archive"] = {"images": len(uris), "seconds": round(time.perf_counter() - t0, 2)}
 
         images, decode_s = bare_decode(uris, args.decode_threads)
@@ -232,6 +263,19 @@ def main(argv: list[str] | None = None) -> int:
             "fp32_deterministic": bool(np.array_equal(embeddings["fp32_first"], ref)),
             **{f"fp32_vs_{p}": compare(ref, embeddings[p]) for p in precisions[1:]},
         }
+        # what the embeddings capture: same-view neighbour across patients (labels used only here)
+        pixels = PixelEmbedder(16)(images)
+        result["label_agreement"] = {
+            "vae_" + cfg.objective: label_agreement(ref, labels, patients, device),
+            "pixels_16": label_agreement(pixels, labels, patients, device),
+            "chance": round(float(sum((labels == v).mean() ** 2 for v in np.unique(labels))), 4),
+        }
+        if args.long_epochs:
+            long_cfg = dataclasses.replace(cfg, epochs=args.long_epochs)
+            long_ckpt, result["train_long"] = train(images[pick], long_cfg, device)
+            model = load_encoder(long_ckpt)
+            result["label_agreement"][f"vae_{cfg.objective}_{args.long_epochs}_epochs"] = label_agreement(
+                embed_images(model, images, device=device), labels, patients, device)
         stage = result["stage_images_per_s"]["bf16" if device == "cuda" else "fp32"]
         result["stage_to_decode_ratio"] = round(stage / result["bare_decode_images_per_s"], 3)
         if device == "cuda":
@@ -262,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
           f"bare forward {result['forward_images_per_s']} (stage/decode {result['stage_to_decode_ratio']})")
     print(f"  fp32 deterministic: {e['fp32_deterministic']}; " + "; ".join(
         f"{k[8:]}: max|diff| {v['max_abs_diff']:.2e}, min cos {v['min_cosine']:.6f}" for k, v in mixed.items()))
+    print(f"  label agreement of the nearest other-patient image: {result['label_agreement']}")
+    if "train_long" in result:
+        t = result["train_long"]
+        print(f"  long training: {t['epochs_run']} epochs (best {t['best_epoch']}), KL {t['kl_nats']:.2f} nats, "
+              f"{t['active_dims']} active dims, recon/mean {t['recon_to_mean_ratio']:.3f}{' COLLAPSED' if t['collapsed'] else ''}")
     print(f"  written {path}")
     return 0
 

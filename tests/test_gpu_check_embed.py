@@ -36,7 +36,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cpu_dry_run_without_ray_writes_the_full_result(tmp_path):
-    proc = run_script("--out", str(tmp_path), "--device", "cpu", "--dry-run", "--decode-threads", "2")
+    proc = run_script("--out", str(tmp_path), "--device", "cpu", "--dry-run", "--decode-threads", "2", "--long-epochs", "50")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_embed.json").read_text())
     assert result["archive"]["images"] == 48 and result["embedding"]["n"] == 48
@@ -51,6 +51,10 @@ def test_cpu_dry_run_without_ray_writes_the_full_result(tmp_path):
         assert result[key] > 0
     assert set(result["stage_images_per_s"]) == {"fp32_first", "fp32"} and result["forward_images_per_s"]["fp32"] > 0
     assert "images/s: bare decode" in proc.stdout
+    agreement = result["label_agreement"]
+    assert 0 < agreement["chance"] < 1 and 0 <= agreement["pixels_16"] <= 1
+    assert set(agreement) == {"vae_capacity", "vae_capacity_3_epochs", "pixels_16", "chance"}  # capacity: the default
+    assert result["train_long"]["epochs_run"] <= 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without CUDA; this machine has CUDA")
