@@ -20,6 +20,7 @@ DEMO_MODEL = "linear"  # and evaluates subsets with the linear probe, the cheape
 _OVERRIDES = {
     "nifti_axis": ("manifest", "nifti_axis", int),
     "pseudonymise": ("manifest", "pseudonymise", bool),
+    "archive_root": ("manifest", "root", str),
     "sample": ("encoder", "sample", parse_size),
     "epochs": ("encoder", "epochs", int),
     "beta": ("encoder", "beta", float),
@@ -86,6 +87,11 @@ def _manifest_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-pseudonymise", dest="pseudonymise", action="store_false", default=None,
         help="copy PatientID and DICOM UIDs as they are (default: keyed hashes, key from ENRICH_PSEUDONYM_KEY)",
+    )
+    p.add_argument(
+        "--archive-root",
+        help="every image and mask path must lie under this folder or prefix (.., file:// and symlinks resolved); "
+        "default: a folder input is its own root, a table's relative paths stay under the table's folder",
     )
 
 

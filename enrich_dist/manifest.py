@@ -85,7 +85,7 @@ def confine(uris: pa.Array | pa.ChunkedArray, src: str, root: str, links: bool =
         raise ValueError(
             f"{redact_uri(src)}: {len(outside)} image paths lie outside the archive root {redact_uri(root)!r} "
             f"(e.g. {shown}; '..', other buckets, file:// paths and symlinks are resolved first): list only "
-            "images under the root, or set manifest.root in --config to a folder that holds them all"
+            "images under the root, or set --archive-root (manifest.root in --config) to a folder that holds them all"
         )
 
 

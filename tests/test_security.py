@@ -76,8 +76,19 @@ def test_table_paths_outside_the_root_are_refused(layout, run_dir, entry, declar
     with pytest.raises(ValueError, match=r"1 image paths lie outside the archive root") as err:
         run_manifest(run_dir, str(table), cfg)
     message = str(err.value)
-    assert str(table) in message and str(layout) in message and "set manifest.root" in message
+    assert str(table) in message and str(layout) in message and "set --archive-root" in message
     assert not run_dir.exists(schema.MANIFEST_DIR)
+
+
+def test_archive_root_option_confines_a_table_from_the_command_line(layout, tmp_path, caplog):
+    table = layout / "list.csv"
+    table.write_text(f"uri\nimg/a.png\n{layout.parent}/outside.png\n")
+    out = tmp_path / "run"
+    argv = ["manifest", "--input", str(table), "--output", str(out), "--archive-root", str(layout)]
+    with caplog.at_level(logging.ERROR, logger="enrich_dist"):
+        assert main(argv) == 2
+    assert "outside the archive root" in caplog.text and "outside.png" in caplog.text
+    assert not (out / schema.MANIFEST_DIR / "_SUCCESS").exists()
 
 
 def test_paths_inside_the_root_are_kept(ray_local, layout, run_dir):
