@@ -249,7 +249,8 @@ def profile_parts(x: torch.Tensor, device: str, k: int = K) -> dict:
     """Seconds of each part of the fp32 tile kernel, timed separately on the chunks of one diagonal tile of ``x``.
 
     Every part starts from the same chunk product, so the parts are timed alone: the matmul, the
-    diagonal mask, binning + histogram, threshold counts, building the int64 (value, index) keys,
+    diagonal mask, binning + histogram and threshold counts (the kernel's helpers; ``alt_*`` entries are
+    other ways, timed for comparison), building the int64 (value, index) keys,
     row and column top-k over those keys, row and column top-k over float32 values (the fast path),
     and the device-to-host copies of one tile's results.
     """
@@ -257,6 +258,8 @@ def profile_parts(x: torch.Tensor, device: str, k: int = K) -> dict:
     a = x.float()
     bins = BINS
     bin_lim = torch.as_tensor(torch_kernel.bin_limits(bins), device=device)
+    lowest = np.array([np.finfo(np.float32).min], np.float32)
+    kernel_lim = torch.as_tensor(np.concatenate([lowest, torch_kernel.bin_limits(bins)]), device=device)
     lim = torch.as_tensor(kernel.sorted_limits(THRESHOLDS)[1], device=device)
     step = max(1, min(n, torch_kernel.chunk_elements(torch.device(device), n) // n))
     bits = max(1, (n - 1).bit_length())
@@ -266,42 +269,68 @@ def profile_parts(x: torch.Tensor, device: str, k: int = K) -> dict:
     row_keys = torch.zeros((n, k), dtype=torch.int64, device=device)
     synchronize(device)
     wall = time.perf_counter()
-    chunks = 0
-    for r in range(0, n, step):
-        h, chunks = min(step, n - r), chunks + 1
+    def chunk_parts(r: int, h: int) -> None:
+        """Every part, timed alone, on the chunk of rows ``r .. r + h``."""
         s = timer("matmul", lambda: a[r : r + h] @ a[r:].T)
         mask = torch.ones((h, h), dtype=torch.bool, device=device).tril()
         timer("diagonal_mask", lambda: s[:, :h].masked_fill_(mask, -np.inf))
 
-        def histogram():
+        groups = torch.arange(h, device=device, dtype=torch.int32) % torch_kernel.HIST_GROUPS * (bins + 1)
+        groups = groups[:, None]
+        timer("bin_histogram", lambda: torch_kernel._add_histogram(hist, s, kernel_lim, groups))
+        row_part, col_part = counts[:, r : r + h], counts[:, r:]
+        timer("threshold_counts", lambda: torch_kernel._add_threshold_counts(row_part, col_part, s, lim))
+
+        def histogram_one_group():
             binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
             hist.add_(torch.bincount(binned.reshape(-1), minlength=bins + 1))
 
-        timer("bin_histogram", histogram)
+        timer("alt_bin_histogram_one_group", histogram_one_group)
 
-        def thresholds():
+        def thresholds_all_rows():
             for t in range(len(THRESHOLDS)):
                 above = s > lim[t]
                 counts[t, r : r + h] += above.sum(dim=1)
                 counts[t, r:] += above.sum(dim=0)
 
-        timer("threshold_counts", thresholds)
+        timer("alt_threshold_counts_all_rows", thresholds_all_rows)
         cols = torch.arange(r, n, device=device)
         rows = torch.arange(r, r + h, device=device)
         keys = timer("key_building", lambda: (torch_kernel._desc_keys(s) << bits) | cols[None, :])
         kk = min(k, n - r)
         timer("row_topk_int64_keys", lambda: torch.topk(keys, kk, dim=1, largest=False, sorted=True))
-        del keys
+        keys = None  # free it before the next part
         ckeys = (torch_kernel._desc_keys(s) << bits) | rows[:, None]
         timer("col_topk_int64_keys_dim0", lambda: torch.topk(ckeys, min(k, h), dim=0, largest=False, sorted=True))
-        del ckeys
+        ckeys = None
         timer("row_topk_float32", lambda: torch.topk(s, min(k + 1, n - r), dim=1, sorted=True))
         timer("col_transpose_float32", lambda: s.T.contiguous())
         timer("col_topk_float32_transposed", lambda: torch.topk(s.T.contiguous(), min(k + 1, h), dim=1, sorted=True))
+        # alternatives, timed alone, for the next change: where the histogram's time goes, other ways
+        # to count thresholds, column top-k without the transpose
+        binned = timer("alt_bucketize_only", lambda: torch.bucketize(s, bin_lim, out_int32=True, right=True))
+        timer("alt_bincount_only", lambda: torch.bincount(binned.reshape(-1), minlength=bins + 1))
+        spread = torch_kernel.HIST_GROUPS * (bins + 1)
+        timer("alt_bincount_only_spread_row_groups", lambda: torch.bincount((binned + groups).reshape(-1), minlength=spread))
+        binned = None
+
+        def thresholds_3d():
+            above = s.unsqueeze(0) > lim[:, None, None]
+            return above.sum(dim=2), above.sum(dim=1)
+
+        timer("alt_threshold_counts_one_3d_compare", thresholds_3d)
+        timer("alt_threshold_row_sums_only", lambda: [(s > lim[t]).sum(dim=1) for t in range(len(THRESHOLDS))])
+        timer("alt_col_topk_float32_dim0", lambda: torch.topk(s, min(k + 1, h), dim=0, sorted=True))
+        timer("alt_row_topk_float32_unsorted", lambda: torch.topk(s, min(k + 1, n - r), dim=1, sorted=False))
         rk = timer("row_topk_kernel", lambda: torch_kernel._row_topk_keys(s, cols, k, bits))
         timer("col_topk_kernel", lambda: torch_kernel._row_topk_keys(s.T.contiguous(), rows, k, bits))
         row_keys[r : r + h, : rk.shape[1]] = rk
-        del s
+
+    chunks = 0
+    for r in range(0, n, step):
+        chunks += 1
+        chunk_parts(r, min(step, n - r))
+
     timer("device_to_host", lambda: (row_keys.cpu(), counts.cpu(), hist.cpu(), row_keys.T.contiguous().cpu()))
     parts = timer.totals()
     return {
@@ -356,7 +385,12 @@ def check_gpu(
         last[p] = timing
     result["seconds_so_far"] = round(time.perf_counter() - START, 1)
     write_result(out_dir, result)
-    result[f"profile_{compare_n}"] = profile_parts(xt, device)
+    try:
+        result[f"profile_{compare_n}"] = profile_parts(xt, device)
+    except (RuntimeError, ValueError) as exc:  # a profile that fails (out of memory, say) must not stop the checks
+        result[f"profile_{compare_n}"] = {"failed": f"{type(exc).__name__}: {exc}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
     del xt
     result[f"n{compare_n}_vs_cpu_fp32"] = compare(gpu["fp32"], cpu, compare_n)
     result["half_precision_error_vs_fp32"] = {p: compare(gpu[p], gpu["fp32"], compare_n) for p in precisions if p != "fp32"}

@@ -1,8 +1,9 @@
 """One similarity tile with torch, for GPUs (and on the CPU in tests): in fp32 the same results as the CPU kernel.
 
 Each chunk of ``S`` is one matmul. The histogram is a bincount of the CPU kernel's float64 bins
-(found by a search over precomputed float32 bin limits, see :func:`bin_limits`), threshold
-counts are comparisons. Top-k per row is ``torch.topk`` of ``k + 1`` float32 values: where the
+(found by a search over precomputed float32 bin limits, see :func:`bin_limits`), spread over
+``HIST_GROUPS`` row groups; threshold counts are comparisons, over only the rows whose largest
+entry passes the lowest threshold when those are few. Top-k per row is ``torch.topk`` of ``k + 1`` float32 values: where the
 ``k``-th value is strictly above the ``(k+1)``-th, those ``k`` entries are the top-k whatever the
 tie order, and they are sorted by int64 keys that order by descending value, then ascending
 index. Only rows where the ``k``-th value is tied across that boundary take the top-k of keys over
@@ -23,6 +24,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 CHUNK_ELEMENTS = 1 << 25
 GPU_CHUNK_MAX = 1 << 28
 GPU_BYTES_PER_ELEMENT = 64
+HIST_GROUPS = 16
 _SIGN_FLIP = 0x7FFFFFFF
 _EMPTY_KEY = 1 << 62
 
@@ -108,6 +110,40 @@ def _row_topk_keys(s: torch.Tensor, index: torch.Tensor, k: int, bits: int) -> t
     return keys
 
 
+def _add_histogram(hist: torch.Tensor, s: torch.Tensor, bin_lim: torch.Tensor, groups: torch.Tensor) -> None:
+    """Adds the bins of ``s`` (``bin_lim`` starts with a sentinel: ``-inf`` in 0, bin b in b + 1) to ``hist``.
+
+    Rows in ``HIST_GROUPS`` groups (``groups``: each row's group times ``len(hist)``) count into separate
+    copies of the bins, so fewer atomic adds collide.
+    """
+    binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
+    binned += groups[: len(s)]
+    hist += torch.bincount(binned.reshape(-1), minlength=HIST_GROUPS * len(hist)).view(HIST_GROUPS, -1).sum(0)
+
+
+def _add_threshold_counts(
+    row_counts: torch.Tensor, col_counts: torch.Tensor, s: torch.Tensor, lim: torch.Tensor
+) -> None:
+    """Adds, per limit (ascending), the entries of ``s`` strictly above it per row and per column.
+
+    Only rows whose largest entry is above the lowest limit can count: when they are at most half
+    the rows, those rows alone are compared.
+    """
+    if len(lim) == 0:
+        return
+    active = (s.amax(dim=1) > lim[0]).nonzero()[:, 0]
+    if len(active) == 0:
+        return
+    sub = s if 2 * len(active) > len(s) else s[active]
+    for t in range(len(lim)):
+        above = sub > lim[t]
+        if sub is s:
+            row_counts[t] += above.sum(dim=1)
+        else:
+            row_counts[t, active] += above.sum(dim=1)
+        col_counts[t] += above.sum(dim=0)
+
+
 def _on_device(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on ``device`` (numpy input is copied, so read-only arrays from the object store are fine)."""
     if isinstance(x, torch.Tensor):
@@ -153,6 +189,7 @@ def tile_stats_torch(
     col_keys = torch.full((nc, k), _EMPTY_KEY, dtype=torch.int64, device=dev)
     step = max(1, min(nr, chunk_elements(dev, nc) // max(nc, 1)))
     tril = torch.ones((step, step), dtype=torch.bool, device=dev).tril() if diagonal else None
+    groups = (torch.arange(step, dtype=torch.int32, device=dev) % HIST_GROUPS * (bins + 1))[:, None]
     for r in range(0, nr, step):
         h = min(step, nr - r)
         lo = r if diagonal else 0
@@ -160,13 +197,8 @@ def tile_stats_torch(
         if diagonal:
             # columns lo..lo+h-1 are rows r..r+h-1: the diagonal and below are not pairs
             s[:, :h].masked_fill_(tril[:h, :h], -np.inf)
-        binned = torch.bucketize(s, bin_lim, out_int32=True, right=True)
-        hist += torch.bincount(binned.reshape(-1), minlength=bins + 1)
-        del binned
-        for t in range(len(limits)):
-            above = s > lim[t]
-            row_counts[t, r : r + h] += above.sum(dim=1)
-            col_counts[t, lo:] += above.sum(dim=0)
+        _add_histogram(hist, s, bin_lim, groups)
+        _add_threshold_counts(row_counts[:, r : r + h], col_counts[:, lo:], s, lim)
         if k == 0:
             continue
         rows = torch.arange(r, r + h, device=dev)
