@@ -221,9 +221,16 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     target = tmp_path / "pwned"
     buf = io.BytesIO()
     torch.save({"format": 1, "config": {}, "state_dict": {}, "x": _Payload(str(target))}, buf)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ValueError, match=r"encoder/vae.pt is not a loadable .*Weights only load failed") as err:
         load_encoder(buf.getvalue())
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert "rerun `enrich train-encoder`" in str(err.value)
     assert not target.exists()
+
+
+def test_damaged_checkpoint_is_named_with_the_fix():
+    with pytest.raises(ValueError, match=r"encoder/vae.pt is not a loadable encoder checkpoint .*train-encoder"):
+        load_encoder(b"\x00not a checkpoint")
 
 
 def test_every_torch_load_in_the_package_is_weights_only():

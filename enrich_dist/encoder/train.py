@@ -307,11 +307,19 @@ def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
     return buf.getvalue()
 
 
-def load_encoder(data: bytes) -> BetaVAE:
-    """The model saved by :func:`encoder_bytes`, on CPU and in eval mode."""
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
+    """The model saved by :func:`encoder_bytes`, on CPU and in eval mode.
+
+    Only tensors and plain containers are loaded (``weights_only=True``): a checkpoint carrying code,
+    or one that is damaged, is refused with a ValueError naming ``name`` and the fix.
+    """
+    fix = "delete the run dir's encoder/ folder and rerun `enrich train-encoder`"
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError/EOFError for damage
+        raise ValueError(f"{name} is not a loadable encoder checkpoint ({type(exc).__name__}: {str(exc)[:200]}); {fix}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not an enrich_dist encoder checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        raise ValueError(f"{name} is not an enrich_dist encoder checkpoint (format {CHECKPOINT_FORMAT} expected); {fix}")
     config = ckpt["config"]
     model = BetaVAE(int(config["latent_dim"]), int(config["image_size"]))
     model.load_state_dict(ckpt["state_dict"])
