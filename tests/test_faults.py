@@ -22,24 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from faultproxy import FaultProxy  # tests/ is on sys.path (pytest rootdir conftest)
+from s3env import use_loopback_s3_env
 
 from enrich_dist import schema
 from enrich_dist.config import EmbedConfig, ManifestConfig, RunConfig, SelectConfig, SimilarityConfig
 from enrich_dist.storage import TMP_PREFIX, RunDir
 
-# Ray workers inherit the environment of the process that starts Ray: set while pytest collects (as test_s3.py
-# does), dummy credentials for the loopback server, the environment's endpoint a closed loopback port.
-os.environ.update({
-    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-    "AWS_ACCESS_KEY_ID": "AKIAENRICHTEST000001",
-    "AWS_SECRET_ACCESS_KEY": "enrich-test-secret-7f3c9d2a1b",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-})
-os.environ.pop("AWS_SESSION_TOKEN", None)
-os.environ.pop("AWS_PROFILE", None)
+use_loopback_s3_env()  # at collection, so the Ray workers started later inherit it
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER_TIMEOUT_S = 300  # a stuck subprocess fails the test instead of hanging it

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from gpu_script import ROOT, run_blocked  # tests/ is on sys.path (rootdir conftest)
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check_embed.py"
 # What the GPU machine lacks: importing any of these (or anything under them) fails there.
 ABSENT = ("ray", "faiss", "s3fs")
 
-BLOCKER = f"""
-import importlib.abc, runpy, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
-            raise ImportError(f"{{name}} is not installed on the GPU machine")
-sys.meta_path.insert(0, Block())
-sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
-runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
-"""
-
-
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_blocked(SCRIPT, ABSENT, *args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_cpu_dry_run_without_ray_writes_the_full_result(tmp_path):

@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from gpu_script import ROOT, run_blocked  # tests/ is on sys.path (rootdir conftest)
 
 from enrich_dist.schema import SIMILARITY_DIR
 from enrich_dist.similarity import reduce
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check_similarity.py"
 # What the GPU machine lacks: importing any of these (or anything under them) fails there.
 ABSENT = ("ray", "pyarrow", "fsspec", "s3fs", "faiss", "threadpoolctl", "pandas", "yaml", "kubernetes")
 
-BLOCKER = f"""
-import importlib.abc, runpy, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
-            raise ImportError(f"{{name}} is not installed on the GPU machine")
-sys.meta_path.insert(0, Block())
-sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
-runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
-"""
-
-
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_blocked(SCRIPT, ABSENT, *args)
 
 
 def test_partials_dir_is_under_the_similarity_dir() -> None:

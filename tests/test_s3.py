@@ -5,33 +5,19 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import uuid
 
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from s3env import ACCESS_KEY, SECRET_KEY, use_loopback_s3_env
 
 from enrich_dist import storage
 from enrich_dist.storage import RunDir, is_transient, read_uri, redact_uri, with_retries
 
 # Set while pytest collects, before any test starts a Ray: Ray workers inherit the environment of the process
-# that started Ray (credentials are never forwarded through a runtime_env). Dummy values for the loopback server;
-# IMDS lookups are off, and the environment's endpoint is a closed loopback port: an S3 call that misses the
-# --storage-options endpoint fails on 127.0.0.1 instead of going anywhere else.
-ACCESS_KEY = "AKIAENRICHTEST000001"
-SECRET_KEY = "enrich-test-secret-7f3c9d2a1b"
-os.environ.update({
-    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-})
-os.environ.pop("AWS_SESSION_TOKEN", None)
-os.environ.pop("AWS_PROFILE", None)
+# that started Ray (credentials are never forwarded through a runtime_env).
+use_loopback_s3_env()
 
 
 
