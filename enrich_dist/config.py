@@ -74,22 +74,29 @@ class ManifestConfig:
 class EncoderConfig:
     """The beta-VAE and its training (Burgess et al. architecture, 64x64 inputs).
 
-    ``objective`` "beta" is the plain recon + beta * KL (the paper's loss); "capacity" (the default) is
-    Burgess et al.'s recon + gamma * |KL - C| with the KL target C raised linearly from 0 to ``capacity``
-    nats over the first 3/4 of training, which keeps the KL from collapsing to zero (on the demo
-    archive the plain objective at beta 4 fell to under 0.5 nat within 24 epochs). ``device`` "auto" trains
-    on a GPU when the Ray cluster (or, without Ray, torch) has one.
+    ``objective`` "beta" (the default) is the plain recon + beta * KL, with beta raised linearly from 0
+    over the first ``kl_warmup`` share of the epochs (KL warm-up, Bowman et al. 2016) so the encoder
+    learns to tell images apart before the KL term pulls it towards the prior; "capacity" is Burgess
+    et al.'s recon + gamma * |KL - C| with the KL target C raised linearly from 0 to ``capacity`` nats
+    over the first 3/4 of training. Defaults come from runs on the 3,000-image demo archive (2,700
+    training images, 3,000 steps of 64, CPU): beta 0.1 reached a held-out reconstruction of 694 nats
+    against 771 for the mean image (floor about 667) and 0.73 agreement of the nearest other-patient
+    image's view label (chance 0.55); beta 1 reached 739 and 0.65 after 1,500 steps, with 3-6 active
+    dimensions; beta 4 and the capacity objective stayed within a few nats of the mean image (the
+    capacity objective met its KL target by shrinking variances, with no dimension varying across
+    images). ``device`` "auto" trains on a GPU when the Ray cluster (or, without Ray, torch) has one.
     """
 
     sample: Size = 5000
     epochs: int = 20
-    objective: str = "capacity"
-    beta: float = 4.0
+    objective: str = "beta"
+    beta: float = 0.1
     capacity: float = 25.0
     gamma: float = 100.0
     latent_dim: int = 128
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
+    kl_warmup: float = 0.3
     image_size: int = 64
     seed: int = 0
     device: str = "auto"

@@ -28,7 +28,7 @@ log = logging.getLogger("enrich_dist.encoder")
 CHECKPOINT = posixpath.join(ENCODER_DIR, "vae.pt")
 TRAIN_STATS = posixpath.join(ENCODER_DIR, "train.json")
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: input standardisation and the decoder's per-pixel offset (format 1 had neither)
 VAL_FRACTION = 0.1
 MIN_IMAGES_FOR_VAL = 20
 PATIENCE = 5
@@ -87,8 +87,12 @@ def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     return arr
 
 
-def _weight(cfg: EncoderConfig) -> float:
-    return cfg.gamma if cfg.objective == "capacity" else cfg.beta
+def _weight(cfg: EncoderConfig, progress: float = math.inf) -> float:
+    """The KL weight after ``progress`` epochs of training: gamma, or beta raised from 0 over the warm-up epochs."""
+    if cfg.objective == "capacity":
+        return cfg.gamma
+    warmup = cfg.kl_warmup * cfg.epochs
+    return cfg.beta * min(1.0, progress / warmup) if warmup > 0 else cfg.beta
 
 
 def capacity_schedule(cfg: EncoderConfig, epoch: int) -> tuple[float | None, float | None]:
@@ -108,8 +112,9 @@ def _train_epoch(
     order: torch.Tensor,
     cfg: EncoderConfig,
     capacity: tuple[float | None, float | None],
+    epoch: int,
 ) -> np.ndarray:
-    """One pass over ``data[order]`` in mini-batches; mean per-image (total, recon, KL)."""
+    """One pass over ``data[order]`` in mini-batches (``epoch`` is 1-based); mean per-image (total, recon, KL)."""
     model.train()
     sums = np.zeros(len(LOSSES))
     c0, c1 = capacity
@@ -117,7 +122,7 @@ def _train_epoch(
         xb = data[order[first : first + cfg.batch_size]]
         logits, mu, logvar = model(xb)
         c = None if c0 is None else c0 + (c1 - c0) * first / len(order)
-        losses = vae_loss(logits, xb, mu, logvar, _weight(cfg), c)
+        losses = vae_loss(logits, xb, mu, logvar, _weight(cfg, epoch - 1 + first / len(order)), c)
         optimizer.zero_grad(set_to_none=True)
         losses[0].backward()
         optimizer.step()
@@ -156,6 +161,8 @@ def train_vae(
         raise ValueError("no images to train the encoder on")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+    if not 0.0 <= cfg.kl_warmup <= 1.0:
+        raise ValueError(f"kl_warmup is a share of the epochs between 0 and 1, got {cfg.kl_warmup}")
     train_idx, val_idx = validation_split(len(data), cfg.seed)
     val_data = data[torch.from_numpy(val_idx).to(device)]
     monitor = "val_total" if len(val_idx) else "train_total"
@@ -172,12 +179,13 @@ def train_vae(
     with _deterministic(device):
         torch.manual_seed(cfg.seed)
         model = BetaVAE(cfg.latent_dim, cfg.image_size).to(device)
+        model.fit_data_statistics(data[torch.from_numpy(train_idx).to(device)])
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             order = torch.from_numpy(shuffle_rng.permutation(train_idx)).to(device)
             schedule = capacity_schedule(cfg, epoch)
-            results = {"train": _train_epoch(model, optimizer, data, order, cfg, schedule)}
+            results = {"train": _train_epoch(model, optimizer, data, order, cfg, schedule, epoch)}
             if len(val_idx):
                 results["val"] = _evaluate(model, val_data, cfg)
             history["epoch"].append(epoch)
@@ -192,10 +200,12 @@ def train_vae(
                 raise FloatingPointError(
                     f"beta-VAE training diverged at epoch {epoch} ({monitor} {current}): lower the learning rate"
                 )
-            if current < best_loss:
+            # while the KL target or weight is still ramping the loss is not yet the final objective:
+            # those epochs are candidates only when training ends before the ramp does
+            annealing = (schedule[1] is not None and schedule[1] < cfg.capacity) or _weight(cfg, epoch) < _weight(cfg)
+            if (current < best_loss and not annealing) or (epoch == cfg.epochs and not best_state):
                 best_loss, best_epoch = current, epoch
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            annealing = schedule[1] is not None and schedule[1] < cfg.capacity
             stop = not annealing and epoch - best_epoch >= PATIENCE
             if epoch % log_every == 0 or stop or epoch == cfg.epochs:
                 log.info(
@@ -300,6 +310,7 @@ def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
         "epochs": int(cfg.epochs),
         "batch_size": int(cfg.batch_size),
         "learning_rate": float(cfg.learning_rate),
+        "kl_warmup": float(cfg.kl_warmup),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
@@ -318,11 +329,14 @@ def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError/EOFError for damage
         raise ValueError(f"{name} is not a loadable encoder checkpoint ({type(exc).__name__}: {str(exc)[:200]}); {fix}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise ValueError(f"{name} is not an enrich_dist encoder checkpoint (format {CHECKPOINT_FORMAT} expected); {fix}")
     config = ckpt["config"]
     model = BetaVAE(int(config["latent_dim"]), int(config["image_size"]))
-    model.load_state_dict(ckpt["state_dict"])
+    # format 1 predates the standardisation and offset: their defaults reproduce that network exactly
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=ckpt["format"] != 1)
+    if unexpected or set(missing) - {"input_mean", "input_std", "pixel_bias"}:
+        raise ValueError(f"{name} does not match the encoder network (missing {missing}, unexpected {unexpected}); {fix}")
     return model.eval()
 
 
