@@ -292,8 +292,8 @@ def collapse_warning(quality: dict) -> str | None:
         why.append(f"its reconstructions have {100 * ratio:.0f}% of the error of the mean image")
     return (
         f"the beta-VAE looks collapsed or untrained: {' and '.join(why)}, so its embeddings say little about the "
-        "images; train longer (--epochs, a larger --sample), lower --beta, use --objective capacity, or use "
-        "--embedder pixels"
+        "images; train longer (--epochs, a larger --sample), lower --beta (default 0.1) with --kl-warmup on, "
+        "or use --embedder pixels"
     )
 
 

@@ -262,8 +262,8 @@ def encoder_quality(quality: dict) -> list[Markup]:
         parts.append(
             note(
                 "Warning: the encoder looks collapsed or untrained (few active dimensions, or reconstructions no "
-                "better than the mean image), so its embeddings say little about the images. Train longer, lower "
-                "beta, use the capacity objective, or compare with --embedder pixels."
+                "better than the mean image), so its embeddings say little about the images. Train longer (--epochs, "
+                "a larger --sample), lower --beta (0.1 is the default) with the KL warm-up on, or compare with --embedder pixels."
             )
         )
     return parts
