@@ -35,7 +35,7 @@ def test_cpu_dry_run_without_ray_writes_the_full_result(tmp_path):
     assert "images/s: bare decode" in proc.stdout
     agreement = result["label_agreement"]
     assert 0 < agreement["chance"] < 1 and 0 <= agreement["pixels_16"] <= 1
-    assert set(agreement) == {"vae_capacity", "vae_capacity_3_epochs", "pixels_16", "chance"}  # capacity: the default
+    assert set(agreement) == {"vae_beta", "vae_beta_3_epochs", "pixels_16", "chance"}  # beta (with warm-up): the default
     assert result["train_long"]["epochs_run"] <= 3
 
 
