@@ -339,3 +339,18 @@ def test_default_encoder_learns_more_than_the_mean_echo_frame():
     assert quality["recon_bce"] < quality["mean_image_bce"] - 5.0, quality
     # measured here: 809 vs 831 nats, MSE 0.84 of the mean image's (collapsed at 0.9), 115 active dimensions
     assert quality["active_dims"] >= 2 and not quality["collapsed"], quality
+
+
+def test_encoder_options_reach_the_config():
+    from enrich_dist.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train-encoder", "--output", "r", "--objective", "capacity", "--beta", "2", "--kl-warmup", "0.5",
+         "--learning-rate", "0.003", "--capacity", "30", "--epochs", "7"]
+    )
+    cfg = config_from_args(args).encoder
+    assert (cfg.objective, cfg.beta, cfg.kl_warmup, cfg.learning_rate, cfg.capacity, cfg.epochs) == (
+        "capacity", 2.0, 0.5, 0.003, 30.0, 7
+    )
+    defaults = config_from_args(build_parser().parse_args(["train-encoder", "--output", "r"])).encoder
+    assert (defaults.objective, defaults.beta, defaults.kl_warmup, defaults.learning_rate) == ("beta", 0.1, 0.3, 1e-3)
