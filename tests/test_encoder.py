@@ -183,6 +183,18 @@ def test_format_1_checkpoints_still_load_as_the_network_they_were():
     torch.save({"format": 1, "config": {"latent_dim": 8, "image_size": 64}, "state_dict": state}, buf)
     with pytest.raises(ValueError, match="does not match the encoder network"):
         load_encoder(buf.getvalue())
+    # a current checkpoint missing a tensor, or holding one of the wrong shape, is refused the same way
+    model = BetaVAE(latent_dim=8, image_size=64)
+    for change in ("drop", "reshape"):
+        state = dict(model.state_dict())
+        if change == "drop":
+            del state["pixel_bias"]
+        else:
+            state["pixel_bias"] = torch.zeros(1, 1, 32, 32)
+        buf = io.BytesIO()
+        torch.save({"format": 2, "config": {"latent_dim": 8, "image_size": 64}, "state_dict": state}, buf)
+        with pytest.raises(ValueError, match="does not match the encoder network"):
+            load_encoder(buf.getvalue())
 
 
 def test_load_encoder_rejects_other_files():

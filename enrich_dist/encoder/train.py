@@ -334,8 +334,12 @@ def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
     config = ckpt["config"]
     model = BetaVAE(int(config["latent_dim"]), int(config["image_size"]))
     # format 1 predates the standardisation and offset: their defaults reproduce that network exactly
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=ckpt["format"] != 1)
-    if unexpected or set(missing) - {"input_mean", "input_std", "pixel_bias"}:
+    allowed = {"input_mean", "input_std", "pixel_bias"} if ckpt["format"] == 1 else set()
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise ValueError(f"{name} does not match the encoder network ({str(exc)[:200]}); {fix}") from exc
+    if unexpected or set(missing) - allowed:
         raise ValueError(f"{name} does not match the encoder network (missing {missing}, unexpected {unexpected}); {fix}")
     return model.eval()
 
