@@ -98,7 +98,7 @@ def _manifest_opts(p: argparse.ArgumentParser) -> None:
 
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
-    p.add_argument("--epochs", help="training epochs (default 20; demo 10)")
+    p.add_argument("--epochs", help="training epochs (default 20; demo 30)")
     p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss with KL warm-up (default) or capacity-annealed")
     p.add_argument("--learning-rate", help="Adam learning rate of the beta-VAE (default 0.001)")
     p.add_argument("--beta", help="KL weight of the beta-VAE (default 0.1, reached after the warm-up)")
