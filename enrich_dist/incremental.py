@@ -139,11 +139,16 @@ def _fingerprints(run: RunDir) -> dict[str, tuple]:
 # checking the previous run
 
 
+# encoder settings added after runs were made, with the value that reproduces how those runs trained
+_ENCODER_SETTINGS_BEFORE = {"kl_warmup": 0.0}
+
+
 def _encoder_config(prev: RunDir) -> dict | None:
+    """The previous run's encoder settings; ones it predates read as the behaviour it had (no KL warm-up)."""
     if prev.exists("run.json"):
         config = prev.read_json("run.json").get("config") or {}
         if config.get("encoder"):
-            return config["encoder"]
+            return {**_ENCODER_SETTINGS_BEFORE, **config["encoder"]}
     return None
 
 

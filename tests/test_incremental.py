@@ -333,3 +333,16 @@ def test_a_night_with_nothing_new_reuses_everything_and_ranks_nothing(grown, tmp
     assert out.read_bytes("incremental/labelled.csv") == prev_seeds  # same archive, same ids
     assert out.read_table(schema.EMBEDDINGS_DIR).equals(new.read_table(schema.EMBEDDINGS_DIR))
     assert not out.is_done("selection") and out.exists("report/index.html")
+
+
+def test_runs_made_before_the_kl_warmup_setting_read_as_trained_without_it(tmp_path):
+    from enrich_dist.incremental import _encoder_config
+    from enrich_dist.storage import RunDir
+
+    old = RunDir(str(tmp_path / "old"))
+    old.write_json("run.json", {"config": {"encoder": {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002}}})
+    assert _encoder_config(old) == {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002, "kl_warmup": 0.0}
+    new = RunDir(str(tmp_path / "new"))
+    new.write_json("run.json", {"config": {"encoder": {"objective": "beta", "kl_warmup": 0.3}}})
+    assert _encoder_config(new) == {"objective": "beta", "kl_warmup": 0.3}
+    assert _encoder_config(RunDir(str(tmp_path / "none"))) is None
