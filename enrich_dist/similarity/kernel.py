@@ -2,14 +2,14 @@
 
 The sweep (numba) bins every entry with exact float64 arithmetic, counts entries above each threshold
 per row and per column, and keeps the best k neighbours per row and per column as heaps of int64
-keys (value descending, then index ascending, so ties go to the smaller index). A vectorised check
-over short runs of a row skips runs that hold nothing above the lowest threshold and nothing that
-could enter a heap (off-diagonal tiles compare each run against the lowest gate of its columns, taken
-once per chunk), so the scalar work follows the candidates, not the tile. Heaps start full of
-sentinels at a floor (the caller's, or a lower bound of the k-th best from group maxima), so an
-entry is only looked at when it reaches its line's gate. Column candidates are buffered and offered
-in column order once per chunk; a diagonal tile runs its chunks last rows first, so each row's gate
-is already known when its column receives entries, and serves as that column's floor.
+keys (value descending, then index ascending, so ties go to the smaller index). One vectorised loop
+per row bins the entries and flags each entry that reaches the lowest threshold or its row's or
+column's heap gate; the scalar work then visits only the 8-entry words that hold a flag, so it
+follows the candidates, not the tile. Heaps start full of sentinels at a floor (the caller's, or a
+lower bound of the k-th best from group maxima), so an entry is only looked at when it reaches its
+line's gate. Column candidates are buffered and offered in column order once per chunk; a diagonal
+tile runs its chunks last rows first, so each row's gate is already known when its column receives
+entries, and serves as that column's floor.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 
 CHUNK_ROWS = 256
-RUN = 16
+WORD = 8
 HIST_COPIES = 4
 CANDIDATES = 1 << 14
 GROUPS_PER_K = 4
@@ -120,9 +120,9 @@ def _offer(keys, gate, line, key, k, scratch_f, scratch_i):  # pragma: no cover 
     gate[line] = _key_value(keys[line, 0], scratch_f, scratch_i)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _max(a):  # pragma: no cover - compiled
-    """Largest entry of a 1-d array (``-inf`` when empty)."""
+    """Largest entry of a 1-d array (``-inf`` when empty); fast-math lets LLVM vectorise it (entries are finite)."""
     m = np.float32(-np.inf)
     for q in range(a.shape[0]):
         m = max(m, a[q])
@@ -159,61 +159,22 @@ def _column_bounds(s, j0, k):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _bin_row(row, col_check, check, half, top, bins_buf, hist, nbins, run_hits):  # pragma: no cover - compiled
-    """Add a row's entries to the histogram (exact float64 bin arithmetic); count, per run, entries at a gate.
+def _bin_row(row, col_check, check, half, top, bins_buf, flags, hist, nbins):  # pragma: no cover - compiled
+    """Add a row's entries to the histogram (exact float64 bin arithmetic); flag each entry at a gate.
 
-    Loops index from a multiple of ``RUN`` on purpose: LLVM vectorises them, not loops from a computed start.
-    Returns the number of entries at or above a gate in the whole row.
+    ``flags[q]`` is 1 where the entry reaches ``min(check, col_check[q])``, 0 elsewhere, up to the next
+    multiple of ``WORD`` (the caller scans the flags a ``WORD`` at a time). One long loop, not short
+    runs: LLVM vectorises the binning and the check together.
     """
     m = row.shape[0]
-    total = 0
-    for run in range((m + RUN - 1) // RUN):
-        base = run * RUN
-        hits = np.int32(0)
-        for q in range(min(RUN, m - base)):
-            v = row[base + q]
-            bins_buf[base + q] = min(max((np.float64(v) + 1.0) * half, 0.0), top)
-            hits += np.int32(v >= min(check, col_check[base + q]))
-        run_hits[run] = hits
-        total += hits
+    for q in range(m):
+        v = row[q]
+        bins_buf[q] = min(max((np.float64(v) + 1.0) * half, 0.0), top)
+        flags[q] = v >= min(check, col_check[q])
+    for q in range(m, min(flags.shape[0], (m + WORD - 1) // WORD * WORD)):
+        flags[q] = 0
     for q in range(m):
         hist[(q & (HIST_COPIES - 1)) * nbins + bins_buf[q]] += 1
-    return total
-
-
-@njit(cache=True, nogil=True)
-def _bin_row_runs(row, run_min, check, half, top, bins_buf, hist, nbins, run_hits):  # pragma: no cover - compiled
-    """:func:`_bin_row` for rows whose runs line up with ``run_min`` (each run's lowest column gate).
-
-    Comparing a run against one number, not a gate per column, lets the check share the binning's
-    vector loop. A run flagged here may still hold nothing at its columns' own gates; the caller
-    checks each entry again.
-    """
-    m = row.shape[0]
-    total = 0
-    for run in range((m + RUN - 1) // RUN):
-        base = run * RUN
-        hits = np.int32(0)
-        gate = min(check, run_min[run])
-        for q in range(min(RUN, m - base)):
-            v = row[base + q]
-            bins_buf[base + q] = min(max((np.float64(v) + 1.0) * half, 0.0), top)
-            hits += np.int32(v >= gate)
-        run_hits[run] = hits
-        total += hits
-    for q in range(m):
-        hist[(q & (HIST_COPIES - 1)) * nbins + bins_buf[q]] += 1
-    return total
-
-
-@njit(cache=True, nogil=True)
-def _run_minima(col_check, lo, w, out):  # pragma: no cover - compiled
-    """``out[run]``: the lowest ``col_check`` over the run's columns ``lo + RUN * run ...`` of a chunk ``w`` wide."""
-    for run in range((w + RUN - 1) // RUN):
-        m = np.float32(np.inf)
-        for q in range(lo + run * RUN, lo + min(w, run * RUN + RUN)):
-            m = min(m, col_check[q])
-        out[run] = m
 
 
 @njit(cache=True, nogil=True)
@@ -284,28 +245,19 @@ def _sweep(
     nbins = hist.shape[0] // HIST_COPIES
     top = nbins - 0.5
     counts = np.zeros(nt, np.int64)
-    run_hits = np.empty((w + RUN - 1) // RUN, np.int32)
-    # column gates only rise during the chunk, so minima taken now stay below them
-    run_min = np.empty((w + RUN - 1) // RUN, np.float32)
-    if not diagonal:
-        _run_minima(col_check, lo, w, run_min)
+    flags = np.zeros((w + WORD - 1) // WORD * WORD, np.uint8)
+    words = flags.view(np.uint64)
     n_cand = 0
     for ii in range(h):
         j0 = ii + 1 if diagonal else 0
-        row = s[ii, j0:]
-        if diagonal:
-            found = _bin_row(row, col_check[lo + j0 :], row_check[ii], half, top, bins_buf, hist, nbins, run_hits)
-        else:
-            found = _bin_row_runs(row, run_min, row_check[ii], half, top, bins_buf, hist, nbins, run_hits)
-        if found == 0:
-            continue
+        _bin_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], half, top, bins_buf, flags, hist, nbins)
         i = r + ii
         check = row_check[ii]
         counts[:] = 0
-        for run in range((w - j0 + RUN - 1) // RUN):
-            if run_hits[run] == 0:
+        for word in range((w - j0 + WORD - 1) // WORD):
+            if words[word] == 0:
                 continue
-            for jj in range(j0 + run * RUN, min(j0 + (run + 1) * RUN, w)):
+            for jj in range(j0 + word * WORD, min(j0 + (word + 1) * WORD, w)):
                 v = s[ii, jj]
                 j = lo + jj
                 if v < min(check, col_check[j]):
