@@ -645,3 +645,27 @@ def test_histogram_bin_counts(bins: int) -> None:
     x = exact_unit_vectors(60, 8, seed=bins)
     for kernel_fn in (tile_stats, torch_cpu):
         assert_same(tiled(x, 3, THRESHOLDS, bins, 16, kernel_fn), oracle(x, 3, THRESHOLDS, bins))
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 7, 40, 200, 257, 1000])
+def test_row_histogram_bound_is_a_tight_lower_bound(bins: int) -> None:
+    """A row without a floor is binned through its own histogram, whose k-th best bin bounds its k-th best entry."""
+    rng = np.random.default_rng(bins)
+    edges32 = histogram_edges(bins).astype(np.float32)
+    half, top = bins / 2, bins - 0.5
+    for trial in range(30):
+        row = rng.uniform(-1.0, 1.0, 60).astype(np.float32)
+        row[: trial % 7] = rng.choice(np.concatenate([edges32, np.float32([1.0000001, -1.0000001])]), trial % 7)
+        for k in (1, 3, 10, 60):
+            bins_buf = np.zeros(len(row), np.uint8 if bins <= 256 else np.int32)
+            local, hist = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+            bound = kernel._bin_row_bound(row, half, top, bins_buf, local, hist, k)
+            np.testing.assert_array_equal(hist, np.histogram(np.clip(row.astype(np.float64), -1, 1), histogram_edges(bins))[0])
+            assert not local.any()
+            kth = np.sort(row)[-k]
+            kth_bin = min(int(np.floor((float(kth) + 1.0) * half)), bins - 1)
+            assert bound <= kth
+            if kth_bin > 0:
+                assert bound >= kth_bin / half - 1.0 - 2e-6
+            else:
+                assert bound == -np.inf

@@ -5,11 +5,12 @@ per row and per column, and keeps the best k neighbours per row and per column a
 keys (value descending, then index ascending, so ties go to the smaller index). One vectorised loop
 per row bins the entries and flags each entry that reaches the lowest threshold or its row's or
 column's heap gate; the scalar work then visits only the 8-entry words that hold a flag, so it
-follows the candidates, not the tile. Heaps start full of sentinels at a floor (the caller's, or a
-lower bound of the k-th best from group maxima), so an entry is only looked at when it reaches its
-line's gate. Column candidates are buffered and offered in column order once per chunk; a diagonal
-tile runs its chunks last rows first, so each row's gate is already known when its column receives
-entries, and serves as that column's floor.
+follows the candidates, not the tile. Heaps start full of sentinels at a floor (the caller's; for a
+row without one, a lower bound of its k-th best read from the row's own histogram; for the columns
+of an off-diagonal tile, one from row-group maxima of the first chunk), so an entry is only looked
+at when it reaches its line's gate, and each offer raises the gate at once. A diagonal tile runs its
+chunks last rows first, so each row's gate is already known when its column receives entries, and
+serves as that column's floor.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from numba import njit
 CHUNK_ROWS = 256
 WORD = 8
 HIST_COPIES = 4
-CANDIDATES = 1 << 14
-GROUPS_PER_K = 4
+BOUND_MARGIN = 1e-6
 NORM_LIMIT = 1.01
 INDEX_BITS = 20
 EMPTY_INDEX = (1 << INDEX_BITS) - 1
@@ -120,24 +120,44 @@ def _offer(keys, gate, line, key, k, scratch_f, scratch_i):  # pragma: no cover 
     gate[line] = _key_value(keys[line, 0], scratch_f, scratch_i)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _max(a):  # pragma: no cover - compiled
-    """Largest entry of a 1-d array (``-inf`` when empty); fast-math lets LLVM vectorise it (entries are finite)."""
-    m = np.float32(-np.inf)
-    for q in range(a.shape[0]):
-        m = max(m, a[q])
-    return m
+@njit(cache=True, nogil=True)
+def _bin_row_bound(row, half, top, bins_buf, local, hist, k):  # pragma: no cover - compiled
+    """Add a row's entries to the histogram through a per-row one; return a lower bound of its k-th best.
+
+    The row's own histogram says which bin holds its k-th best entry; every entry binned there or
+    above lies at or above that bin's lower edge, so the edge (less a margin far above float32
+    rounding and far below a bin's width) bounds the k-th best from below. ``-inf`` when the k-th best
+    is in the lowest bin (entries below -1 from rounding land there). Needs ``1 <= k <= len(row)``.
+    """
+    m = row.shape[0]
+    nbins = local.shape[0]
+    for q in range(m):
+        bins_buf[q] = min(max((np.float64(row[q]) + 1.0) * half, 0.0), top)
+    for q in range(m):
+        local[bins_buf[q]] += 1
+    seen = 0
+    b = nbins - 1
+    while b > 0:
+        seen += local[b]
+        if seen >= k:
+            break
+        b -= 1
+    for q in range(nbins):
+        hist[q] += local[q]
+        local[q] = 0
+    if b == 0:
+        return np.float32(-np.inf)
+    return np.float32(b / half - 1.0 - BOUND_MARGIN)
 
 
 @njit(cache=True, nogil=True)
-def _group_bound(row, k):  # pragma: no cover - compiled
-    """k-th largest of the maxima of ``GROUPS_PER_K * k`` contiguous groups: at most the row's k-th best entry."""
-    groups = min(GROUPS_PER_K * k, row.shape[0] // 2)
-    size = row.shape[0] // groups
-    maxima = np.empty(groups, np.float32)
-    for g in range(groups):
-        maxima[g] = _max(row[g * size : (g + 1) * size])
-    return np.sort(maxima)[groups - k]
+def _flag_row(row, col_check, check, flags):  # pragma: no cover - compiled
+    """:func:`_bin_row`'s flags alone, for a row binned by :func:`_bin_row_bound`."""
+    m = row.shape[0]
+    for q in range(m):
+        flags[q] = row[q] >= min(check, col_check[q])
+    for q in range(m, min(flags.shape[0], (m + WORD - 1) // WORD * WORD)):
+        flags[q] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -189,20 +209,6 @@ def _raise_floor(keys, gate, line, bound, scratch_f, scratch_i):  # pragma: no c
 
 
 @njit(cache=True, nogil=True)
-def _offer_columns(
-    cand_key, cand_col, n, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
-):  # pragma: no cover - compiled
-    """Offer buffered column candidates in column order, so heaps are visited in memory order."""
-    order = np.argsort(cand_col[:n])
-    for c in order:
-        j = cand_col[c]
-        if cand_key[c] < col_keys[j, 0] and _key_value(cand_key[c], scratch_f, scratch_i) >= col_floor[j]:
-            _offer(col_keys, col_gate, j, cand_key[c], k, scratch_f, scratch_i)
-            col_gate[j] = max(col_gate[j], col_floor[j])
-            col_check[j] = min(col_gate[j], lim0)
-
-
-@njit(cache=True, nogil=True)
 def _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0):  # pragma: no cover - compiled
     """Diagonal tile: a row's gate bounds the same image's k-th best, so it is also its column floor."""
     for i in range(r, r + h):
@@ -215,12 +221,13 @@ def _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0):  # 
 @njit(cache=True, nogil=True)
 def _sweep(
     s, bits, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
-    row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col, scratch_f, scratch_i,
+    row_keys, row_gate, col_keys, col_gate, col_floor, col_check, scratch_f, scratch_i,
 ):  # pragma: no cover - compiled
     """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``).
 
-    Row heaps take offers at once (a row's heap stays in cache); column candidates are buffered and
-    offered in column order at the end of the chunk (or when the buffer fills).
+    Rows without a floor are binned first, through per-row histograms that give their heaps a floor
+    near their k-th best (on a diagonal tile the floors are shared with the same images' columns
+    before the sweep). Heaps take offers as entries come; an offer raises the line's gate at once.
     """
     h, w = s.shape
     nt = limits.shape[0]
@@ -234,24 +241,31 @@ def _sweep(
             col_floor[j] = max(col_floor[j], col_gate[j])
             col_check[j] = min(col_gate[j], lim0)
     row_check = np.empty(h, np.float32)
+    nbins = hist.shape[0] // HIST_COPIES
+    top = nbins - 0.5
+    local = np.zeros(nbins, np.int64)
+    # rows without a floor: binned now, through a per-row histogram that bounds their k-th best
+    binned = np.zeros(h, np.bool_)
     for ii in range(h):
         i = r + ii
         j0 = ii + 1 if diagonal else 0
-        if k > 0 and row_gate[i] == -np.inf and w - j0 >= 2 * k:
-            _raise_floor(row_keys, row_gate, i, _group_bound(s[ii, j0:], k), scratch_f, scratch_i)
+        if k > 0 and row_gate[i] == -np.inf and w - j0 >= k:
+            bound = _bin_row_bound(s[ii, j0:], half, top, bins_buf, local, hist, k)
+            _raise_floor(row_keys, row_gate, i, bound, scratch_f, scratch_i)
+            binned[ii] = True
         row_check[ii] = min(row_gate[i], lim0)
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
-    nbins = hist.shape[0] // HIST_COPIES
-    top = nbins - 0.5
     counts = np.zeros(nt, np.int64)
     flags = np.zeros((w + WORD - 1) // WORD * WORD, np.uint8)
     words = flags.view(np.uint64)
-    n_cand = 0
     for ii in range(h):
         j0 = ii + 1 if diagonal else 0
-        _bin_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], half, top, bins_buf, flags, hist, nbins)
         i = r + ii
+        if binned[ii]:
+            _flag_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], flags)
+        else:
+            _bin_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], half, top, bins_buf, flags, hist, nbins)
         check = row_check[ii]
         counts[:] = 0
         for word in range((w - j0 + WORD - 1) // WORD):
@@ -275,17 +289,13 @@ def _sweep(
                         _offer(row_keys, row_gate, i, key, k, scratch_f, scratch_i)
                         check = min(row_gate[i], lim0)
                 if v >= col_gate[j]:
-                    cand_key[n_cand] = _key(bits[ii, jj], i)
-                    cand_col[n_cand] = j
-                    n_cand += 1
-                    if n_cand == cand_key.shape[0]:
-                        _offer_columns(
-                            cand_key, cand_col, n_cand, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
-                        )
-                        n_cand = 0
+                    key = _key(bits[ii, jj], i)
+                    if key < col_keys[j, 0] and v >= col_floor[j]:
+                        _offer(col_keys, col_gate, j, key, k, scratch_f, scratch_i)
+                        col_gate[j] = max(col_gate[j], col_floor[j])
+                        col_check[j] = min(col_gate[j], lim0)
         for t in range(nt):
             row_counts[t, i] += counts[t]
-    _offer_columns(cand_key, cand_col, n_cand, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
 
@@ -392,11 +402,10 @@ def tile_stats(
     col_check = np.minimum(col_gate, limits[0] if len(limits) else _INF)
     estimate_cols = not diagonal and bool(np.any(col_gate == -_INF))
     scratch_f = np.zeros(1, np.float32)
-    cand_key, cand_col = np.empty(CANDIDATES, np.int64), np.empty(CANDIDATES, np.int32)
     for s, r, lo in tile_products(np.ascontiguousarray(xi), np.ascontiguousarray(xj), diagonal):
         _sweep(
             s, s.view(np.int32), r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
-            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col,
+            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check,
             scratch_f, scratch_f.view(np.int32),
         )
     inverse = np.argsort(order)
