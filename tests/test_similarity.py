@@ -105,8 +105,10 @@ def test_tiles_match_oracle(n: int, block: int) -> None:
 
 @pytest.mark.parametrize("n, block", [(7, 3), (50, 16), (101, 101), (101, 37)])
 def test_tiles_match_oracle_in_small_chunks(n: int, block: int, monkeypatch) -> None:
-    """Chunks of a few rows exercise the column heaps across chunks and the column bounds."""
+    """Chunks of a few rows exercise the column heaps across chunks and the column bounds; a buffer of
+    3 column candidates makes every chunk offer them in several batches."""
     monkeypatch.setattr(kernel, "CHUNK_ROWS", 12)
+    monkeypatch.setattr(kernel, "CANDIDATES", 3)
     monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", 40)
     x = exact_unit_vectors(n, 8, seed=n + block, duplicates=n // 4)
     x[: n // 3] = x[0]

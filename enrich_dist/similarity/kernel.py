@@ -8,9 +8,11 @@ column's heap gate; the scalar work then visits only the 8-entry words that hold
 follows the candidates, not the tile. Heaps start full of sentinels at a floor (the caller's; for a
 row without one, a lower bound of its k-th best read from the row's own histogram; for the columns
 of an off-diagonal tile, one from row-group maxima of the first chunk), so an entry is only looked
-at when it reaches its line's gate, and each offer raises the gate at once. A diagonal tile runs its
-chunks last rows first, so each row's gate is already known when its column receives entries, and
-serves as that column's floor.
+at when it reaches its line's gate. Row offers go to the row's heap at once (it stays in cache);
+column candidates are buffered and offered once per chunk in column order (a counting sort), as
+4,096 column heaps offered at random fall out of cache while the chunk streams through. A diagonal
+tile runs its chunks last rows first, so each row's gate is already known when its column receives
+entries, and serves as that column's floor.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CHUNK_ROWS = 256
 WORD = 8
 HIST_COPIES = 4  # _scatter unrolls over exactly four copies
 BOUND_MARGIN = 1e-6
+CANDIDATES = 1 << 14
 NORM_LIMIT = 1.01
 INDEX_BITS = 20
 EMPTY_INDEX = (1 << INDEX_BITS) - 1
@@ -238,13 +241,14 @@ def _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0):  # 
 @njit(cache=True, nogil=True)
 def _sweep(
     s, bits, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
-    row_keys, row_gate, col_keys, col_gate, col_floor, col_check, scratch_f, scratch_i,
+    row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col, scratch_f, scratch_i,
 ):  # pragma: no cover - compiled
     """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``).
 
     Rows without a floor are binned first, through per-row histograms that give their heaps a floor
     near their k-th best (on a diagonal tile the floors are shared with the same images' columns
-    before the sweep). Heaps take offers as entries come; an offer raises the line's gate at once.
+    before the sweep). Row heaps take offers as entries come; column candidates are buffered and
+    offered in column order at the end of the chunk (or when the buffer fills).
     """
     h, w = s.shape
     nt = limits.shape[0]
@@ -274,6 +278,7 @@ def _sweep(
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
     counts = np.zeros(nt, np.int64)
+    n_cand = 0
     flags = np.zeros((w + WORD - 1) // WORD * WORD, np.uint8)
     words = flags.view(np.uint64)
     for ii in range(h):
@@ -306,15 +311,42 @@ def _sweep(
                         _offer(row_keys, row_gate, i, key, k, scratch_f, scratch_i)
                         check = min(row_gate[i], lim0)
                 if v >= col_gate[j]:
-                    key = _key(bits[ii, jj], i)
-                    if key < col_keys[j, 0] and v >= col_floor[j]:
-                        _offer(col_keys, col_gate, j, key, k, scratch_f, scratch_i)
-                        col_gate[j] = max(col_gate[j], col_floor[j])
-                        col_check[j] = min(col_gate[j], lim0)
+                    cand_key[n_cand] = _key(bits[ii, jj], i)
+                    cand_col[n_cand] = jj
+                    n_cand += 1
+                    if n_cand == cand_key.shape[0]:
+                        _offer_columns(cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
+                        n_cand = 0
         for t in range(nt):
             row_counts[t, i] += counts[t]
+    _offer_columns(cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
+
+
+@njit(cache=True, nogil=True)
+def _offer_columns(cand_key, cand_col, n, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i):  # pragma: no cover - compiled
+    """Offer buffered column candidates in column order (a counting sort), so heaps are visited in memory order."""
+    if n == 0:
+        return
+    starts = np.zeros(w + 1, np.int32)
+    for c in range(n):
+        starts[cand_col[c] + 1] += 1
+    for q in range(w):
+        starts[q + 1] += starts[q]
+    order = np.empty(n, np.int32)
+    for c in range(n):
+        jj = cand_col[c]
+        order[starts[jj]] = c
+        starts[jj] += 1
+    for t in range(n):
+        c = order[t]
+        j = lo + cand_col[c]
+        key = cand_key[c]
+        if key < col_keys[j, 0] and _key_value(key, scratch_f, scratch_i) >= col_floor[j]:
+            _offer(col_keys, col_gate, j, key, k, scratch_f, scratch_i)
+            col_gate[j] = max(col_gate[j], col_floor[j])
+            col_check[j] = min(col_gate[j], lim0)
 
 
 @njit(cache=True, nogil=True)
@@ -419,10 +451,11 @@ def tile_stats(
     col_check = np.minimum(col_gate, limits[0] if len(limits) else _INF)
     estimate_cols = not diagonal and bool(np.any(col_gate == -_INF))
     scratch_f = np.zeros(1, np.float32)
+    cand_key, cand_col = np.empty(CANDIDATES, np.int64), np.empty(CANDIDATES, np.int32)
     for s, r, lo in tile_products(np.ascontiguousarray(xi), np.ascontiguousarray(xj), diagonal):
         _sweep(
             s, s.view(np.int32), r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
-            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check,
+            row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col,
             scratch_f, scratch_f.view(np.int32),
         )
     inverse = np.argsort(order)
