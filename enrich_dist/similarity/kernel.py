@@ -32,6 +32,7 @@ NORM_LIMIT = 1.01
 INDEX_BITS = 20
 EMPTY_INDEX = (1 << INDEX_BITS) - 1
 _INF = np.float32(np.inf)
+NEG_INF_BITS = int(np.float32(-np.inf).view(np.int32))
 
 
 @dataclass
@@ -402,14 +403,37 @@ def _heaps(floor: np.ndarray | None, n: int, k: int) -> tuple[np.ndarray, np.nda
     return np.repeat(sentinel[:, None], k, axis=1), gate
 
 
+@njit(cache=True, nogil=True)
+def _decode_heaps(keys, offset, val_bits, idx):  # pragma: no cover - compiled
+    """Each line's keys sorted (best first) and decoded: float32 bits and global indices; sentinels -inf / -1."""
+    n, k = keys.shape
+    row = np.empty(k, np.int64)
+    for i in range(n):
+        for c in range(k):  # insertion sort: k is small
+            key = keys[i, c]
+            p = c
+            while p > 0 and row[p - 1] > key:
+                row[p] = row[p - 1]
+                p -= 1
+            row[p] = key
+        for c in range(k):
+            key = row[c]
+            j = key & EMPTY_INDEX
+            if j == EMPTY_INDEX:
+                val_bits[i, c] = NEG_INF_BITS
+                idx[i, c] = -1
+            else:
+                ascending = 0x7FFFFFFF - (key >> INDEX_BITS)
+                val_bits[i, c] = ascending if ascending >= 0 else ascending ^ 0x7FFFFFFF
+                idx[i, c] = j + offset
+
+
 def _heap_result(keys: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-first values and global indices from heap keys; sentinels become ``-inf``/``-1``."""
-    keys = np.sort(keys, axis=1)
-    ascending = np.int64(0x7FFFFFFF) - (keys >> INDEX_BITS)
-    vals = np.where(ascending >= 0, ascending, ascending ^ 0x7FFFFFFF).astype(np.int32).view(np.float32)
-    idx = keys & EMPTY_INDEX
-    empty = idx == EMPTY_INDEX
-    return np.where(empty, -_INF, vals), np.where(empty, -1, idx + offset)
+    val_bits = np.empty(keys.shape, np.int32)
+    idx = np.empty(keys.shape, np.int64)
+    _decode_heaps(keys, offset, val_bits, idx)
+    return val_bits.view(np.float32), idx
 
 
 def tile_stats(
