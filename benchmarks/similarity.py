@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import time
 
 import numpy as np
@@ -83,6 +84,19 @@ def bare_gemm_seconds(x: np.ndarray, block: int, cpus: int) -> float:
         if group:
             pending.append(_gemm_group.remote(x_ref, group))
     return time.perf_counter() - start
+
+
+def source_version() -> str:
+    """The checkout's commit (with ``+dirty`` when files differ from it), or ``unknown`` outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def cluster_cpu() -> dict[tuple[int, float], float]:
@@ -179,6 +193,7 @@ def main() -> None:
         "workers_peak_mib": round(workers, 1),
         "peak_mib": round(driver + workers, 1),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": source_version(),
     }
     if gemm:
         paired = [s / g for s, g in zip(stage, gemm, strict=True)]
