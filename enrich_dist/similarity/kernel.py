@@ -316,17 +316,24 @@ def _sweep(
                     cand_col[n_cand] = jj
                     n_cand += 1
                     if n_cand == cand_key.shape[0]:
-                        _offer_columns(cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
+                        _offer_columns(
+                            cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k,
+                            scratch_f, scratch_i,
+                        )
                         n_cand = 0
         for t in range(nt):
             row_counts[t, i] += counts[t]
-    _offer_columns(cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i)
+    _offer_columns(
+        cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
+    )
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
 
 
 @njit(cache=True, nogil=True)
-def _offer_columns(cand_key, cand_col, n, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i):  # pragma: no cover - compiled
+def _offer_columns(
+    cand_key, cand_col, n, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
+):  # pragma: no cover - compiled
     """Offer buffered column candidates in column order (a counting sort), so heaps are visited in memory order."""
     if n == 0:
         return
