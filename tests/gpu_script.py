@@ -35,3 +35,9 @@ def run_blocked(
         text=True,
         timeout=900,
     )
+
+
+def is_measure(value) -> bool:
+    """A time or rate as the scripts record it: a non-negative number (0.0 once rounded, inf for a rate
+    over a time that rounded to 0). Tests check measurements for presence and type, never for speed."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0

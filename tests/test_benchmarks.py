@@ -20,10 +20,13 @@ def test_similarity_benchmark_writes_a_comparable_record(ray_local, tmp_path, mo
     for r in records:
         assert r["n"] == 3001 and r["mode"] == "exact" and len(r["stage_runs"]) == len(r["gemm_runs"]) == 2
         # seconds are rounded to the millisecond in the record, the ratio (to 0.001) is not
+        # no assertion on how fast anything ran: only that the numbers are there, and consistent
         s, g = min(r["stage_runs"]), min(r["gemm_runs"])
-        assert (s - 0.0005) / (g + 0.0005) - 0.0005 <= r["ratio"] <= (s + 0.0005) / (g - 0.0005) + 0.0005
-        assert r["stage_seconds"] == min(r["stage_runs"]) and r["gemm_seconds"] == min(r["gemm_runs"])
-        assert r["ratio"] > 1.0 and r["cpu_ratio"] > 0 and r["peak_mib"] > 0
+        assert r["stage_seconds"] == s and r["gemm_seconds"] == g and s >= 0 and g >= 0
+        assert all(isinstance(r[key], float) and r[key] >= 0 for key in ("ratio", "cpu_ratio"))
+        if g >= 0.002:  # the interval below needs a rounded GEMM time well above its rounding step
+            assert (s - 0.0005) / (g + 0.0005) - 0.0005 <= r["ratio"] <= (s + 0.0005) / (g - 0.0005) + 0.0005
+        assert r["peak_mib"] > 0
         assert r["commit"] != "unknown" and r["commit"].split("+")[0].isalnum()
 
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from gpu_script import ROOT, run_blocked  # tests/ is on sys.path (rootdir conftest)
+from gpu_script import ROOT, is_measure, run_blocked  # tests/ is on sys.path (rootdir conftest)
 
 from enrich_dist.schema import SIMILARITY_DIR
 from enrich_dist.similarity import reduce
@@ -38,8 +38,9 @@ def test_dry_run_without_ray_pyarrow_fsspec_or_threadpoolctl(tmp_path) -> None:
         assert 0.5 < err["recall_at_k"] <= 1.0 and 0 < err["max_sim_abs_error"] < 0.05
     timed = {(t["n"], t["precision"]) for t in result["timings"] if "stage_seconds" in t}
     assert timed == {(n, p) for n in (1500, 600, 1200) for p in ("fp32", "bf16", "fp16")}
-    assert all(t["stage_seconds"] > 0 and t["gemm_seconds"] > 0 for t in result["timings"])
-    assert result["seconds_total"] > 0 and not list(out.glob("*.tmp"))
+    # timings are checked for presence and type only: how fast a machine is is no test's business
+    assert all(is_measure(t["stage_seconds"]) and is_measure(t["gemm_seconds"]) for t in result["timings"])
+    assert is_measure(result["seconds_total"]) and not list(out.glob("*.tmp"))
 
 
 def gpu_check_module():
@@ -63,7 +64,7 @@ def test_budget_skips_timings_that_would_not_fit(tmp_path) -> None:
     assert "budget" in timings[0]["skipped"] and timings[0]["extrapolated_stage_seconds"] == 2.0
     assert timings[2]["skipped"] and timings[2]["extrapolated_gemm_seconds"] == 4.0
     # bf16 has nothing to project from: it runs at the smallest N, and N=400 is then projected from it
-    assert timings[1]["stage_seconds"] > 0 and last["bf16"]["n"] == 200
+    assert is_measure(timings[1]["stage_seconds"]) and last["bf16"]["n"] == 200
     assert "from N=200" in timings[3]["skipped"]
     on_disk = json.loads((tmp_path / "gpu_similarity.json").read_text())
     assert on_disk["timings"] == timings
