@@ -11,7 +11,7 @@ temporary folder:
    the GPU, Parquet shards committed), in fp32 twice (determinism) and with the mixed precision the
    stage uses on GPU (bf16 autocast) and fp16: images/s, and the largest absolute difference and
    smallest cosine between fp32 and mixed-precision embeddings;
-4. the bare model forward (``VaeEmbedder.forward``) on images already on the GPU, per precision.
+4. the bare model forward (``EncoderEmbedder.forward``) on images already on the GPU, per precision.
 
 Needs only torch with CUDA, numpy, pyarrow, pillow and fsspec (no Ray): run from the repository root
 as ``PYTHONPATH=. python benchmarks/gpu_check_embed.py --out DIR``. Without CUDA it fails with exit
@@ -39,7 +39,7 @@ import torch
 from enrich_dist import imaging, schema
 from enrich_dist.config import EmbedConfig, EncoderConfig
 from enrich_dist.datasets import make_echo_archive
-from enrich_dist.embed import PixelEmbedder, ShardEmbedder, VaeEmbedder
+from enrich_dist.embed import EncoderEmbedder, PixelEmbedder, ShardEmbedder
 from enrich_dist.encoder import CHECKPOINT, encoder_bytes, train_vae
 from enrich_dist.encoder.train import embed_images, encoder_quality, load_encoder, validation_split
 from enrich_dist.storage import RunDir
@@ -153,8 +153,8 @@ def stage_embed(
 
 
 def bare_forward(root: str, images: np.ndarray, precision: str, device: str, batch: int, repeats: int) -> float:
-    """images/s of ``VaeEmbedder.forward`` alone on batches already on the device (best of ``repeats``)."""
-    embedder = VaeEmbedder(RunDir(root), device, precision)
+    """images/s of ``EncoderEmbedder.forward`` alone on batches already on the device (best of ``repeats``)."""
+    embedder = EncoderEmbedder(RunDir(root), device, precision)
     x = torch.from_numpy(images).to(device)
     embedder.forward(x[:batch])
     best = float("inf")

@@ -29,6 +29,7 @@ _OVERRIDES = {
     "learning_rate": ("encoder", "learning_rate", float),
     "kl_warmup": ("encoder", "kl_warmup", float),
     "latent_dim": ("encoder", "latent_dim", int),
+    "temperature": ("encoder", "temperature", float),
     "embed_batch_size": ("embed", "batch_size", int),
     "embedder": ("embed", "embedder", str),
     "embeddings": ("embed", "embeddings", str),
@@ -105,12 +106,14 @@ def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-warmup", help="share of the epochs over which beta rises from 0 (default 0.3; 0: none)")
     p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
     p.add_argument("--latent-dim", help="embedding size (default 128)")
+    p.add_argument("--temperature", help="NT-Xent temperature of the contrastive encoder (default 0.1)")
 
 
 def _embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--embedder", choices=["vae", "pixels", "byo"],
-        help="vae: the trained beta-VAE (default); pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
+        "--embedder", choices=["vae", "contrastive", "pixels", "byo"],
+        help="vae: the paper's beta-VAE (default); contrastive: a self-supervised encoder trained to ignore "
+        "frame-to-frame change; pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
     )
     p.add_argument("--embeddings", help="bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy")
     p.add_argument("--pixel-size", help="side of the pixels embedder's grid (default 16: 256-d)")
@@ -184,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     man = sub.add_parser("manifest", help="list the archive's images")
     man.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
-    enc = sub.add_parser("train-encoder", help="fit the beta-VAE on a sample")
+    enc = sub.add_parser("train-encoder", help="fit the encoder (beta-VAE or contrastive) on a sample")
+    enc.add_argument(
+        "--embedder", choices=["vae", "contrastive"], help="which encoder to train (default: the embed stage's embedder)"
+    )
     emb = sub.add_parser("embed", help="embed every image")
     sim = sub.add_parser("similarity", help="all-pairs cosine similarity statistics")
     sel = sub.add_parser("select", help="rank images from least to most redundant")

@@ -85,6 +85,10 @@ class EncoderConfig:
     dimensions; beta 4 and the capacity objective stayed within a few nats of the mean image (the
     capacity objective met its KL target by shrinking variances, with no dimension varying across
     images). ``device`` "auto" trains on a GPU when the Ray cluster (or, without Ray, torch) has one.
+
+    The contrastive encoder (``--embedder contrastive``, see ``encoder/contrastive.py``) uses
+    ``sample``, ``epochs``, ``learning_rate``, ``latent_dim``, ``seed`` and ``device`` as above, with
+    ``contrastive_batch_size`` image pairs per step and the NT-Xent ``temperature``.
     """
 
     sample: Size = 5000
@@ -97,6 +101,8 @@ class EncoderConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     kl_warmup: float = 0.3
+    temperature: float = 0.1
+    contrastive_batch_size: int = 256
     image_size: int = 64
     seed: int = 0
     device: str = "auto"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from . import imaging, schema
 from .config import EmbedConfig
 from .runtime import Resources, cluster_resources  # runtime imports ray only inside its functions
-from .storage import RunDir, read_uri, shard_name
+from .storage import DONE_NAME, RunDir, read_uri, shard_name
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = f"{schema.EMBEDDINGS_DIR}/errors"
@@ -74,25 +74,24 @@ def autocast_dtype(precision: str, device: str):
     return None if name is None else getattr(torch, name)
 
 
-class VaeEmbedder:
-    """The trained beta-VAE's encoder mean (bf16 autocast on GPU by default)."""
+class EncoderEmbedder:
+    """A trained encoder's embedding: the beta-VAE's encoder mean or the contrastive backbone (bf16 autocast on GPU by default)."""
 
-    name = "vae"
-
-    def __init__(self, run: RunDir, device: str, precision: str = "auto"):
+    def __init__(self, run: RunDir, device: str, precision: str = "auto", model: str = "vae"):
         import torch
 
-        from .encoder import load_encoder
+        from .encoder import CHECKPOINTS, load_encoder
 
-        self.device = device
+        self.name, self.device = model, device
         self.dtype = autocast_dtype(precision, device)
-        model = load_encoder(run.read_bytes(f"{schema.ENCODER_DIR}/vae.pt")).to(device).eval()
+        path = CHECKPOINTS[model]
+        model = load_encoder(run.read_bytes(path), name=path).to(device).eval()
         # channels-last convolutions run about twice as fast on CPU for this small network
         self.model = model.to(memory_format=torch.channels_last)
         self.image_size, self.dim = self.model.image_size, self.model.latent_dim
 
     def forward(self, x):
-        """Encoder means of a (B, S, S) float tensor already on the device (what the stage times as the model)."""
+        """Embeddings of a (B, S, S) float tensor already on the device (what the stage times as the model)."""
         import torch
 
         with torch.inference_mode():
@@ -128,13 +127,16 @@ class PixelEmbedder:
         return small - small.mean(axis=1, keepdims=True)
 
 
-def make_embedder(run: RunDir, cfg: EmbedConfig, device: str) -> VaeEmbedder | PixelEmbedder:
+EMBEDDERS = ("vae", "contrastive", "pixels", "byo")
+
+
+def make_embedder(run: RunDir, cfg: EmbedConfig, device: str) -> EncoderEmbedder | PixelEmbedder:
     """The embedder named by the config."""
-    if cfg.embedder == "vae":
-        return VaeEmbedder(run, device, cfg.precision)
+    if cfg.embedder in ("vae", "contrastive"):
+        return EncoderEmbedder(run, device, cfg.precision, cfg.embedder)
     if cfg.embedder == "pixels":
         return PixelEmbedder(cfg.pixel_size)
-    raise ValueError(f"embedder {cfg.embedder!r} has no image model; known: vae, pixels, byo")
+    raise ValueError(f"embedder {cfg.embedder!r} has no image model; known: {', '.join(EMBEDDERS)}")
 
 
 class ShardEmbedder:
@@ -345,6 +347,16 @@ def pending_shards(run: RunDir) -> list[dict]:
     return work
 
 
+def _check_trained_model(run: RunDir, embedder: str) -> None:
+    """Refuse to embed with an encoder other than the one ``encoder/`` holds."""
+    held = run.read_json(f"{schema.ENCODER_DIR}/{DONE_NAME}").get("model", "vae")
+    if held != embedder:
+        raise ValueError(
+            f"{run.uri_of(schema.ENCODER_DIR)} holds a trained {held} encoder, not {embedder}: use --embedder {held}, "
+            f"or run `enrich train-encoder --embedder {embedder}` in a new --output folder"
+        )
+
+
 def _embedder_identity(cfg: EmbedConfig) -> dict:
     ident = {"embedder": cfg.embedder}
     if cfg.embedder == "pixels":
@@ -370,16 +382,17 @@ def _claim(run: RunDir, cfg: EmbedConfig) -> None:
 
 def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
     """Embed every ok manifest row into ``embeddings/part-NNNNN.parquet``; committed shards are skipped."""
-    if cfg.embedder not in ("vae", "pixels", "byo"):
-        raise ValueError(f"unknown embedder {cfg.embedder!r}: use vae, pixels or byo")
+    if cfg.embedder not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {cfg.embedder!r}: use {', '.join(EMBEDDERS)}")
     run.require(schema.MANIFEST_DIR, "manifest --input SRC")
     if run.is_done(schema.EMBEDDINGS_DIR):
         _claim(run, cfg)
         stats = run.read_json(f"{schema.EMBEDDINGS_DIR}/_SUCCESS")
         log.info("embed: already complete (%d embeddings), skipping", stats["n_embedded"])
         return stats
-    if cfg.embedder == "vae":
-        run.require(schema.ENCODER_DIR, "train-encoder")
+    if cfg.embedder in ("vae", "contrastive"):
+        run.require(schema.ENCODER_DIR, f"train-encoder --embedder {cfg.embedder}")
+        _check_trained_model(run, cfg.embedder)
     start = time.monotonic()
     _claim(run, cfg)
     run.remove_stale_tmp(schema.EMBEDDINGS_DIR)
@@ -410,7 +423,7 @@ def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
     n_actors, cpus, gpus, device = plan_actors(res, cfg, _cpus_per_gpu(ray) if res.gpus else None)
     n_actors = max(1, min(n_actors, len(work)))
     threads, decode_threads = actor_threads(cpus, device, cfg)
-    if cfg.embedder == "vae":
+    if cfg.embedder in ("vae", "contrastive"):
         autocast_dtype(cfg.precision, device)  # a bad precision fails here, not inside every actor
     log.info(
         "embed: %d of %d shards to do, %d %s actor(s) of %g CPUs (%d decode threads) with %s embeddings, batch %d",

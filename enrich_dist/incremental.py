@@ -140,7 +140,8 @@ def _fingerprints(run: RunDir) -> dict[str, tuple]:
 
 
 # encoder settings added after runs were made, with the value that reproduces how those runs trained
-_ENCODER_SETTINGS_BEFORE = {"kl_warmup": 0.0}
+_ENCODER_SETTINGS_BEFORE = {"kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256}
+_TRAINED = ("vae", "contrastive")  # embedders with an encoder trained on the archive
 
 
 def _encoder_config(prev: RunDir) -> dict | None:
@@ -191,7 +192,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
     if inc.retrain_encoder:
         return
     for stage, command in ((schema.ENCODER_DIR, "train-encoder"), (schema.EMBEDDINGS_DIR, "embed")):
-        if stage == schema.ENCODER_DIR and cfg.embed.embedder != "vae":
+        if stage == schema.ENCODER_DIR and cfg.embed.embedder not in _TRAINED:
             continue
         if not prev.is_done(stage):
             raise FileNotFoundError(
@@ -207,7 +208,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
             "embeddings of different embedders are not comparable; use the previous run's embedder options, "
             "or pass --retrain-encoder to embed everything fresh"
         )
-    if cfg.embed.embedder == "vae":
+    if cfg.embed.embedder in _TRAINED:
         previous = _encoder_config(prev)
         if previous is not None:
             ours = cfg.to_dict()["encoder"]
@@ -534,9 +535,9 @@ def run_incremental(run: RunDir, cfg: RunConfig, storage_options: dict | None = 
         stats["n_reused_embeddings"] = 0
         log.info("incremental: --retrain-encoder given, training a new encoder and embedding every image fresh")
     else:
-        if cfg.embed.embedder == "vae" and not run.is_done(schema.ENCODER_DIR):
+        if cfg.embed.embedder in _TRAINED and not run.is_done(schema.ENCODER_DIR):
             stats.update(copy_encoder(run, prev))
-        elif cfg.embed.embedder != "vae":
+        elif cfg.embed.embedder not in _TRAINED:
             stats["encoder"] = f"none ({cfg.embed.embedder} embedder)"
         if not run.is_done(schema.EMBEDDINGS_DIR):
             stats.update(copy_embeddings(run, prev, images))

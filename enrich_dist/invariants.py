@@ -122,17 +122,19 @@ def check_manifest(run: RunDir) -> tuple[dict, list[str]]:
 
 def check_encoder(run: RunDir) -> tuple[dict, list[str]]:
     """The checkpoint loads (``weights_only``) and holds no NaN or infinite weight."""
-    from .encoder import CHECKPOINT, load_encoder
+    from .encoder import CHECKPOINTS, load_encoder
 
-    if not run.exists(CHECKPOINT):
+    present = [path for path in CHECKPOINTS.values() if run.exists(path)]
+    if not present:
         return {"skipped": "no encoder (embedder needs none)"}, []
-    model = load_encoder(run.read_bytes(CHECKPOINT))
+    checkpoint = present[0]
+    model = load_encoder(run.read_bytes(checkpoint), name=checkpoint)
     n_params = nan = 0
     for tensor in model.state_dict().values():
         values = tensor.detach().float().numpy()
         n_params += values.size
         nan += int(np.count_nonzero(~np.isfinite(values)))
-    problems = [f"{nan} NaN or infinite weights in {run.uri_of(CHECKPOINT)}"] if nan else []
+    problems = [f"{nan} NaN or infinite weights in {run.uri_of(checkpoint)}"] if nan else []
     return {"parameters": n_params, "nan": nan}, problems
 
 

@@ -60,11 +60,11 @@ def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callab
             raise ValueError("the manifest stage needs --input (a folder, URI prefix or table of URIs)")
         return lambda run: run_manifest(run, cfg.input, cfg.manifest, storage_options)
     if name == "train-encoder":
-        from .encoder import run_train_encoder
+        from .encoder import ENCODER_MODELS, run_train_encoder
 
-        if cfg.embed.embedder != "vae":
+        if cfg.embed.embedder not in ENCODER_MODELS:
             return lambda run: {"skipped": f"embedder {cfg.embed.embedder!r} needs no encoder"}
-        return lambda run: run_train_encoder(run, cfg.encoder)
+        return lambda run: run_train_encoder(run, cfg.encoder, model=cfg.embed.embedder)
     if name == "embed":
         from .embed import run_embed
 

@@ -1,4 +1,4 @@
-"""Train the beta-VAE on a sample of the archive, save it, and embed images with its encoder mean."""
+"""Train the encoder (the paper's beta-VAE, or the contrastive encoder) on a sample of the archive, save it, embed with it."""
 
 from __future__ import annotations
 
@@ -21,13 +21,18 @@ from .. import imaging
 from ..config import EncoderConfig, resolve_size
 from ..schema import ENCODER_DIR, MANIFEST_DIR
 from ..storage import DONE_NAME, RunDir
+from . import contrastive
+from .contrastive import ContrastiveEncoder
 from .model import BetaVAE, vae_loss
 
 log = logging.getLogger("enrich_dist.encoder")
 
 CHECKPOINT = posixpath.join(ENCODER_DIR, "vae.pt")
+CONTRASTIVE_CHECKPOINT = posixpath.join(ENCODER_DIR, "contrastive.pt")
+CHECKPOINTS = {"vae": CHECKPOINT, "contrastive": CONTRASTIVE_CHECKPOINT}  # encoder model -> its checkpoint
 TRAIN_STATS = posixpath.join(ENCODER_DIR, "train.json")
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
+VIEWS = posixpath.join(ENCODER_DIR, "views.png")
 CHECKPOINT_FORMAT = 2  # 2: input standardisation and the decoder's per-pixel offset (format 1 had neither)
 VAL_FRACTION = 0.1
 MIN_IMAGES_FOR_VAL = 20
@@ -39,6 +44,9 @@ ACTIVE_VARIANCE = 0.01  # a latent dimension whose posterior mean varies more th
 ACTIVE_KL = 0.01  # nats: KL per latent dimension reported as well (KL alone can come from shrunk variances)
 MIN_ACTIVE_DIMS = 2  # fewer active dimensions than this: collapsed
 MAX_RECON_RATIO = 0.9  # reconstruction error at least this share of the mean image's: collapsed
+MIN_EFFECTIVE_RANK = 2.0  # contrastive embeddings spread over fewer dimensions than this: collapsed
+MAX_MEAN_COSINE = 0.95  # contrastive embeddings this alike on average: collapsed
+Encoder = BetaVAE | ContrastiveEncoder
 
 
 def validation_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +232,73 @@ def train_vae(
     return model, history
 
 
+def train_contrastive(
+    images: np.ndarray, cfg: EncoderConfig, log_every: int = 1, device: str = "cpu"
+) -> tuple[ContrastiveEncoder, dict]:
+    """Fit a seeded contrastive encoder to float32 (N, S, S) images in [0, 1]; returns the model (on CPU) and history.
+
+    Bit-for-bit reproducible from ``cfg.seed`` on CPU. Uses ``cfg.epochs``, ``cfg.contrastive_batch_size``
+    image pairs per step, ``cfg.learning_rate`` and ``cfg.temperature``; the validation slice only
+    measures held-out view retrieval (the model after the last epoch is kept).
+    """
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    data = torch.from_numpy(_check_images(images, cfg.image_size)).to(device)
+    if len(data) < 2:
+        raise ValueError(f"the contrastive encoder needs at least 2 images to train on, got {len(data)}")
+    if cfg.epochs < 1 or cfg.contrastive_batch_size < 2:
+        raise ValueError(
+            f"epochs must be >= 1 and contrastive_batch_size >= 2, got {cfg.epochs} and {cfg.contrastive_batch_size}"
+        )
+    if not cfg.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
+    train_idx, val_idx = validation_split(len(data), cfg.seed)
+    log.info(
+        "training the contrastive encoder (embedding %d, temperature %g) on %d images, %d held out, %d epochs",
+        cfg.latent_dim, cfg.temperature, len(train_idx), len(val_idx), cfg.epochs,
+    )
+    with _deterministic(device):
+        torch.manual_seed(cfg.seed)
+        model = ContrastiveEncoder(cfg.latent_dim, cfg.image_size).to(device)
+        train = data[torch.from_numpy(train_idx).to(device)]
+        model.fit_data_statistics(train)
+        history = contrastive.fit(
+            model, train, data[torch.from_numpy(val_idx).to(device)], cfg.epochs, cfg.contrastive_batch_size,
+            cfg.learning_rate, cfg.temperature, cfg.seed, log=log if log_every else None,
+        )
+    history.update(n_train=len(train_idx), n_val=len(val_idx), best_epoch=len(history["epoch"]), device=device)
+    return model.cpu().eval(), history
+
+
+def contrastive_quality(model: ContrastiveEncoder, images: np.ndarray, seed: int = 0) -> dict:
+    """Label-free signs that the contrastive encoder learned the images rather than collapsing.
+
+    On held-out ``images``: view retrieval (the share of images whose random view finds its own other
+    view first among all images' views; an untrained network of the same shape is measured beside it),
+    the mean pairwise cosine of the embeddings and their effective rank. A collapsed encoder maps
+    every image to nearly the same direction (mean cosine near 1, effective rank near 1).
+    """
+    arr = torch.from_numpy(_check_images(images, model.image_size))
+    if len(arr) < 2:
+        raise ValueError("contrastive_quality needs at least two images")
+    untrained = ContrastiveEncoder(model.latent_dim, model.image_size)
+    untrained.load_state_dict({k: v for k, v in model.state_dict().items() if "input_" in k}, strict=False)
+    retrieval = contrastive.view_retrieval(model, arr, torch.Generator().manual_seed(seed))
+    baseline = contrastive.view_retrieval(untrained.eval(), arr, torch.Generator().manual_seed(seed))
+    spread = contrastive.embedding_spread(model, arr)
+    # n centred points span at most n - 1 dimensions: a handful of held-out images cannot show rank 2
+    low_rank = spread["effective_rank"] < min(MIN_EFFECTIVE_RANK, len(arr) - 1)
+    collapsed = low_rank or spread["mean_pairwise_cosine"] > MAX_MEAN_COSINE
+    return {
+        "model": "contrastive",
+        "n_images": len(arr),
+        "view_retrieval": retrieval,
+        "untrained_view_retrieval": baseline,
+        **spread,
+        "collapsed": bool(collapsed),
+    }
+
+
 def encoder_quality(model: BetaVAE, images: np.ndarray, mean_image: np.ndarray, batch_size: int = 256) -> dict:
     """Label-free signs that the encoder learned the images rather than collapsing to the prior.
 
@@ -281,6 +356,12 @@ def collapse_warning(quality: dict) -> str | None:
     """A message saying why the encoder looks collapsed (or unlearned) and what to try; None when it looks fine."""
     if not quality["collapsed"]:
         return None
+    if quality.get("model") == "contrastive":
+        return (
+            f"the contrastive encoder looks collapsed: its held-out embeddings have a mean pairwise cosine of "
+            f"{quality['mean_pairwise_cosine']:.2f} and an effective rank of {quality['effective_rank']:.1f}, so they "
+            "say little about the images; lower --learning-rate, train on a larger --sample, or use --embedder vae"
+        )
     ratio = quality["recon_to_mean_ratio"]
     why = []
     if quality["active_dims"] < MIN_ACTIVE_DIMS:
@@ -297,9 +378,10 @@ def collapse_warning(quality: dict) -> str | None:
     )
 
 
-def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
+def encoder_bytes(model: Encoder, cfg: EncoderConfig) -> bytes:
     """A checkpoint (state_dict + plain config) that ``torch.load(..., weights_only=True)`` reads."""
     config = {
+        "model": "contrastive" if isinstance(model, ContrastiveEncoder) else "vae",
         "latent_dim": int(model.latent_dim),
         "image_size": int(model.image_size),
         "objective": cfg.objective,
@@ -311,6 +393,8 @@ def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
         "batch_size": int(cfg.batch_size),
         "learning_rate": float(cfg.learning_rate),
         "kl_warmup": float(cfg.kl_warmup),
+        "temperature": float(cfg.temperature),
+        "contrastive_batch_size": int(cfg.contrastive_batch_size),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
@@ -318,7 +402,7 @@ def encoder_bytes(model: BetaVAE, cfg: EncoderConfig) -> bytes:
     return buf.getvalue()
 
 
-def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
+def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> Encoder:
     """The model saved by :func:`encoder_bytes`, on CPU and in eval mode.
 
     Only tensors and plain containers are loaded (``weights_only=True``): a checkpoint carrying code,
@@ -332,7 +416,14 @@ def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise ValueError(f"{name} is not an enrich_dist encoder checkpoint (format {CHECKPOINT_FORMAT} expected); {fix}")
     config = ckpt["config"]
-    model = BetaVAE(int(config["latent_dim"]), int(config["image_size"]))
+    kind = config.get("model", "vae") if isinstance(config, dict) else None
+    if kind not in ("vae", "contrastive"):
+        raise ValueError(f"{name} holds an unknown encoder model {kind!r}; {fix}")
+    try:
+        network = BetaVAE if kind == "vae" else ContrastiveEncoder
+        model = network(int(config["latent_dim"]), int(config["image_size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name} has a damaged config ({type(exc).__name__}: {exc}); {fix}") from exc
     # format 1 predates the standardisation and offset: their defaults reproduce that network exactly
     allowed = {"input_mean", "input_std", "pixel_bias"} if ckpt["format"] == 1 else set()
     try:
@@ -345,9 +436,12 @@ def load_encoder(data: bytes, name: str = "encoder/vae.pt") -> BetaVAE:
 
 
 def embed_images(
-    model: BetaVAE, images: np.ndarray, batch_size: int = 256, device: str = "cpu"
+    model: Encoder, images: np.ndarray, batch_size: int = 256, device: str = "cpu"
 ) -> np.ndarray:
-    """L2-normalised float32 encoder means (N, latent_dim) of (N, S, S) images; moves the model to ``device``."""
+    """L2-normalised float32 embeddings (N, latent_dim) of (N, S, S) images; moves the model to ``device``.
+
+    The beta-VAE's encoder mean, or the contrastive encoder's backbone output.
+    """
     arr = _check_images(images, model.image_size)
     out = np.empty((len(arr), model.latent_dim), dtype=np.float32)
     model.eval().to(device)
@@ -362,21 +456,33 @@ def embed_images(
     return out / norms
 
 
+def image_rows_png(top: np.ndarray, bottom: np.ndarray) -> bytes:
+    """PNG of two rows of (N, S, S) images in [0, 1], ``top`` over ``bottom``."""
+    n, size, gap = len(top), top.shape[-1], 2
+    canvas = np.ones((2 * size + 3 * gap, n * (size + gap) + gap), dtype=np.float32)
+    for i in range(n):
+        left = gap + i * (size + gap)
+        canvas[gap : gap + size, left : left + size] = top[i]
+        canvas[2 * gap + size : 2 * gap + 2 * size, left : left + size] = bottom[i]
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def reconstruction_grid(model: BetaVAE, images: np.ndarray) -> bytes:
     """PNG of images (top row) over their reconstructions from z = mu (bottom row)."""
     arr = _check_images(images, model.image_size)
     model.eval()
     with torch.inference_mode():
         recon = torch.sigmoid(model(torch.from_numpy(arr))[0])[:, 0].cpu().numpy()
-    n, size, gap = len(arr), model.image_size, 2
-    canvas = np.ones((2 * size + 3 * gap, n * (size + gap) + gap), dtype=np.float32)
-    for i in range(n):
-        left = gap + i * (size + gap)
-        canvas[gap : gap + size, left : left + size] = arr[i]
-        canvas[2 * gap + size : 2 * gap + 2 * size, left : left + size] = recon[i]
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_rows_png(arr, recon)
+
+
+def views_grid(images: np.ndarray, seed: int = 0) -> bytes:
+    """PNG of images (top row) over one random training view of each (bottom row): the nuisance the encoder ignores."""
+    arr = np.ascontiguousarray(images, dtype=np.float32)
+    views = contrastive.augment(torch.from_numpy(arr), torch.Generator().manual_seed(seed)).numpy()
+    return image_rows_png(arr, views)
 
 
 def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[str], list[int | None]]:
@@ -400,25 +506,38 @@ def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[s
     return ids[pick], uris[pick].tolist(), frames[pick].tolist()
 
 
-def run_train_encoder(run: RunDir, cfg: EncoderConfig, use_ray: bool | None = None) -> dict:
-    """Stage: fit the encoder on a sample of the archive and write ``encoder/``; skipped when already done.
+def trained_model(run: RunDir) -> str:
+    """The encoder model ("vae" or "contrastive") whose checkpoint a finished ``encoder/`` holds."""
+    return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME)).get("model", "vae")
+
+
+def run_train_encoder(run: RunDir, cfg: EncoderConfig, use_ray: bool | None = None, model: str = "vae") -> dict:
+    """Stage: fit the ``model`` encoder on a sample of the archive and write ``encoder/``; skipped when already done.
 
     With a Ray attached (``use_ray`` None: whenever Ray is initialised) the work runs as one Ray task
     holding a GPU when the cluster has one (else the CPUs of the largest node); otherwise here.
     """
+    if model not in CHECKPOINTS:
+        raise ValueError(f"unknown encoder model {model!r}: use one of {sorted(CHECKPOINTS)}")
     if run.is_done(ENCODER_DIR):
+        held = trained_model(run)
+        if held != model:
+            raise ValueError(
+                f"{run.uri_of(ENCODER_DIR)} holds a trained {held} encoder, this run asks for {model}: use "
+                f"--embedder {held}, or a new --output folder to compare encoders"
+            )
         log.info("encoder already trained in %s: skipping", run.uri_of(ENCODER_DIR))
         return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME))
     if use_ray is None:
         use_ray = _ray_initialized()
     if use_ray:
-        stats = _train_on_ray(run, cfg)
+        stats = _train_on_ray(run, cfg, model)
     else:
-        stats = train_encoder_stage(run, cfg, resolve_device(cfg.device), threads=torch.get_num_threads())
+        stats = train_encoder_stage(run, cfg, resolve_device(cfg.device), threads=torch.get_num_threads(), model=model)
     warning = collapse_warning(stats["quality"])
     if warning:
         log.warning("%s (see %s)", warning, run.uri_of(TRAIN_STATS))
-    log.info("encoder trained in %.1fs on %s: %s", stats["seconds"], stats["device"], run.uri_of(CHECKPOINT))
+    log.info("encoder trained in %.1fs on %s: %s", stats["seconds"], stats["device"], run.uri_of(CHECKPOINTS[model]))
     return stats
 
 
@@ -430,7 +549,7 @@ def _ray_initialized() -> bool:
     return ray.is_initialized()
 
 
-def _train_on_ray(run: RunDir, cfg: EncoderConfig) -> dict:
+def _train_on_ray(run: RunDir, cfg: EncoderConfig, model: str) -> dict:
     """Run :func:`train_encoder_stage` as one Ray task on a GPU, or on the CPUs of the largest node."""
     import ray
 
@@ -450,10 +569,10 @@ def _train_on_ray(run: RunDir, cfg: EncoderConfig) -> dict:
     log.info("training the encoder as a Ray task on %s (%s)", device.upper(), options)
     level = logging.getLogger("enrich_dist").getEffectiveLevel()
     task = ray.remote(_train_task).options(max_retries=0, **options)
-    return ray.get(task.remote(run, cfg, device, threads, level))
+    return ray.get(task.remote(run, cfg, device, threads, level, model))
 
 
-def _train_task(run: RunDir, cfg: EncoderConfig, device: str, threads: int, level: int) -> dict:
+def _train_task(run: RunDir, cfg: EncoderConfig, device: str, threads: int, level: int, model: str) -> dict:
     """Ray task body: the driver's log level, the task's threads, then the stage's work."""
     package = logging.getLogger("enrich_dist")
     package.setLevel(level)
@@ -461,11 +580,17 @@ def _train_task(run: RunDir, cfg: EncoderConfig, device: str, threads: int, leve
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)
-    return train_encoder_stage(run, cfg, device, threads, ray_task=True)
+    return train_encoder_stage(run, cfg, device, threads, ray_task=True, model=model)
 
 
-def train_encoder_stage(run: RunDir, cfg: EncoderConfig, device: str, threads: int = 1, ray_task: bool = False) -> dict:
-    """Decode the seeded sample, train, and write the checkpoint, reconstructions, train.json and _SUCCESS."""
+def train_encoder_stage(
+    run: RunDir, cfg: EncoderConfig, device: str, threads: int = 1, ray_task: bool = False, model: str = "vae"
+) -> dict:
+    """Decode the seeded sample, train, and write the checkpoint, a picture, train.json and _SUCCESS.
+
+    The picture is ``reconstructions.png`` (beta-VAE) or ``views.png`` (contrastive: images over one
+    training view each).
+    """
     if device == "cpu":
         torch.set_num_threads(max(1, threads))
     start = time.perf_counter()
@@ -489,22 +614,28 @@ def train_encoder_stage(run: RunDir, cfg: EncoderConfig, device: str, threads: i
             f"none of the {len(uris)} sampled images could be decoded; first error: {failures[0]['error']}"
         )
     images = images[keep]
-    model, history = train_vae(images, cfg, device=device)
     train_idx, val_idx = validation_split(len(images), cfg.seed)
     held_out = val_idx if len(val_idx) else train_idx
-    quality = encoder_quality(model, images[held_out], images[train_idx].mean(axis=0))
     shown = held_out[:GRID_IMAGES]
-    run.write_bytes(CHECKPOINT, encoder_bytes(model, cfg))
-    run.write_bytes(RECONSTRUCTIONS, reconstruction_grid(model, images[shown]))
+    if model == "contrastive":
+        network, history = train_contrastive(images, cfg, device=device)
+        quality = contrastive_quality(network, images[held_out], cfg.seed)
+        run.write_bytes(VIEWS, views_grid(images[shown], cfg.seed))
+    else:
+        network, history = train_vae(images, cfg, device=device)
+        quality = encoder_quality(network, images[held_out], images[train_idx].mean(axis=0))
+        run.write_bytes(RECONSTRUCTIONS, reconstruction_grid(network, images[shown]))
+    run.write_bytes(CHECKPOINTS[model], encoder_bytes(network, cfg))
     stats = {
+        "model": model,
         "n_sampled": len(uris),
         "n_failed": len(failures),
         "n_train": history["n_train"],
         "n_val": history["n_val"],
         "epochs_run": len(history["epoch"]),
         "best_epoch": history["best_epoch"],
-        "best_loss": history["best_loss"],
-        "monitor": history["monitor"],
+        "best_loss": history.get("best_loss"),
+        "monitor": history.get("monitor"),
         "device": device,
         "ray_task": ray_task,
         "quality": {k: v for k, v in quality.items() if k != "kl_per_dim"},
