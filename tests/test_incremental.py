@@ -341,8 +341,10 @@ def test_runs_made_before_the_kl_warmup_setting_read_as_trained_without_it(tmp_p
 
     old = RunDir(str(tmp_path / "old"))
     old.write_json("run.json", {"config": {"encoder": {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002}}})
-    assert _encoder_config(old) == {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002, "kl_warmup": 0.0}
+    # settings added later (KL warm-up, the contrastive encoder's) read as the values those runs trained with
+    added = {"kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256}
+    assert _encoder_config(old) == {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002, **added}
     new = RunDir(str(tmp_path / "new"))
     new.write_json("run.json", {"config": {"encoder": {"objective": "beta", "kl_warmup": 0.3}}})
-    assert _encoder_config(new) == {"objective": "beta", "kl_warmup": 0.3}
+    assert _encoder_config(new) == {**added, "objective": "beta", "kl_warmup": 0.3}
     assert _encoder_config(RunDir(str(tmp_path / "none"))) is None

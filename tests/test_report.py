@@ -62,7 +62,7 @@ def _write_manifest(run: RunDir, archive: Path) -> list[str]:
     return uris
 
 
-def _write_similarity(run: RunDir, paper_bins_as_dict: bool = False) -> None:
+def _write_similarity(run: RunDir, paper_bins_as_dict: bool = False, with_siblings: bool = True) -> None:
     x = _embeddings(N_IMAGES)
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
@@ -107,7 +107,11 @@ def _write_similarity(run: RunDir, paper_bins_as_dict: bool = False) -> None:
         "paper_bins": paper,
         "exact": True,
         "seconds": 0.1,
+        "sibling_recall": {"at_1": 0.84, "at_k": 0.9123, "k": 10, "n_eligible": 2950},
+        "sibling_recall_not_measured": None,
     }
+    if not with_siblings:
+        summary.update(sibling_recall=None, sibling_recall_not_measured="the manifest has no clip ids")
     run.write_json("similarity/summary.json", summary)
 
 
@@ -231,6 +235,9 @@ def test_full_report_renders_every_section(full_run: tuple[RunDir, list[str]]) -
         "Stage timings",
         "Labelling time saved",
         "p enrich vs random",
+        "for 84.00% of the 2,950 images that have another frame of their clip, the most similar image is a frame "
+        "of the same clip (recall@10: 0.91",
+        "only partially",
     ):
         assert text in page
     assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
@@ -249,10 +256,11 @@ def test_missing_artifacts_render_with_the_command_to_run(tmp_path: Path) -> Non
 
     run = RunDir(str(tmp_path / "run"))
     _write_manifest(run, tmp_path / "archive")
-    _write_similarity(run, paper_bins_as_dict=True)
+    _write_similarity(run, paper_bins_as_dict=True, with_siblings=False)
     stats = run_report(run)
     page = _page(run)
     assert "enrich select" in page and "enrich manifest" not in page
+    assert "Sibling recall: not measured (the manifest has no clip ids)." in page and "recall@" not in page
     assert set(stats["figures"]) == {"similarity_histogram.png", "paper_bins.png"}
     _check_images(page, Path(run.uri) / "report")
 
@@ -284,3 +292,32 @@ def test_redundant_groups_skip_images_already_shown() -> None:
         (5, []),
     ]
     assert len(redundant_groups(rows, n_groups=1, n_neighbors=2)) == 1
+
+
+@pytest.mark.parametrize(
+    "recall, words",
+    [
+        ({"at_1": 0.95, "at_k": 0.97, "k": 5, "n_eligible": 40}, ["95.00% of the 40 images", "recall@5: 0.97",
+                                                                  "recognises near-duplicate frames: the"]),
+        ({"at_1": 0.5, "at_k": 0.6, "k": 3, "n_eligible": 1234}, ["50.00% of the 1,234 images", "only partially"]),
+        ({"at_1": 0.1, "at_k": 0.2, "k": 10, "n_eligible": 7}, ["largely does not", "--embedder contrastive"]),
+        (None, ["Sibling recall: not measured (no clip has 2 or more embedded images)."]),
+    ],
+)
+def test_sibling_recall_in_words(tmp_path: Path, recall: dict | None, words: list[str]) -> None:
+    """The measured numbers with what they say about the embedding, or why nothing was measured."""
+    from enrich_dist.report import sections
+    from enrich_dist.report.page import ReportPage
+
+    why = None if recall else "no clip has 2 or more embedded images"
+    summary = {"n_images": 3, "n_pairs": 3, "exact": True, "thresholds": {}, "sibling_recall": recall,
+               "sibling_recall_not_measured": why}
+    text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), summary))
+    for w in words:
+        assert w in text
+    assert "approximate neighbour lists" not in text
+    text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), {**summary, "exact": False}))
+    assert ("Measured on the approximate neighbour lists." in text) == (recall is not None)
+    old = {k: v for k, v in summary.items() if not k.startswith("sibling")}  # written before sibling recall
+    text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), old))
+    assert "Sibling recall: not measured (similarity/summary.json does not record it)." in text

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_siblings import write_manifest  # tests/ is on sys.path (rootdir conftest)
 
 from enrich_dist.config import SimilarityConfig
 from enrich_dist.schema import EMBEDDINGS_DIR, NEIGHBORS_DIR, embeddings_schema, threshold_column
@@ -21,12 +22,14 @@ from enrich_dist.similarity import (
     plan,
     reduce,
     run_similarity,
+    siblings,
     stage,
     tile_plan,
     tile_stats,
     torch_kernel,
 )
 from enrich_dist.similarity.plan import group_tiles, schedule
+from enrich_dist.similarity.siblings import sibling_recall, sibling_recall_from_embeddings
 from enrich_dist.similarity.torch_kernel import tile_stats_torch
 from enrich_dist.storage import shard_name
 
@@ -412,6 +415,52 @@ def test_run_similarity_end_to_end(ray_local, run_dir, monkeypatch) -> None:
 
     monkeypatch.setattr(stage, "compute_similarity", lambda *a, **kw: pytest.fail("rerun must skip"))
     assert run_similarity(run_dir, cfg) == stats
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_run_similarity_writes_sibling_recall(ray_local, run_dir, one_tile_per_task, mode: str) -> None:
+    """summary.json holds the sibling recall of the lists written; images with errors are in no clip's count."""
+    n, k = 84, 5
+    errors = {3, 40, 41, 83}
+    ids = np.array([i for i in range(n) if i not in errors])
+    x = exact_unit_vectors(len(ids), 8, seed=5, duplicates=12)
+    clips = [f"c{i % 9}" if i % 7 else None for i in range(n)]
+    clips[40] = clips[2] = "pair"  # 40 is an error: clip "pair" has one embedded image
+    write_manifest(run_dir, clips, errors)
+    write_embeddings(run_dir, x, ids, shards=2)
+    cfg = SimilarityConfig(block_size=16, top_k=k, mode=mode, n_partitions=8, nprobe=2, sample_size=20)
+    summary = run_similarity(run_dir, cfg)
+    assert run_dir.read_json("similarity/summary.json")["sibling_recall"] == summary["sibling_recall"]
+    got = summary["sibling_recall"]
+    assert summary["sibling_recall_not_measured"] is None and got["k"] == k
+    kept_clips = [clips[i] for i in ids]
+    assert got["n_eligible"] == sum(c is not None and kept_clips.count(c) > 1 for c in kept_clips)
+    if mode == "exact":
+        assert got == sibling_recall_from_embeddings(x, kept_clips, k)
+    else:
+        table = run_dir.read_table(NEIGHBORS_DIR)
+        assert got == sibling_recall(ids, np.array(table.column("nn_ids").to_pylist()), kept_clips, k)
+
+
+def test_run_similarity_without_clips_writes_null(ray_local, run_dir) -> None:
+    x = exact_unit_vectors(12, 8, seed=6, duplicates=4)
+    write_embeddings(run_dir, x, np.arange(12), shards=1)
+    write_manifest(run_dir, [None] * 12, errors=set())
+    run_similarity(run_dir, SimilarityConfig())
+    summary = run_dir.read_json("similarity/summary.json")
+    assert summary["sibling_recall"] is None and summary["sibling_recall_not_measured"] == siblings.NO_CLIPS
+
+
+def test_approx_lists_pad_unfound_neighbours_with_minus_one(ray_local, one_tile_per_task) -> None:
+    """Tiny partitions leave top-k slots empty: they read -1 (never another image) with similarity -inf."""
+    x = clustered(60, 8, 20, 0.3, seed=2)
+    cfg = SimilarityConfig(mode="approx", n_partitions=20, nprobe=1, top_k=10, block_size=8, sample_size=10)
+    table, _ = compute_similarity(x, np.arange(60) + 100, cfg, progress=False)
+    nn = np.array(table.column("nn_ids").to_pylist())
+    sims = np.array(table.column("nn_sims").to_pylist(), np.float32)
+    assert np.isneginf(sims).any()
+    np.testing.assert_array_equal(nn == -1, np.isneginf(sims))
+    assert ((nn >= 100) | (nn == -1)).all()
 
 
 def test_run_similarity_needs_embeddings(run_dir) -> None:

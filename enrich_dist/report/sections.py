@@ -112,8 +112,35 @@ def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     ]
     headers = ["similarity", "pairs above", "% of pairs", "images with a neighbour above", "% of images"]
     parts.append(table(headers, rows))
+    parts.append(sibling_recall(summary))
     parts.append(note(f"Mode: {'exact' if exact else 'approximate'}."))
     return parts
+
+
+def sibling_recall(summary: dict) -> Markup:
+    """In words: how often an image's most similar images are other frames of its own clip, and what that says."""
+    recall = summary.get("sibling_recall")
+    if not recall:
+        why = summary.get("sibling_recall_not_measured") or "similarity/summary.json does not record it"
+        return tag("p", f"Sibling recall: not measured ({why}).")
+    at_1, k = recall["at_1"], recall["k"]
+    if at_1 >= 0.9:
+        verdict = "The embedding recognises near-duplicate frames: the redundancy above reflects the archive's own."
+    elif at_1 >= 0.5:
+        verdict = "The embedding recognises near-duplicate frames only partially: some redundancy within clips is missed."
+    else:
+        verdict = (
+            "The embedding largely does not recognise near-duplicate frames, so the redundancy above understates the "
+            "archive's; consider --embedder contrastive or --embedder pixels."
+        )
+    lists = "" if summary.get("exact", True) else " Measured on the approximate neighbour lists."
+    return tag(
+        "p",
+        f"Sibling recall: for {fmt_pct(at_1)} of the {fmt_int(recall['n_eligible'])} images that have another "
+        f"frame of their clip, the most similar image is a frame of the same clip (recall@{k}: {recall['at_k']:.2f}, "
+        f"the mean share of its clip's other frames, up to {k}, found among its {k} most similar images). "
+        f"{verdict}{lists}",
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

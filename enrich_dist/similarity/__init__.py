@@ -17,6 +17,9 @@ _EXPORTS = {
     "tile_plan": "plan",
     "compute_similarity": "stage",
     "run_similarity": "stage",
+    "sibling_recall": "siblings",
+    "sibling_recall_from_embeddings": "siblings",
+    "sibling_recall_from_run": "siblings",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -33,6 +33,7 @@ from .plan import (
     tile_plan,
 )
 from .reduce import PARTIALS_DIR, Reduction, load_checkpoint, save_checkpoint
+from .siblings import sibling_recall_from_run
 
 log = logging.getLogger("enrich_dist.similarity")
 
@@ -281,13 +282,15 @@ def inexact_reasons(mode: str, precision: str) -> list[str]:
 def _neighbors_table(
     ids: np.ndarray, reduction: Reduction, cfg: SimilarityConfig, thresholds: list[float]
 ) -> pa.Table:
-    """One row per image, sorted by ``image_id``, neighbours best first."""
+    """One row per image, sorted by ``image_id``, neighbours best first; ``-1`` pads lists of unfound neighbours."""
     n, k = reduction.idx.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
     columns = {
         "image_id": pa.array(ids),
         "max_sim": pa.array(reduction.vals[:, 0]) if k else pa.nulls(n, pa.float32()),
-        "nn_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[reduction.idx].reshape(-1))),
+        "nn_ids": pa.ListArray.from_arrays(
+            offsets, pa.array(np.where(reduction.idx >= 0, ids[reduction.idx], -1).reshape(-1))
+        ),
         "nn_sims": pa.ListArray.from_arrays(offsets, pa.array(reduction.vals.reshape(-1))),
     }
     schema = neighbors_schema(cfg.thresholds)
@@ -418,7 +421,7 @@ def _read_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
-    """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json``, mark done."""
+    """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall), mark done."""
     if run.is_done(SIMILARITY_DIR):
         log.info("similarity: already done in %s, skipping", run.uri)
         return run.read_json(posixpath.join(SIMILARITY_DIR, DONE_NAME))
@@ -429,6 +432,15 @@ def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
     rows = math.ceil(len(table) / n_shards)
     for i in range(n_shards):
         run.write_table(posixpath.join(NEIGHBORS_DIR, shard_name(i)), table.slice(i * rows, rows))
+    recall, why_not = sibling_recall_from_run(run, cfg.top_k)
+    summary.update(sibling_recall=recall, sibling_recall_not_measured=why_not)
+    if recall is None:
+        log.info("similarity: sibling recall not measured (%s)", why_not)
+    else:
+        log.info(
+            "similarity: sibling recall@1 %.3f, @%d %.3f over %d images with a clip sibling",
+            recall["at_1"], recall["k"], recall["at_k"], recall["n_eligible"],
+        )
     run.write_json(SUMMARY, summary)
     run.mark_done(SIMILARITY_DIR, summary)
     run.remove(PARTIALS_DIR)
