@@ -211,3 +211,26 @@ def test_stage_trains_embeds_and_refuses_to_mix_encoders(ray_local, tmp_path):
     vectors = np.stack(run.read_table(EMBEDDINGS_DIR).column("embedding").to_numpy(zero_copy_only=False))
     assert vectors.shape == (24, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_report_shows_the_contrastive_encoder(tmp_path):
+    """The report's encoder section names the encoder, plots its curves, shows its check and its views picture."""
+    from enrich_dist.report.page import ReportPage
+    from enrich_dist.report.sections import encoder as encoder_section
+    from enrich_dist.report.sections import encoder_quality as report_rows
+
+    run = RunDir(str(tmp_path / "run"))
+    images = shapes(30)
+    model, history = train_contrastive(images, TINY)
+    quality = contrastive_quality(model, images[:10])
+    run.write_json(TRAIN_STATS, {"model": "contrastive", "config": dataclasses.asdict(TINY), "quality": quality,
+                                 "history": history})
+    from enrich_dist.encoder.train import views_grid
+
+    run.write_bytes(VIEWS, views_grid(images[:4]))
+    page = ReportPage(run)
+    html = "".join(str(part) for part in encoder_section(page))
+    assert "contrastive encoder" in html and "held-out view retrieval" in html and "not found" not in html
+    assert page.figures == ["encoder_loss.png", "views.png"]
+    collapsed = {**quality, "collapsed": True}
+    assert "Warning: the contrastive encoder looks collapsed" in "".join(str(p) for p in report_rows(collapsed))

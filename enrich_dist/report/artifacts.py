@@ -18,6 +18,7 @@ SUMMARY = posixpath.join(SIMILARITY_DIR, "summary.json")
 SUBSETS = posixpath.join(SELECTION_DIR, "subsets.parquet")
 TRAIN_JSON = posixpath.join(ENCODER_DIR, "train.json")
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
+VIEWS = posixpath.join(ENCODER_DIR, "views.png")
 N_GROUPS = 8
 N_GROUP_NEIGHBORS = 4
 N_UNIQUE = 12

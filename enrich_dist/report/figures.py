@@ -149,12 +149,14 @@ LOSS_PANELS = (
     ("total loss", ("train_total", "val_total")),
     ("reconstruction", ("train_recon", "val_recon")),
     ("KL divergence", ("train_kl", "val_kl")),
+    ("contrastive loss", ("train_loss",)),
+    ("held-out view retrieval", ("val_view_retrieval",)),
 )
 
 
 def loss_curves(history: Mapping[str, Sequence[float]]) -> bytes | None:
     """Encoder losses per epoch, one panel per term present; None without any curve."""
-    panels = [(title, [k for k in keys if history.get(k)]) for title, keys in LOSS_PANELS]
+    panels = [(title, [k for k in keys if any(v is not None for v in history.get(k) or [])]) for title, keys in LOSS_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
         return None
@@ -163,7 +165,7 @@ def loss_curves(history: Mapping[str, Sequence[float]]) -> bytes | None:
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
-            values = np.asarray(history[key], dtype=np.float64)
+            values = np.asarray([np.nan if v is None else v for v in history[key]], dtype=np.float64)
             x = epochs[: len(values)] if len(epochs) >= len(values) else np.arange(1, len(values) + 1)
             ax.plot(x, values, label=key.split("_")[0], linestyle="--" if key.startswith("val") else "-")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import figures
-from .artifacts import RECONSTRUCTIONS, SUBSETS, TRAIN_JSON, Manifest, read_json
+from .artifacts import RECONSTRUCTIONS, SUBSETS, TRAIN_JSON, VIEWS, Manifest, read_json
 from .html import Markup, figure, fmt_int, fmt_mean_std, fmt_pct, join, note, table, tag
 from .page import ReportPage
 
@@ -244,38 +244,67 @@ def _label_table(rows: list[dict], methods: list[str], budgets: list[float]) -> 
 
 
 def encoder(out: ReportPage) -> list[Markup]:
-    """Loss curves and reconstructions of the beta-VAE."""
+    """Training curves, the label-free check and a picture of the encoder (beta-VAE or contrastive)."""
     train = read_json(out.run, TRAIN_JSON)
-    has_recon = out.run.exists(RECONSTRUCTIONS)
-    if train is None and not has_recon:
+    contrastive = (train or {}).get("model") == "contrastive"
+    picture, name = (VIEWS, "views.png") if contrastive else (RECONSTRUCTIONS, "reconstructions.png")
+    has_picture = out.run.exists(picture)
+    if train is None and not has_picture:
         return [out.absent("encoder training log (encoder/train.json)", "enrich train-encoder")]
     parts: list[Markup] = []
     if train is not None:
+        parts.append(
+            tag(
+                "p",
+                "Encoder: the contrastive encoder (trained to map random views of an image, shifted, turned, regained "
+                "and re-speckled as consecutive frames are, close together)." if contrastive else
+                "Encoder: the paper's beta-VAE (embedding: the encoder mean).",
+            )
+        )
         png = figures.loss_curves(train.get("history") or {})
         if png is not None:
-            parts.append(
-                figure(
-                    out.add_figure("encoder_loss.png", png),
-                    "encoder loss curves",
-                    "beta-VAE losses per epoch (dashed: validation).",
-                )
+            caption = (
+                "Contrastive loss per epoch and held-out view retrieval." if contrastive
+                else "beta-VAE losses per epoch (dashed: validation)."
             )
+            parts.append(figure(out.add_figure("encoder_loss.png", png), "encoder loss curves", caption))
         else:
             parts.append(note("encoder/train.json holds no loss history."))
         config = train.get("config") or {}
         if config:
             parts.append(table(["encoder setting", "value"], flatten(config), align="ll"))
         parts += encoder_quality(train.get("quality") or {})
-    if has_recon:
-        src = out.add_figure("reconstructions.png", out.run.read_bytes(RECONSTRUCTIONS))
-        parts.append(figure(src, "encoder reconstructions", "Inputs and their reconstructions."))
+    if has_picture:
+        src = out.add_figure(name, out.run.read_bytes(picture))
+        caption = "Inputs (top) and one training view of each (bottom): the change the encoder learns to ignore." if (
+            contrastive
+        ) else "Inputs and their reconstructions."
+        parts.append(figure(src, "encoder " + name.split(".")[0], caption))
     else:
-        parts.append(note("encoder/reconstructions.png not found."))
+        parts.append(note(f"encoder/{name} not found."))
     return parts
 
 
 def encoder_quality(quality: dict) -> list[Markup]:
     """The encoder's label-free check (encoder/train.json "quality"): a table, and a warning when it looks collapsed."""
+    if quality.get("model") == "contrastive":
+        rows = [
+            (
+                "held-out view retrieval (a random view finds its image's other view first)",
+                f"{quality['view_retrieval']:.2f} (untrained network: {quality['untrained_view_retrieval']:.2f})",
+            ),
+            ("mean cosine between held-out embeddings", f"{quality['mean_pairwise_cosine']:.2f}"),
+            ("effective rank of held-out embeddings", f"{quality['effective_rank']:.1f}"),
+        ]
+        parts = [table(["encoder check (no labels)", "value"], rows, align="ll")]
+        if quality.get("collapsed"):
+            parts.append(
+                note(
+                    "Warning: the contrastive encoder looks collapsed (its embeddings are nearly all alike), so they say "
+                    "little about the images. Lower --learning-rate, train on a larger --sample, or use --embedder vae."
+                )
+            )
+        return parts
     if "active_dims" not in quality:
         return []
     dims = len(quality.get("mu_variance_per_dim") or []) or "?"
