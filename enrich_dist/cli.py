@@ -56,6 +56,9 @@ _OVERRIDES = {
     "max_per_patient": ("select", "max_per_patient", int),
     "balance_labels": ("select", "balance_labels", bool),
     "select_workers": ("select", "workers", int),
+    "delta": ("select", "delta", float),
+    "max_edges": ("select", "max_edges", int),
+    "duplicate_threshold": ("select", "duplicate_threshold", float),
     "task": ("evaluate", "task", str),
     "model": ("evaluate", "model", str),
     "eval_replicates": ("evaluate", "replicates", int),
@@ -134,7 +137,16 @@ def _similarity_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _select_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["batch", "exact"], help="batch (the paper) or exact farthest-first")
+    p.add_argument(
+        "--mode", choices=["batch", "exact", "coverage", "herding"],
+        help="batch (the paper's rule, the default), exact farthest-first, coverage (ProbCover: greedy coverage of "
+        "delta-balls) or herding (facility location on the same graph)",
+    )
+    p.add_argument("--delta", help="coverage/herding: similarity above which two images cover each other "
+                   "(default: ProbCover's label-free purity rule, recorded in selection.json)")
+    p.add_argument("--max-edges", help="coverage/herding: most stored neighbour pairs of the graph (default 50000000)")
+    p.add_argument("--duplicate-threshold", help="duplicate guard: no second image of a group of near-duplicates "
+                   "(similarity above this) before every group has one (default: off)")
     p.add_argument("--seed-size", help="random seed set: count or fraction (default 0.022)")
     p.add_argument("--batch-size", help="images added per round in batch mode: count or fraction (default 0.11)")
     p.add_argument("--budgets", help="subset sizes to report, fractions or counts (default 0.07,...,1.0)")

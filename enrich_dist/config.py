@@ -160,7 +160,11 @@ class SelectConfig:
     """Greedy selection (the paper's batch mode by default).
 
     ``seed_ids`` names a file of already-labelled images (ids or uris) used as every replicate's
-    seed set instead of a random one. ``workers`` None picks one process for archives up to
+    seed set instead of a random one. ``mode`` "coverage" (ProbCover's greedy coverage of delta-balls)
+    and "herding" (facility location) rank on the exact graph of pairs above ``delta`` (None: ProbCover's
+    label-free purity rule), holding at most ``max_edges`` stored edges. ``duplicate_threshold`` turns
+    the duplicate guard on: no second image of a near-duplicate group (pairs above it) before every
+    group has one. ``workers`` None picks one process for archives up to
     2e8 embedding floats and one shard actor per CPU above; 0 forces one process, k > 0 k actors.
     """
 
@@ -177,6 +181,9 @@ class SelectConfig:
     balance_labels: bool = False
     workers: int | None = None
     checkpoint_seconds: float = 60.0
+    delta: float | None = None
+    max_edges: int = 50_000_000
+    duplicate_threshold: float | None = None
 
 
 @dataclass

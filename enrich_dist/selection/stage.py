@@ -34,6 +34,7 @@ from ..schema import RANKING, SELECTION_DIR, SUBSETS
 from ..storage import RunDir
 from .actors import start_actors
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
+from .covering import COVER_MODES, finish, guard_groups, rank_covering
 from .greedy import MODES, Ranking, Settings, choose_seeds, rank
 from .inputs import (
     Part,
@@ -91,9 +92,10 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     groups = {name: codes(manifest, name) for name in ("patient_id", "clip_id", "label")}
     fixed = read_seed_ids(cfg.seed_ids, run.storage_options, manifest_all, ids) if cfg.seed_ids else None
     seed_size, batch_size, budgets = _resolve_sizes(cfg, n, None if fixed is None else len(fixed))
-    settings = Settings(cfg.mode, cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
+    covering = cfg.mode in COVER_MODES
+    settings = Settings("exact" if covering else cfg.mode, cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
     rules_args = _rules_args(cfg, groups, n)
-    workers = _workers(cfg, n, dim)
+    workers = 0 if covering else _workers(cfg, n, dim)
     lists = neighbour_parts(run, n) if cfg.aggregate == "max" else None
     log.info(
         "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
@@ -113,12 +115,20 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
         seed_rows = fixed if fixed is not None else rng.permutation(choose_seeds(n, seed_size, rng))
         seeds.append(seed_rows)
         randoms.append(_random_ranking(n, seed_rows, rng))
-    if workers:
+    cover = None
+    if covering:
+        rankings, seconds, cover = rank_covering(read_vectors(run, parts, ids), seeds, cfg, rules_args)
+        pruning = False
+    elif workers:
         rankings, seconds, pruning = _rank_with_actors(
             run, parts, ids, dim, workers, lists, seeds, settings, rules_args, cfg
         )
     else:
         rankings, seconds, pruning = _rank_in_tasks(run, parts, ids, lists, seeds, settings, rules_args, cfg)
+    if cfg.duplicate_threshold is not None and not covering:
+        guard = guard_groups(read_vectors(run, parts, ids), cfg)
+        no_rules = Rules(n)
+        rankings = [finish(r, int(r.is_seed.sum()), no_rules, guard) for r in rankings]
 
     run.write_table(RANKING_PATH, _ranking_table(rankings, ids))
     run.write_table(RANDOM_RANKING_PATH, _ranking_table(randoms, ids))
@@ -132,6 +142,7 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
         "budgets": [{"budget": b, "n_images": k} for b, k in budgets],
         "workers": workers,
         "pruning": pruning,
+        "coverage": cover,
         "replicate_seconds": seconds,
         "seconds": time.perf_counter() - started,
     }
@@ -144,8 +155,14 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
 
 def _validate(cfg: SelectConfig) -> None:
     """Errors naming the bad select setting."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"select mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.mode not in (*MODES, *COVER_MODES):
+        raise ValueError(f"select mode must be one of {(*MODES, *COVER_MODES)}, got {cfg.mode!r}")
+    if cfg.delta is not None and not -1.0 <= cfg.delta < 1.0:
+        raise ValueError(f"select delta is a cosine similarity in [-1, 1), got {cfg.delta}")
+    if cfg.duplicate_threshold is not None and not -1.0 <= cfg.duplicate_threshold < 1.0:
+        raise ValueError(f"select duplicate_threshold is a cosine similarity in [-1, 1), got {cfg.duplicate_threshold}")
+    if cfg.max_edges < 1:
+        raise ValueError(f"select max_edges must be >= 1, got {cfg.max_edges}")
     if cfg.aggregate not in AGGREGATES:
         raise ValueError(f"select aggregate must be one of {AGGREGATES}, got {cfg.aggregate!r}")
     if cfg.replicates < 1:

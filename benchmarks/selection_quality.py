@@ -1,0 +1,251 @@
+"""Benchmark: do the label-free rankings train better models than random subsets of the same size?
+
+For each image set (``enrich_dist.datasets.clips``) and each rule, a fixed model is trained on every
+prefix of the ranking at each budget, for ``--replicates`` replicates (different random seed sets,
+shared by every rule in a replicate, as the select stage does), and scored on held-out sources; each
+rule is compared with random subsets by a two-sided Mann-Whitney U test per budget.
+
+- Split: a seeded 20 % of the patients (sources) are held out; the test set is one frame per held-out
+  clip (the first), so long clips do not weigh more; the pool to rank is every image of the others.
+- Embedding used by the rules: ``--embedder`` (default ``contrastive``; ``vae`` or ``pixels``),
+  trained on a seeded sample of the pool as the train-encoder stage does; cached in ``--cache``.
+- Rules: ``random``; ``batch`` (the paper's: least similar to the chosen set in batches of
+  ``--batch-size``); ``exact`` (farthest-first); ``coverage`` (ProbCover's greedy coverage of
+  delta-balls, delta by its label-free purity rule); ``herding`` (facility location on the same
+  graph); and ``+guard`` variants (no second member of a near-duplicate group, pairs above
+  ``--duplicate-threshold``, before every group has one).
+- Model: multinomial logistic regression (scikit-learn, fixed settings) on the 16x16 block means of
+  the images (``--model pixels``), independent of the embedding that chose the subset; or on the
+  embedding itself (``--model probe``, a linear probe). Score: macro one-vs-rest AUC.
+
+Prints a table per set and appends one JSON line per (set, rule, budget) to ``--out``:
+
+    python -m benchmarks.selection_quality --out benchmarks/results/selection_quality.jsonl
+    python -m benchmarks.selection_quality --sets digits-uneven --embedder pixels --replicates 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from scipy.stats import mannwhitneyu
+
+from benchmarks.similarity import source_version
+from enrich_dist.config import EncoderConfig, resolve_size
+from enrich_dist.datasets import clips
+from enrich_dist.embed import PixelEmbedder
+from enrich_dist.encoder import embed_images, train_encoder_model
+from enrich_dist.selection import batch_greedy, choose_seeds, exact_greedy
+from enrich_dist.selection.coverage import (
+    choose_delta,
+    coverage_ranking,
+    duplicate_groups,
+    duplicate_guard,
+    herding_ranking,
+    neighbour_graph,
+)
+
+log = logging.getLogger("benchmarks.selection_quality")
+SETS = ("digits-uneven", "digits-5", "echo-uneven")
+RULES = ("batch", "exact", "coverage", "herding", "exact+guard", "coverage+guard")
+BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.22, 0.44)
+
+
+def load_set(name: str, echo_images: int, seed: int) -> clips.ClipSet:
+    """The named labelled image set, made into clips."""
+    if name == "digits-uneven":
+        return clips.digits_clips(uneven=True, seed=seed)
+    if name.startswith("digits-"):
+        return clips.digits_clips(int(name.split("-")[1]), seed=seed)
+    if name.startswith("echo-"):
+        return clips.echo_clips(echo_images, profile=name.split("-")[1], seed=seed)
+    raise ValueError(f"unknown set {name!r}; known: {', '.join(SETS)}")
+
+
+def split(data: clips.ClipSet, seed: int, test_share: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows, test rows): a seeded share of the patients held out, one frame per held-out clip."""
+    patients = np.unique(data.patient_ids)
+    rng = np.random.default_rng([seed, 99])
+    held = set(rng.choice(patients, size=max(1, round(test_share * len(patients))), replace=False).tolist())
+    is_test = np.isin(data.patient_ids, list(held))
+    first = np.zeros(len(data), bool)
+    _, first_rows = np.unique(data.clip_ids, return_index=True)
+    first[first_rows] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test & first)
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    """L2-normalised, mean-centred 16x16 block means."""
+    v = PixelEmbedder(16)(images)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def embedding(name: str, images: np.ndarray, train_rows: np.ndarray, epochs: int, seed: int, cache: str | None) -> np.ndarray:
+    """L2-normalised embeddings of every image by the named embedder, trained on a sample of ``train_rows`` (cached)."""
+    if name == "pixels":
+        return pixels(images)
+    key = hashlib.sha1(images.tobytes() + train_rows.tobytes()).hexdigest()[:12]
+    path = os.path.join(cache, f"{name}-{epochs}-{seed}-{key}.npy") if cache else None
+    if path and os.path.exists(path):
+        return np.load(path)
+    cfg = dataclasses.replace(EncoderConfig(), epochs=epochs, seed=seed, device="cpu")
+    n = resolve_size(cfg.sample, len(train_rows))
+    pick = np.sort(np.random.default_rng(seed).choice(train_rows, size=n, replace=False))
+    start = time.perf_counter()
+    model, _ = train_encoder_model(images[pick], cfg, model=name, log_every=0)
+    log.info("trained the %s encoder on %d images in %.0f s", name, n, time.perf_counter() - start)
+    x = embed_images(model, images)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        np.save(path, x)
+    return x
+
+
+def auc(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Macro one-vs-rest AUC on the test set of a logistic regression fitted to ``train`` rows (NaN: one class only)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    classes = np.unique(test_y)
+    y = labels[train]
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LogisticRegression(C=1.0, max_iter=300).fit(features[train], y)
+    proba = np.zeros((len(test_y), len(classes)))
+    known = {c: i for i, c in enumerate(model.classes_)}
+    for j, c in enumerate(classes):
+        if c in known:
+            proba[:, j] = model.predict_proba(test_x)[:, known[c]]
+    if len(classes) == 2:
+        return float(roc_auc_score(test_y == classes[1], proba[:, 1]))
+    return float(roc_auc_score(test_y, proba / proba.sum(1, keepdims=True).clip(1e-12), multi_class="ovr", labels=classes))
+
+
+def rankings(x: np.ndarray, seeds: np.ndarray, batch_size: int, graph, groups: np.ndarray, rng) -> dict[str, np.ndarray]:
+    """Every rule's full ranking (row order) from the same seeds."""
+    n = len(x)
+    rest = np.setdiff1d(np.arange(n), seeds)
+    out = {"random": np.concatenate([seeds, rng.permutation(rest)])}
+    out["batch"] = batch_greedy(x, seeds, batch_size).order
+    out["exact"] = exact_greedy(x, seeds).order
+    out["coverage"] = coverage_ranking(graph, n, seeds).order
+    out["herding"] = herding_ranking(graph, n, seeds).order
+    out["exact+guard"] = duplicate_guard(out["exact"], groups, len(seeds))
+    out["coverage+guard"] = duplicate_guard(out["coverage"], groups, len(seeds))
+    return out
+
+
+def run_set(name: str, args: argparse.Namespace) -> list[dict]:
+    """Every rule and budget on one set; one record per (rule, budget)."""
+    data = load_set(name, args.echo_images, args.seed)
+    pool, test = split(data, args.seed)
+    every = embedding(args.embedder, data.images, pool, args.epochs, args.seed, args.cache)
+    x = every[pool]
+    features = pixels(data.images) if args.model == "pixels" else every
+    feats_pool, test_x = features[pool], features[test]
+    labels, test_y = data.labels[pool], data.labels[test]
+    sources = data.clip_ids[pool]
+    n = len(pool)
+    start = time.perf_counter()
+    delta, info = choose_delta(x, seed=args.seed)
+    graph = neighbour_graph(x, delta)
+    groups = duplicate_groups(x, args.duplicate_threshold)
+    log.info(
+        "%s: %d pool images (%d sources), %d test; delta %.2f (purity rule, passed %s), %d edges, %d duplicate groups (t %.2f); %.1f s",
+        name, n, len(np.unique(sources)), len(test), delta, info.get("passed"), graph.nnz, len(np.unique(groups)),
+        args.duplicate_threshold, time.perf_counter() - start,
+    )
+    full = auc(feats_pool, labels, np.arange(n), test_x, test_y)
+    seed_size = max(1, resolve_size(args.seed_size, n))
+    batch_size = max(1, resolve_size(args.batch_size, n))
+    sizes = [(b, max(seed_size, resolve_size(b, n))) for b in BUDGETS]
+    scores: dict[tuple[str, float], list[float]] = {}
+    covered: dict[tuple[str, float], list[int]] = {}
+    for r in range(args.replicates):
+        rng = np.random.default_rng([args.seed, r])
+        seeds = rng.permutation(choose_seeds(n, seed_size, rng))
+        for rule, order in rankings(x, seeds, batch_size, graph, groups, rng).items():
+            if rule != "random" and rule not in args.rules:
+                continue
+            for budget, k in sizes:
+                scores.setdefault((rule, budget), []).append(auc(feats_pool, labels, order[:k], test_x, test_y))
+                covered.setdefault((rule, budget), []).append(len(np.unique(sources[order[:k]])))
+        log.info("%s: replicate %d/%d done", name, r + 1, args.replicates)
+    records = []
+    for (rule, budget), values in scores.items():
+        base = scores[("random", budget)]
+        p = float("nan") if rule == "random" else float(mannwhitneyu(values, base, alternative="two-sided").pvalue)
+        records.append({
+            "benchmark": "selection_quality", "set": name, "embedder": args.embedder, "model": args.model, "rule": rule,
+            "budget": budget, "n_images": dict(sizes)[budget], "pool": n, "test": len(test),
+            "auc_mean": float(np.nanmean(values)), "auc_std": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
+            "random_auc_mean": float(np.nanmean(base)), "p_vs_random": p,
+            "sources_mean": float(np.mean(covered[(rule, budget)])), "random_sources_mean": float(np.mean(covered[("random", budget)])),
+            "full_pool_auc": full, "replicates": args.replicates, "seed_size": seed_size, "batch_size": batch_size,
+            "delta": delta, "duplicate_threshold": args.duplicate_threshold,
+            "commit": source_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    """AUC per rule and budget, marked + / - where the difference from random is significant (p < 0.05)."""
+    budgets = sorted({r["budget"] for r in records})
+    rules = list(dict.fromkeys(r["rule"] for r in records))
+    by = {(r["rule"], r["budget"]): r for r in records}
+    first = records[0]
+    print(f"\n{first['set']} ({first['pool']} pool images, full-pool AUC {first['full_pool_auc']:.3f}, "
+          f"embedder {first['embedder']}, model {first['model']}, {first['replicates']} replicates)")
+    print(f"{'rule':<16}" + "".join(f"{b:>11.0%}" for b in budgets))
+    for rule in rules:
+        cells = []
+        for b in budgets:
+            r = by[(rule, b)]
+            mark = "" if rule == "random" or not r["p_vs_random"] < 0.05 else ("+" if r["auc_mean"] > r["random_auc_mean"] else "-")
+            cells.append(f"{r['auc_mean']:.3f}{mark:<1}".rjust(11))
+        print(f"{rule:<16}" + "".join(cells))
+    print(f"{'sources (rnd)':<16}" + "".join(f"{by[('random', b)]['sources_mean']:>11.0f}" for b in budgets))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--embedder", default="contrastive", choices=["contrastive", "vae", "pixels"])
+    parser.add_argument("--model", default="pixels", choices=["pixels", "probe"])
+    parser.add_argument("--replicates", type=int, default=10)
+    parser.add_argument("--seed-size", default="0.005", help="random seed set per replicate (fraction or count)")
+    parser.add_argument("--batch-size", default="0.11", help="the batch rule's round size (the paper's 0.11)")
+    parser.add_argument("--duplicate-threshold", type=float, default=0.9)
+    parser.add_argument("--echo-images", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=EncoderConfig.epochs)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=os.path.join("bench-out", "embeddings"), help="embedding cache folder")
+    parser.add_argument("--out", help="append JSON lines here")
+    args = parser.parse_args()
+    args.rules = args.rules.split(",")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    for name in args.sets.split(","):
+        records = run_set(name, args)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
+        print_table(records)
+
+
+if __name__ == "__main__":
+    main()
