@@ -102,7 +102,7 @@ def embedding(name: str, images: np.ndarray, train_rows: np.ndarray, epochs: int
     n = resolve_size(cfg.sample, len(train_rows))
     pick = np.sort(np.random.default_rng(seed).choice(train_rows, size=n, replace=False))
     start = time.perf_counter()
-    model, _ = train_encoder_model(images[pick], cfg, model=name, log_every=0)
+    model, _ = train_encoder_model(images[pick], cfg, model=name, log_every=10**9)
     log.info("trained the %s encoder on %d images in %.0f s", name, n, time.perf_counter() - start)
     x = embed_images(model, images)
     if path:

@@ -179,7 +179,7 @@ def train_epoch(
 
 def fit(
     model: ContrastiveEncoder, train: torch.Tensor, val: torch.Tensor, epochs: int, batch_size: int,
-    learning_rate: float, temperature: float, seed: int, log=None,
+    learning_rate: float, temperature: float, seed: int, log=None, log_every: int = 1,
 ) -> dict:
     """Train ``model`` in place (Adam, cosine-decayed learning rate); history of losses, view retrieval and seconds."""
     gen = torch.Generator(device=train.device).manual_seed(seed)
@@ -202,7 +202,7 @@ def fit(
         history["train_loss"].append(loss)
         history["val_view_retrieval"].append(retrieval)
         history["seconds"].append(time.perf_counter() - start)
-        if log is not None:
+        if log is not None and (epoch % log_every == 0 or epoch == epochs):
             log.info(
                 "epoch %d/%d: contrastive loss %.3f%s, %.1fs", epoch, epochs, loss,
                 "" if retrieval is None else f", held-out view retrieval {retrieval:.3f}", history["seconds"][-1],

@@ -264,7 +264,7 @@ def train_contrastive(
         model.fit_data_statistics(train)
         history = contrastive.fit(
             model, train, data[torch.from_numpy(val_idx).to(device)], cfg.epochs, cfg.contrastive_batch_size,
-            cfg.learning_rate, cfg.temperature, cfg.seed, log=log if log_every else None,
+            cfg.learning_rate, cfg.temperature, cfg.seed, log=log, log_every=log_every,
         )
     history.update(n_train=len(train_idx), n_val=len(val_idx), best_epoch=len(history["epoch"]), device=device)
     return model.cpu().eval(), history
