@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8000, help="synthetic images when --archive is not given")
     parser.add_argument("--archive", help="an existing folder or manifest table to embed instead")
-    parser.add_argument("--embedder", default="vae", choices=["vae", "pixels"])
+    parser.add_argument("--embedder", default="vae", choices=["vae", "contrastive", "pixels"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", help="folder for the archive and run (default: a temporary folder)")
@@ -88,7 +88,7 @@ def main() -> None:
     from enrich_dist.config import EmbedConfig, EncoderConfig, ManifestConfig
     from enrich_dist.datasets import make_echo_archive
     from enrich_dist.embed import ShardEmbedder, actor_threads, pending_shards, plan_actors, run_embed
-    from enrich_dist.encoder import BetaVAE, encoder_bytes
+    from enrich_dist.encoder import CHECKPOINTS, BetaVAE, ContrastiveEncoder, encoder_bytes
     from enrich_dist.manifest import run_manifest
     from enrich_dist.runtime import ray_session
     from enrich_dist.storage import RunDir
@@ -107,8 +107,11 @@ def main() -> None:
         run_manifest(run, source, ManifestConfig())
         uris = [r["uri"] for r in run.read_table("manifest", columns=["uri", "status"]).to_pylist() if r["status"] == "ok"]
         torch.manual_seed(0)
-        run.write_bytes("encoder/vae.pt", encoder_bytes(BetaVAE(), EncoderConfig()))
-        run.mark_done("encoder", {})
+        model = "contrastive" if args.embedder == "contrastive" else "vae"
+        checkpoint = CHECKPOINTS[model]
+        network = ContrastiveEncoder() if model == "contrastive" else BetaVAE()
+        run.write_bytes(checkpoint, encoder_bytes(network, EncoderConfig()))
+        run.mark_done("encoder", {"model": model})
 
         def bare_decode() -> float:
             start = time.perf_counter()
@@ -141,7 +144,7 @@ def main() -> None:
         _, cpus, _, device = plan_actors(res, cfg)
         threads, decode_threads = actor_threads(cpus, device, cfg)
         bare_run = RunDir(os.path.join(work, f"bare-{time.time_ns()}"))
-        bare_run.write_bytes("encoder/vae.pt", run.read_bytes("encoder/vae.pt"))
+        bare_run.write_bytes(checkpoint, run.read_bytes(checkpoint))
         actor = ShardEmbedder(bare_run, cfg, device, threads, decode_threads)
         t0 = time.perf_counter()
         for item in work_items:
