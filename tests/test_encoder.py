@@ -339,7 +339,7 @@ def test_default_encoder_learns_more_than_the_mean_echo_frame():
     from enrich_dist.datasets.echo import plan_archive
 
     frames = []
-    for plan in plan_archive(400, seed=0):
+    for plan in plan_archive(800, seed=0):
         clip, _ = render_clip(plan.patient, plan.clip, plan.n_frames, plan.rng_seed)
         frames += [imaging.preprocess(frame, 64) for frame in clip]
     images = np.stack(frames).astype(np.float32)
@@ -349,7 +349,8 @@ def test_default_encoder_learns_more_than_the_mean_echo_frame():
     quality = encoder_quality(model, images[val_idx], images[train_idx].mean(axis=0))
     assert history["best_epoch"] >= 10  # chosen after the warm-up (30 % of 30 epochs)
     assert quality["recon_bce"] < quality["mean_image_bce"] - 5.0, quality
-    # measured here: 809 vs 831 nats, MSE 0.84 of the mean image's (collapsed at 0.9), 115 active dimensions
+    # 800 clips, not 400: since frames carry 40 % fresh speckle (unpredictable by any encoder) 400 clips left the
+    # held-out MSE at 0.92 of the mean image's (collapsed at 0.9); with 800 it passes.
     assert quality["active_dims"] >= 2 and not quality["collapsed"], quality
 
 

@@ -1,11 +1,18 @@
 """A seeded synthetic fetal-echocardiography archive at the paper's shape (ECHO-F).
 
 Patients -> clips -> consecutive frames. Each frame is a 300x400 grayscale ultrasound sector with
-speckle; anatomy and gain are per patient, probe pose per clip, cardiac motion per frame, so frames
-of one clip are near-duplicates and clips of one patient are similar. Two labels: ``A4C`` (apical
-four-chamber view) and ``NT`` (non-target views: a short-axis ring ``SAX`` or the three-vessel view
-``3VV``). Masks hold 0 for background and 1..4 for the chambers named in :data:`CHAMBERS`; NT
-frames have all-zero masks, because the four-chamber segmentation task is defined on A4C frames only.
+speckle; anatomy and gain are per patient, probe pose per clip. Frame to frame the heart beats, the
+probe drifts (a slow walk of a few pixels and a fraction of a degree), the gain wanders by a few per
+cent and part of the speckle is fresh, so frames of one clip are similar but never identical, and
+clips of one patient are similar. Two labels: ``A4C`` (apical four-chamber view) and ``NT``
+(non-target views: a short-axis ring ``SAX``, the three-vessel view ``3VV`` and, in the ``uneven``
+profile only, a rare outflow-tract view ``LVOT``). Masks hold 0 for background and 1..4 for the
+chambers named in :data:`CHAMBERS`; NT frames have all-zero masks, because the four-chamber
+segmentation task is defined on A4C frames only.
+
+Profiles: ``uniform`` (the default) keeps the paper's averages, about 10.5 frames per clip and 4.7
+clips per patient, with little spread; ``uneven`` is redundancy as raw archives hold it: clips of
+10-200 frames and patients of 1-40 clips, both heavy-tailed, and a rare view.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ logger = logging.getLogger("enrich_dist.datasets")
 
 HEIGHT, WIDTH = 300, 400
 CHAMBERS = ("LV", "RV", "LA", "RA")
-VIEWS = ("A4C", "SAX", "3VV")
+VIEWS = ("A4C", "SAX", "3VV", "LVOT")
+PROFILES = ("uniform", "uneven")
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("uri", "mask_uri", "patient_id", "clip_id", "frame", "label", "split")
 
@@ -41,6 +49,12 @@ FRAMES_PER_CLIP = 45460 / 4344
 CLIPS_PER_PATIENT = 4344 / 933
 A4C_FRACTION = 20378 / 45460
 TEST_FRACTION = 0.15
+# The uneven profile: inclusive ranges of truncated power laws (P(x) ~ x^-2), and the rare view's share
+# of images (at least one clip of it whenever two NT clips exist).
+UNEVEN_FRAMES_PER_CLIP = (10, 200)
+UNEVEN_CLIPS_PER_PATIENT = (1, 40)
+RARE_VIEW = "LVOT"
+RARE_FRACTION = 0.02
 
 APEX_X, APEX_Y = WIDTH / 2, 8.0
 SECTOR_RADIUS = 282.0
@@ -50,10 +64,22 @@ FLUID = 0.06
 EDGE = 0.08
 SPECKLE_BANK_SEED = 20240101
 SPECKLE_CONTRAST = 0.55
+# Share of the speckle bound to the tissue (it moves with the probe); the rest is fresh in every frame.
 SPECKLE_MEMORY = 0.6
+# Probe drift over a clip: a random walk from frame 0's pose, scaled so that its farthest point is a
+# shift of DRIFT_PIXELS and a tilt about the probe apex of DRIFT_DEGREES (both drawn per clip).
+DRIFT_PIXELS = (1.0, 4.0)
+DRIFT_DEGREES = (0.1, 0.6)
+# Gain per frame: 1 at frame 0, then an AR(1) walk with this spread and lag-1 correlation.
+FRAME_GAIN_SD = 0.03
+FRAME_GAIN_MEMORY = 0.7
 WRITE_THREADS = 8
 # Heart body (myocardium and pericardium around the chambers): centre and radii in heart units.
-HEART_BODY = {"A4C": ((0.0, -0.2), (0.9, 1.2)), "SAX": ((-0.05, 0.02), (0.85, 0.8))}
+HEART_BODY = {
+    "A4C": ((0.0, -0.2), (0.9, 1.2)),
+    "SAX": ((-0.05, 0.02), (0.85, 0.8)),
+    "LVOT": ((0.0, -0.15), (0.85, 1.15)),
+}
 
 
 @dataclass(frozen=True)
@@ -132,7 +158,7 @@ def sample_patient(rng: np.random.Generator) -> PatientParams:
         position=(float(APEX_X + rng.normal(0.0, 16.0)), float(165.0 + rng.normal(0.0, 12.0))),
         gain=float(rng.uniform(0.75, 1.25)),
         beat_frames=float(rng.uniform(9.0, 16.0)),
-        motion=float(rng.uniform(0.07, 0.12)),
+        motion=float(rng.uniform(0.15, 0.21)),  # radii swing 1 +- m: fractional shortening 2m/(1+m), 26-35 %
     )
 
 
@@ -157,28 +183,31 @@ def render_clip(
     if clip.view not in VIEWS:
         raise ValueError(f"unknown view {clip.view!r}; known: {VIEWS}")
     rng = np.random.default_rng(rng_seed)
+    shift_x, shift_y, tilt, frame_gain = _frame_motion(np.random.default_rng([rng_seed, 1]), n_frames)
     pose = _Pose(patient, clip)
     u, w = pose.heart_coords()
-    gain = _sector_gain() * np.float32(patient.gain * 255.0)
-    lit = _static_tissue(patient, clip.view, pose, u, w) * gain
+    sector = _sector_gain()
+    visible = sector > 0
+    gain = sector * np.float32(patient.gain * 255.0)
+    static = _static_tissue(patient, clip.view, pose, u, w)
+    bound_weight = np.float32(SPECKLE_CONTRAST * SPECKLE_MEMORY)
+    bound = (1 - bound_weight) + bound_weight * _bank_crop(rng)
+    lit = static * bound
     blobs = _layout(patient, clip.view)
     window = _window(blobs, pose, patient.motion)
     u, w = u[window], w[window]
     rhos = [np.hypot((u - b.center[0]) / b.radii[0], (w - b.center[1]) / b.radii[1]) for b in blobs]
-    visible = gain[window] > 0
-    heart_gain = np.float32(patient.wall_brightness) * gain[window]
-    blood_gain = np.float32(BLOOD) * gain[window]
-    memory_weight = np.float32(SPECKLE_CONTRAST * SPECKLE_MEMORY)
-    persistent = np.float32(1 - SPECKLE_CONTRAST) + memory_weight * _bank_crop(rng)
+    static_heart, bound_heart = static[window], bound[window]
     fresh_weight = np.float32(SPECKLE_CONTRAST * (1 - SPECKLE_MEMORY))
 
     frames = np.empty((n_frames, HEIGHT, WIDTH), np.uint8)
-    masks = np.zeros((n_frames, HEIGHT, WIDTH), np.uint8)
+    masks = np.empty((n_frames, HEIGHT, WIDTH), np.uint8)
     for t in range(n_frames):
         beat = patient.motion * math.cos(clip.phase + 2 * math.pi * t / patient.beat_frames)
         swell = {"v": 1 + beat, "a": 1 - 0.8 * beat, "g": 1 + 0.4 * beat}
         blood = np.zeros(rhos[0].shape, np.float32)
         myo = np.zeros_like(blood)
+        mask = np.zeros((HEIGHT, WIDTH), np.uint8)
         for blob, rho in zip(blobs, rhos, strict=True):
             s = swell[blob.group]
             inner = np.clip((s + EDGE / 2 - rho) / EDGE, 0.0, 1.0)
@@ -188,12 +217,18 @@ def render_clip(
             np.maximum(blood, inner, out=blood)
             np.maximum(myo, outer, out=myo)
             if blob.mask_value:
-                masks[t][window][(rho < s) & visible] = blob.mask_value
-        tissue = lit.copy()
-        tissue[window] = lit[window] * (1.0 - myo) + myo * (heart_gain * (1.0 - blood) + blood_gain * blood)
-        tissue *= persistent + fresh_weight * _bank_crop(rng)
+                mask[window][rho < s] = blob.mask_value
+        anatomy = lit.copy()
+        heart = np.float32(patient.wall_brightness) * (1.0 - blood) + np.float32(BLOOD) * blood
+        anatomy[window] = (static_heart * (1.0 - myo) + myo * heart) * bound_heart
+        tissue = _move(anatomy, shift_x[t], shift_y[t], tilt[t])
+        tissue *= gain
+        speckle = _bank_crop(rng) * np.float32(fresh_weight * frame_gain[t])
+        speckle += np.float32((1 - fresh_weight) * frame_gain[t])
+        tissue *= speckle
         np.minimum(tissue, 255.0, out=tissue)
         frames[t] = tissue
+        np.multiply(_move(mask, shift_x[t], shift_y[t], tilt[t], nearest=True), visible, out=masks[t])
     return frames, masks
 
 
@@ -202,20 +237,25 @@ def make_echo_archive(
     n_images: int = 3000,
     seed: int = 0,
     *,
+    profile: str = "uniform",
     storage_options: dict | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write PNG frames, PNG masks and manifest.csv under ``out``; return image counts and seconds."""
+    """Write PNG frames, PNG masks and manifest.csv under ``out``; return image counts and seconds.
+
+    ``profile`` is ``uniform`` (the paper's averages) or ``uneven`` (heavy-tailed clips and patients, a
+    rare view); see the module docstring.
+    """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.perf_counter()
+    plans = plan_archive(n_images, seed, profile)
     run = RunDir(out, storage_options)
     run.remove(MANIFEST_NAME)
-    plans = plan_archive(n_images, seed)
     n_chunks = min(len(plans), max(20, 4 * workers))
     bounds = np.linspace(0, len(plans), n_chunks + 1).round().astype(int)
     chunks = [plans[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -253,15 +293,25 @@ def archive_shape(n_images: int) -> tuple[int, int]:
     return max(1, round(n_clips / CLIPS_PER_PATIENT)), n_clips
 
 
-def plan_archive(n_images: int, seed: int) -> list[_ClipPlan]:
+def plan_archive(n_images: int, seed: int, profile: str = "uniform") -> list[_ClipPlan]:
     """Every clip of the archive with its patient, view, split, frame count and speckle seed."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {PROFILES}")
     rng = np.random.default_rng(seed)
-    n_patients, n_clips = archive_shape(n_images)
-    frames = split_counts(n_images, rng.uniform(0.5, 1.5, n_clips))
-    clips_per_patient = split_counts(n_clips, rng.uniform(0.5, 1.5, n_patients))
+    if profile == "uniform":
+        n_patients, n_clips = archive_shape(n_images)
+        frames = split_counts(n_images, rng.uniform(0.5, 1.5, n_clips))
+        clips_per_patient = split_counts(n_clips, rng.uniform(0.5, 1.5, n_patients))
+    else:
+        frames = heavy_tailed_counts(n_images, *UNEVEN_FRAMES_PER_CLIP, rng)
+        clips_per_patient = heavy_tailed_counts(len(frames), *UNEVEN_CLIPS_PER_PATIENT, rng)
+        n_patients, n_clips = len(clips_per_patient), len(frames)
     patients = [sample_patient(rng) for _ in range(n_patients)]
     is_a4c = _choose_a4c(frames, rng)
-    nt_views = rng.choice(["SAX", "3VV"], n_clips)
+    views = rng.choice(["SAX", "3VV"], n_clips).astype(object)
+    views[is_a4c] = "A4C"
+    if profile == "uneven":
+        views[_choose_rare(frames, np.flatnonzero(~is_a4c), rng)] = RARE_VIEW
     n_test = 0 if n_patients == 1 else min(n_patients - 1, max(1, round(TEST_FRACTION * n_patients)))
     test = set(rng.permutation(n_patients)[:n_test].tolist())
     seeds = rng.integers(0, 2**63 - 1, n_clips)
@@ -271,7 +321,7 @@ def plan_archive(n_images: int, seed: int) -> list[_ClipPlan]:
     for c in range(n_clips):
         p = int(owner[c])
         patient_id = f"P{p + 1:0{width}d}"
-        clip = sample_clip(rng, patients[p], "A4C" if is_a4c[c] else str(nt_views[c]))
+        clip = sample_clip(rng, patients[p], str(views[c]))
         clip_no = c - int(np.searchsorted(owner, p))
         plans.append(
             _ClipPlan(
@@ -286,6 +336,25 @@ def plan_archive(n_images: int, seed: int) -> list[_ClipPlan]:
             )
         )
     return plans
+
+
+def heavy_tailed_counts(total: int, low: int, high: int, rng: np.random.Generator) -> np.ndarray:
+    """Counts in [low, high] from a truncated power law (P(x) ~ x^-2) that add up to ``total``.
+
+    Draws until the sum reaches ``total`` and cuts the last count; a cut count below ``low`` joins the
+    smallest other one when that stays within ``high``.
+    """
+    n = total // low + 1
+    x = 1.0 / (1.0 / low - rng.random(n) * (1.0 / low - 1.0 / (high + 1)))
+    reached = np.cumsum(np.floor(x).astype(np.int64).clip(low, high))
+    last = int(np.searchsorted(reached, total))
+    counts = np.diff(reached[: last + 1], prepend=0)
+    counts[-1] = total - (reached[last - 1] if last else 0)
+    smallest = int(np.argmin(counts[:-1])) if last else 0
+    if last and counts[-1] < low and counts[smallest] + counts[-1] <= high:
+        counts[smallest] += counts[-1]
+        counts = counts[:-1]
+    return counts
 
 
 def split_counts(total: int, weights: np.ndarray) -> np.ndarray:
@@ -308,6 +377,22 @@ def _choose_a4c(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return is_a4c
 
 
+def _choose_rare(frames: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """Random candidate clips whose frames stay within the rare view's share, at least one (the shortest).
+
+    None when fewer than two candidates exist, so that the common views stay.
+    """
+    if len(candidates) < 2:
+        return []
+    budget = RARE_FRACTION * frames.sum()
+    chosen, total = [], 0
+    for c in rng.permutation(candidates).tolist():
+        if total + frames[c] <= budget:
+            chosen.append(c)
+            total += int(frames[c])
+    return chosen or [int(candidates[np.argmin(frames[candidates])])]
+
+
 def _layout(patient: PatientParams, view: str) -> list[_Blob]:
     """The blood pools of a view, sized by the patient's chamber proportions."""
     lv, rv, la, ra = patient.chamber_scale
@@ -323,6 +408,12 @@ def _layout(patient: PatientParams, view: str) -> list[_Blob]:
         return [
             _Blob((0.15, 0.0), (0.40 * lv, 0.40 * lv), "v", wall * 1.6, 0),
             _Blob((-0.45, 0.05), (0.40 * rv, 0.60 * rv), "v", wall * 0.5, 0, carved=True),
+        ]
+    if view == "LVOT":
+        return [
+            _Blob((0.30, -0.45), (0.30 * lv, 0.55 * lv), "v", wall, 0),
+            _Blob((-0.48, -0.40), (0.26 * rv, 0.42 * rv), "v", wall * 0.8, 0),
+            _Blob((0.02, 0.30), (0.14 * lv, 0.42 * lv), "g", 0.35, 0),
         ]
     vessel = (lv + rv) / 2
     return [
@@ -367,6 +458,59 @@ def _window(blobs: list[_Blob], pose: _Pose, motion: float) -> tuple[slice, slic
         left, right = min(left, math.floor(x - reach)), max(right, math.ceil(x + reach))
     top, left = min(max(top, 0), HEIGHT), min(max(left, 0), WIDTH)
     return slice(top, max(top, min(bottom, HEIGHT))), slice(left, max(left, min(right, WIDTH)))
+
+
+def _frame_motion(rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, ...]:
+    """Per frame: probe drift from frame 0 (x and y shift in pixels, tilt in radians) and gain factor."""
+    walk = np.zeros((n_frames, 3))
+    walk[1:] = np.cumsum(rng.standard_normal((n_frames - 1, 3)), axis=0)
+    reach = max(float(np.hypot(walk[:, 0], walk[:, 1]).max()), 1e-9)
+    turn = max(float(np.abs(walk[:, 2]).max()), 1e-9)
+    walk[:, :2] *= rng.uniform(*DRIFT_PIXELS) / reach
+    walk[:, 2] *= math.radians(rng.uniform(*DRIFT_DEGREES)) / turn
+    kicks = rng.standard_normal(n_frames) * FRAME_GAIN_SD * math.sqrt(1 - FRAME_GAIN_MEMORY**2)
+    gain = np.ones(n_frames)
+    for t in range(1, n_frames):
+        gain[t] = 1 + FRAME_GAIN_MEMORY * (gain[t - 1] - 1) + kicks[t]
+    return walk[:, 0], walk[:, 1], walk[:, 2], gain
+
+
+def _move(image: np.ndarray, dx: float, dy: float, tilt: float, nearest: bool = False) -> np.ndarray:
+    """The image's content tilted about the probe apex and shifted right by dx and down by dy pixels.
+
+    Two shears (each column down, then each row right, by its own amount) stand in for the small
+    rotation; values between pixels are interpolated linearly, or taken from the nearest pixel.
+    """
+    down = dy + tilt * (np.arange(WIDTH) - APEX_X)
+    right = dx - tilt * (np.arange(HEIGHT) - APEX_Y)
+    return _shift_rows(_shift_rows(image.T, down, nearest).T, right, nearest)
+
+
+def _shift_rows(image: np.ndarray, shift: np.ndarray, nearest: bool) -> np.ndarray:
+    """Each row moved right by its own shift in pixels; zeros come in at the edge."""
+    if nearest:
+        return _shift_rows_whole(image, np.floor(shift + 0.5).astype(np.int64))
+    whole = np.floor(shift).astype(np.int64)
+    near = _shift_rows_whole(image, whole)
+    out = _shift_rows_whole(image, whole + 1)
+    out -= near
+    out *= (shift - whole).astype(np.float32)[:, None]
+    out += near
+    return out
+
+
+def _shift_rows_whole(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Each row moved right by its own whole number of pixels; runs of rows with one shift move as a block."""
+    out = np.zeros_like(image)
+    width = image.shape[1]
+    edges = (np.flatnonzero(np.diff(shift)) + 1).tolist()
+    for start, stop in zip([0, *edges], [*edges, len(shift)], strict=True):
+        k = int(shift[start])
+        if k >= 0:
+            out[start:stop, k:] = image[start:stop, : width - k]
+        else:
+            out[start:stop, :k] = image[start:stop, -k:]
+    return out
 
 
 def _static_tissue(
