@@ -3,7 +3,7 @@
 Sibling recall@1 is the share of images (among those whose clip has another image) whose most
 similar other image, by cosine of the embedding, is a frame of the same clip; recall@k the mean share
 of an image's possible siblings found among its k nearest (``enrich_dist.similarity.siblings``). No
-embedder is given the clip ids. Sets (``enrich_dist.datasets.clips``):
+embedder but ``contrastive+clips`` is given the clip ids. Sets (``enrich_dist.datasets.clips``):
 
 - ``echo``: the synthetic fetal-echo archive with realistic frame-to-frame change (cardiac motion,
   probe drift of a few pixels, gain changes, fresh speckle per frame);
@@ -11,8 +11,8 @@ embedder is given the clip ids. Sets (``enrich_dist.datasets.clips``):
   rotations, gain changes and noise;
 - ``cine``: deid-data's real echo cine DICOMs (their frames must find each other) among distractors.
 
-Embedders: ``pixels`` (16x16 block means, mean-centred), ``vae`` (the paper's beta-VAE) and
-``contrastive``, both trained with the package defaults on a seeded sample of the set (``--sample``,
+Embedders: ``pixels`` (16x16 block means, mean-centred), ``vae`` (the paper's beta-VAE),
+``contrastive`` and ``contrastive+clips`` (half of its pairs two frames of one clip), all trained with the package defaults on a seeded sample of the set (``--sample``,
 as the train-encoder stage does) for ``--epochs`` epochs on this machine's CPUs. Prints a table and
 appends one JSON line per (set, embedder) to ``--out``:
 
@@ -41,7 +41,7 @@ from enrich_dist.similarity.siblings import sibling_recall_from_embeddings
 
 log = logging.getLogger("benchmarks.redundancy")
 SETS = ("echo", "digits", "cine")
-EMBEDDERS = ("pixels", "vae", "contrastive")
+EMBEDDERS = ("pixels", "vae", "contrastive", "contrastive+clips")
 TOP_K = 10
 
 
@@ -56,17 +56,27 @@ def load_set(name: str, args: argparse.Namespace) -> clips.ClipSet:
     raise ValueError(f"unknown set {name!r}; known: {', '.join(SETS)}")
 
 
-def embed(name: str, images: np.ndarray, cfg: EncoderConfig) -> tuple[np.ndarray, dict]:
-    """(L2-normalised embeddings, info) of ``images`` by the named embedder, trained here when it needs training."""
+def embed(name: str, data: clips.ClipSet, cfg: EncoderConfig) -> tuple[np.ndarray, dict]:
+    """(L2-normalised embeddings, info) of the set's images by the named embedder, trained here when it needs training.
+
+    ``contrastive+clips`` is the contrastive encoder with half of its pairs from two frames of one clip
+    at most 2 apart (``clip_positives`` 0.5): the only embedder here that is given the clip ids.
+    """
+    images = data.images
     if name == "pixels":
         vectors = PixelEmbedder(16)(images)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12), {}
+    extra = {}
+    if name == "contrastive+clips":
+        name, cfg = "contrastive", dataclasses.replace(cfg, clip_positives=0.5, clip_window=2)
     if name not in ENCODER_MODELS:
         raise ValueError(f"unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}")
     n = resolve_size(cfg.sample, len(images))
     pick = np.sort(np.random.default_rng(cfg.seed).choice(len(images), size=n, replace=False))
+    if cfg.clip_positives > 0:
+        extra["clips"] = (data.clip_ids[pick].astype(object), data.frames[pick].astype(object))
     start = time.perf_counter()
-    model, history = train_encoder_model(images[pick], cfg, model=name, log_every=10**9)
+    model, history = train_encoder_model(images[pick], cfg, model=name, log_every=10**9, **extra)
     seconds = time.perf_counter() - start
     return embed_images(model, images), {"train_images": n, "train_seconds": round(seconds, 1), "epochs": cfg.epochs}
 
@@ -91,7 +101,7 @@ def main() -> None:
     for set_name in args.sets.split(","):
         data = load_set(set_name, args)
         for embedder in args.embedders.split(","):
-            vectors, info = embed(embedder, data.images, cfg)
+            vectors, info = embed(embedder, data, cfg)
             recall = sibling_recall_from_embeddings(vectors, data.clip_ids, TOP_K)
             row = {
                 "benchmark": "redundancy",

@@ -13,7 +13,7 @@ from .pipeline import STAGES, run_stages
 from .storage import join_uri
 
 log = logging.getLogger("enrich_dist")
-DEMO_EPOCHS = 30  # 30 epochs of the 2,700 demo training images: about 1,300 steps, where the encoder starts to separate views
+DEMO_EPOCHS = 30  # beta-VAE only: 30 epochs of the 2,700 demo training images (about 1,300 steps), where it starts to separate views
 DEMO_MODEL = "linear"  # and evaluates subsets with the linear probe, the cheapest real model
 
 # option -> (config section, field, parser)
@@ -30,6 +30,8 @@ _OVERRIDES = {
     "kl_warmup": ("encoder", "kl_warmup", float),
     "latent_dim": ("encoder", "latent_dim", int),
     "temperature": ("encoder", "temperature", float),
+    "clip_positives": ("encoder", "clip_positives", float),
+    "clip_window": ("encoder", "clip_window", int),
     "embed_batch_size": ("embed", "batch_size", int),
     "embedder": ("embed", "embedder", str),
     "embeddings": ("embed", "embeddings", str),
@@ -102,7 +104,7 @@ def _manifest_opts(p: argparse.ArgumentParser) -> None:
 
 def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
-    p.add_argument("--epochs", help="training epochs (default 20; demo 30)")
+    p.add_argument("--epochs", help="training epochs (default 20; the demo trains a beta-VAE for 30)")
     p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss with KL warm-up (default) or capacity-annealed")
     p.add_argument("--learning-rate", help="Adam learning rate of the beta-VAE (default 0.001)")
     p.add_argument("--beta", help="KL weight of the beta-VAE (default 0.1, reached after the warm-up)")
@@ -110,13 +112,18 @@ def _encoder_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
     p.add_argument("--latent-dim", help="embedding size (default 128)")
     p.add_argument("--temperature", help="NT-Xent temperature of the contrastive encoder (default 0.1)")
+    p.add_argument(
+        "--clip-positives", help="contrastive encoder: share of pairs taken from two nearby frames of one clip when the "
+        "manifest has clip_id and frame (default 0: images alone)",
+    )
+    p.add_argument("--clip-window", help="frames apart that still count as nearby for --clip-positives (default 2)")
 
 
 def _embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embedder", choices=["vae", "contrastive", "pixels", "byo"],
-        help="vae: the paper's beta-VAE (default); contrastive: a self-supervised encoder trained to ignore "
-        "frame-to-frame change; pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
+        help="contrastive (default): a self-supervised encoder trained on the archive to ignore frame-to-frame "
+        "change; vae: the paper's beta-VAE; pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
     )
     p.add_argument("--embeddings", help="bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy")
     p.add_argument("--pixel-size", help="side of the pixels embedder's grid (default 16: 256-d)")
@@ -268,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 make_echo_archive(archive, args.images, int(args.seed or 0), storage_options=args.storage_options)
             cfg.input = join_uri(archive, "manifest.csv")
             if args.config is None:
-                if args.epochs is None:
+                if args.epochs is None and cfg.embed.embedder == "vae":
                     cfg.encoder.epochs = DEMO_EPOCHS
                 if args.model is None:
                     cfg.evaluate.model = DEMO_MODEL

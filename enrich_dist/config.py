@@ -88,7 +88,10 @@ class EncoderConfig:
 
     The contrastive encoder (``--embedder contrastive``, see ``encoder/contrastive.py``) uses
     ``sample``, ``epochs``, ``learning_rate``, ``latent_dim``, ``seed`` and ``device`` as above, with
-    ``contrastive_batch_size`` image pairs per step and the NT-Xent ``temperature``.
+    ``contrastive_batch_size`` image pairs per step and the NT-Xent ``temperature``. When the manifest
+    has ``clip_id`` and ``frame``, ``clip_positives`` is the share of pairs whose second view is taken
+    from another frame of the same clip at most ``clip_window`` frames away (among the sampled images);
+    0 trains on the images alone, as for loose frames.
     """
 
     sample: Size = 5000
@@ -103,6 +106,8 @@ class EncoderConfig:
     kl_warmup: float = 0.3
     temperature: float = 0.1
     contrastive_batch_size: int = 256
+    clip_positives: float = 0.0
+    clip_window: int = 2
     image_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -112,14 +117,16 @@ class EncoderConfig:
 class EmbedConfig:
     """The embedding stage: which embedder, and its actor pool.
 
-    ``embedder`` is "vae" (the trained beta-VAE's encoder mean, the paper's), "pixels" (the 64x64
+    ``embedder`` is "contrastive" (default: a self-supervised encoder trained on the archive to ignore
+    frame-to-frame change; chosen by sibling recall in ``benchmarks/redundancy.py``), "vae" (the
+    trained beta-VAE's encoder mean, the paper's), "pixels" (the 64x64
     input block-averaged to ``pixel_size`` x ``pixel_size``, mean-centred per image: a baseline), or
     "byo" (vectors from ``embeddings``, a Parquet/.npy/.npz file made by any other model).
     ``decode_threads`` None gives each actor's decoding the CPUs it holds. ``precision`` "auto" encodes
     with bf16 autocast on GPU and fp32 on CPU; "fp32", "bf16" or "fp16" force one (mixed ones on GPU only).
     """
 
-    embedder: str = "vae"
+    embedder: str = "contrastive"
     pixel_size: int = 16
     embeddings: str | None = None
     batch_size: int = 256

@@ -140,7 +140,9 @@ def _fingerprints(run: RunDir) -> dict[str, tuple]:
 
 
 # encoder settings added after runs were made, with the value that reproduces how those runs trained
-_ENCODER_SETTINGS_BEFORE = {"kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256}
+_ENCODER_SETTINGS_BEFORE = {
+    "kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256, "clip_positives": 0.0, "clip_window": 2,
+}
 _TRAINED = ("vae", "contrastive")  # embedders with an encoder trained on the archive
 
 

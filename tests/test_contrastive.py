@@ -148,6 +148,136 @@ def test_cpu_training_is_deterministic_for_a_seed():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights():
+    """A state saved after epoch 2 of 4, passed back, ends where an uninterrupted run ends, bit for bit."""
+    images, cfg = shapes(40), dataclasses.replace(TINY, epochs=4)
+    whole, whole_history = train_contrastive(images, cfg)
+    saved = []
+
+    def stop_after_two(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # as the stage persists it
+        saved.append(buffer.getvalue())
+        if state["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_contrastive(images, cfg, on_epoch=stop_after_two)
+    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    resumed, history = train_contrastive(images, cfg, resume=state)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert history["epoch"] == [1, 2, 3, 4] and history["train_loss"] == whole_history["train_loss"]
+
+
+def test_stage_resumes_an_interrupted_training(ray_local, tmp_path, monkeypatch):
+    """train-encoder killed after epoch 2 continues from its saved state; a state of other settings is ignored."""
+    from enrich_dist.encoder import contrastive, train
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for i, image in enumerate(shapes(24, seed=3)):
+        Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
+    cfg = dataclasses.replace(TINY, epochs=4)
+    runs = {}
+    for name in ("whole", "cut", "other"):
+        runs[name] = RunDir(str(tmp_path / name))
+        run_manifest(runs[name], str(folder), ManifestConfig(shard_size=10))
+    run_train_encoder(runs["whole"], cfg, use_ray=False, model="contrastive")
+
+    real_epoch, calls = contrastive.train_epoch, []
+
+    def dies_in_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "train_epoch", dies_in_third_epoch)
+    with pytest.raises(Interrupted):
+        run_train_encoder(runs["cut"], cfg, use_ray=False, model="contrastive")
+    assert runs["cut"].exists(train.TRAIN_STATE) and not runs["cut"].is_done("encoder")
+    monkeypatch.setattr(contrastive, "train_epoch", real_epoch)
+    run_train_encoder(runs["cut"], cfg, use_ray=False, model="contrastive")
+    assert runs["cut"].read_bytes(CONTRASTIVE_CHECKPOINT) == runs["whole"].read_bytes(CONTRASTIVE_CHECKPOINT)
+    assert not runs["cut"].exists(train.TRAIN_STATE)
+    assert runs["cut"].read_json(TRAIN_STATS)["history"]["epoch"] == [1, 2, 3, 4]
+    # a state left by other settings (or a damaged one) is not used: training starts over, same result
+    runs["other"].write_bytes(train.TRAIN_STATE, runs["whole"].read_bytes(CONTRASTIVE_CHECKPOINT)[:100])
+    run_train_encoder(runs["other"], cfg, use_ray=False, model="contrastive")
+    assert runs["other"].read_bytes(CONTRASTIVE_CHECKPOINT) == runs["whole"].read_bytes(CONTRASTIVE_CHECKPOINT)
+
+
+def test_clip_partners_equal_brute_force():
+    """Partners: other images of the same clip at most ``window`` frames away; none without clip or frame."""
+    from enrich_dist.encoder.contrastive import clip_partners
+
+    rng = np.random.default_rng(4)
+    clip_ids = np.array(rng.choice(["a", "b", "c", None], 61).tolist() + [float("nan"), "solo"], dtype=object)
+    frames = np.array([int(f) for f in rng.integers(0, 9, 61)] + [3, 0], dtype=object)
+    frames[5] = None
+    for window in (1, 2, 5):
+        got = clip_partners(clip_ids, frames, window)
+        for i in range(len(clip_ids)):
+            expected = sorted(
+                j for j in range(len(clip_ids))
+                if j != i and isinstance(clip_ids[i], str) and clip_ids[j] == clip_ids[i]
+                and frames[i] is not None and frames[j] is not None and abs(frames[j] - frames[i]) <= window
+            )
+            assert got[i, : len(expected)].tolist() == expected
+            assert (got[i, len(expected) :] == i).all()  # padded with itself
+    assert clip_partners(np.array([None, None], dtype=object), np.array([0, 1], dtype=object), 2).tolist() == [[0], [1]]
+
+
+def test_clip_positives_pair_frames_of_one_clip(monkeypatch):
+    """With clip_positives 1 every second view of an image that has a partner comes from a nearby frame of its clip."""
+    from enrich_dist.encoder import contrastive
+
+    images = shapes(12)
+    clip_ids = np.array(["p", "p", "q", "q", "q", "r", "s", "s", "s", None, "t", "t"], dtype=object)
+    frames = np.array([0, 1, 0, 1, 9, 0, 4, 6, 5, 0, 2, None], dtype=object)
+    # window 1: p0-p1, q0-q1 (q9 too far), s4-s5-s6 chain by distance (4-6 is 2 apart), None clip or frame: none
+    partners = {0: [1], 1: [0], 2: [3], 3: [2], 6: [8], 7: [8], 8: [6, 7]}
+    seen = []
+    real_augment = contrastive.augment
+
+    def record(batch, gen):
+        seen.append(batch.clone())
+        return real_augment(batch, gen)
+
+    monkeypatch.setattr(contrastive, "augment", record)
+    cfg = dataclasses.replace(TINY, epochs=10, contrastive_batch_size=12, clip_positives=1.0, clip_window=1)
+    train_contrastive(images, cfg, clips=(clip_ids, frames))
+    picked = {i: set() for i in range(12)}
+    for first, second in zip(seen[0::2], seen[1::2], strict=True):
+        for row in range(len(first)):
+            (i,) = [j for j in range(12) if torch.equal(first[row], torch.from_numpy(images[j]))]
+            (k,) = [j for j in range(12) if torch.equal(second[row], torch.from_numpy(images[j]))]
+            picked[i].add(k)
+    for i in range(12):
+        assert picked[i] <= set(partners.get(i, [i])), (i, picked[i])
+    assert picked[8] == {6, 7}  # both partners drawn over 10 epochs (seeded)
+    with pytest.raises(ValueError, match="clip_positives is a share between 0 and 1"):
+        train_contrastive(images, dataclasses.replace(cfg, clip_positives=1.5), clips=(clip_ids, frames))
+
+
+def test_stage_uses_clip_positives_from_the_manifest(ray_local, tmp_path):
+    """train-encoder reads clip ids and frames from the manifest for clip positives, and says how many had a partner."""
+    from enrich_dist.datasets import make_echo_archive
+
+    make_echo_archive(str(tmp_path / "archive"), 40, seed=2, workers=1, progress=False)
+    run = RunDir(str(tmp_path / "run"))
+    run_manifest(run, str(tmp_path / "archive" / "manifest.csv"), ManifestConfig())
+    run_train_encoder(run, dataclasses.replace(TINY, clip_positives=0.5), use_ray=False, model="contrastive")
+    history = run.read_json(TRAIN_STATS)["history"]
+    n_train = run.read_json(TRAIN_STATS)["n_train"]
+    assert history["clip_positives"] == 0.5 and 0 < history["n_with_clip_partner"] <= n_train
+
+
 def test_a_collapsed_encoder_is_called_so():
     model = ContrastiveEncoder(16)
     with torch.no_grad():

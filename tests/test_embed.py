@@ -58,7 +58,7 @@ def test_embed_matches_direct_encoding_and_resumes(ray_local, run_dir, tmp_path)
     root = make_run(run_dir, tmp_path)
     # a file that passed the manifest check but is corrupt by embed time: recorded, not fatal
     (root / "005.png").write_bytes(b"garbage now")
-    stats = run_embed(run_dir, EmbedConfig(batch_size=4))
+    stats = run_embed(run_dir, EmbedConfig(embedder="vae", batch_size=4))
     assert stats["n_embedded"] == 22 and stats["n_errors"] == 1
     emb = run_dir.read_table(schema.EMBEDDINGS_DIR)
     assert emb.schema == schema.embeddings_schema(16)
@@ -81,7 +81,7 @@ def test_embed_matches_direct_encoding_and_resumes(ray_local, run_dir, tmp_path)
     before = {i: (os.stat(run_dir.path(p)).st_mtime_ns, run_dir.read_bytes(p)) for i, p in shards.items()}
     os.remove(run_dir.path(shards[2]))
     run_dir.clear_done(schema.EMBEDDINGS_DIR)
-    run_embed(run_dir, EmbedConfig(batch_size=4))
+    run_embed(run_dir, EmbedConfig(embedder="vae", batch_size=4))
     after = {i: (os.stat(run_dir.path(p)).st_mtime_ns, run_dir.read_bytes(p)) for i, p in run_dir.shards(schema.EMBEDDINGS_DIR).items()}
     for i in (0, 1, 3):
         assert after[i] == before[i]

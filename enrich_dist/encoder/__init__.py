@@ -21,10 +21,13 @@ from .train import (
 ENCODER_MODELS = tuple(CHECKPOINTS)  # the embedders that need a trained encoder
 
 
-def train_encoder_model(images, cfg, model: str = "vae", device: str = "cpu", log_every: int = 1):
-    """(model, history) of the ``model`` encoder ("vae" or "contrastive") fitted to (N, S, S) images in [0, 1]."""
+def train_encoder_model(images, cfg, model: str = "vae", device: str = "cpu", log_every: int = 1, clips=None):
+    """(model, history) of the ``model`` encoder ("vae" or "contrastive") fitted to (N, S, S) images in [0, 1].
+
+    ``clips`` (clip ids, frames) per image: the contrastive encoder's clip positives (``cfg.clip_positives``).
+    """
     if model == "contrastive":
-        return train_contrastive(images, cfg, log_every=log_every, device=device)
+        return train_contrastive(images, cfg, log_every=log_every, device=device, clips=clips)
     if model == "vae":
         return train_vae(images, cfg, log_every=log_every, device=device)
     raise ValueError(f"unknown encoder model {model!r}: use one of {ENCODER_MODELS}")

@@ -7,8 +7,11 @@ trained instead to map two random *views* of one image close together and away f
 image of the batch (SimCLR's NT-Xent loss, Chen et al. 2020), where a view applies the nuisance of
 frame-to-frame change: a small translation, rotation and scale, a gain and contrast change,
 multiplicative speckle-like noise at several grain sizes, additive noise and blur. No clip ids are
-used, so the invariance holds for archives that arrive as loose frames. The embedding is the 128-d
-output of the backbone (before the projection head, as in SimCLR).
+needed, so the invariance holds for archives that arrive as loose frames; when the manifest has
+``clip_id`` and ``frame``, a share of the pairs (``clip_positives``) may instead join a view of an
+image with a view of a nearby frame of the same clip, so that the encoder also learns the change
+the augmentations do not model (the heart's own motion). The embedding is the 128-d output of the
+backbone (before the projection head, as in SimCLR).
 """
 
 from __future__ import annotations
@@ -156,18 +159,60 @@ def embedding_spread(model: ContrastiveEncoder, images: torch.Tensor, batch_size
     return {"mean_pairwise_cosine": mean_cos, "effective_rank": rank}
 
 
+def clip_partners(clip_ids: np.ndarray, frames: np.ndarray, window: int) -> np.ndarray:
+    """(N, m) row indices of the other images of each image's clip whose frame is within ``window``.
+
+    Each row lists its partners first (ascending) and is padded with the image's own index. Images
+    without a clip id (None or NaN) or frame have no partner.
+    """
+    n = len(clip_ids)
+    found: list[list[int]] = [[] for _ in range(n)]
+    by_clip: dict = {}
+    for i, (clip, frame) in enumerate(zip(clip_ids, frames, strict=True)):
+        if clip is None or frame is None or (isinstance(clip, float) and math.isnan(clip)):
+            continue
+        by_clip.setdefault(clip, []).append((int(frame), i))
+    for members in by_clip.values():
+        members.sort()
+        for a, (fa, ia) in enumerate(members):
+            b = a + 1
+            while b < len(members) and members[b][0] - fa <= window:
+                found[ia].append(members[b][1])
+                found[members[b][1]].append(ia)
+                b += 1
+    width = max([1, *map(len, found)])
+    out = np.tile(np.arange(n, dtype=np.int64)[:, None], (1, width))
+    for i, partners in enumerate(found):
+        out[i, : len(partners)] = sorted(partners)
+    return out
+
+
 def train_epoch(
     model: ContrastiveEncoder, optimizer: torch.optim.Optimizer, scheduler, data: torch.Tensor,
     order: torch.Tensor, batch_size: int, temperature: float, gen: torch.Generator,
+    partners: torch.Tensor | None = None, partner_share: float = 0.0,
 ) -> float:
-    """One pass over ``data[order]`` in batches of ``batch_size`` image pairs; the mean loss."""
+    """One pass over ``data[order]`` in batches of ``batch_size`` image pairs; the mean loss.
+
+    With ``partners`` (from :func:`clip_partners`), a ``partner_share`` of the pairs take their second
+    view from a random partner (a nearby frame of the same clip) instead of the image itself.
+    """
     model.train()
     total, count = 0.0, 0
     for first in range(0, len(order), batch_size):
-        xb = data[order[first : first + batch_size]]
+        rows = order[first : first + batch_size]
+        xb = data[rows]
         if len(xb) < 2:  # a pair needs at least one negative; BatchNorm needs two rows
             continue
-        loss = nt_xent(model(augment(xb, gen)), model(augment(xb, gen)), temperature)
+        other = xb
+        if partners is not None and partner_share > 0:
+            candidates = partners[rows]
+            n_partners = (candidates != rows[:, None]).sum(dim=1).clamp_min(1)  # partners come first, then self
+            draw = torch.rand(len(rows), generator=gen, device=rows.device)
+            column = torch.minimum((draw * n_partners).long(), n_partners - 1)
+            swap = torch.rand(len(rows), generator=gen, device=rows.device) < partner_share
+            other = data[torch.where(swap, candidates.gather(1, column[:, None])[:, 0], rows)]
+        loss = nt_xent(model(augment(xb, gen)), model(augment(other, gen)), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,19 +225,38 @@ def train_epoch(
 def fit(
     model: ContrastiveEncoder, train: torch.Tensor, val: torch.Tensor, epochs: int, batch_size: int,
     learning_rate: float, temperature: float, seed: int, log=None, log_every: int = 1,
+    resume: dict | None = None, on_epoch=None, partners: np.ndarray | None = None, partner_share: float = 0.0,
 ) -> dict:
-    """Train ``model`` in place (Adam, cosine-decayed learning rate); history of losses, view retrieval and seconds."""
+    """Train ``model`` in place (Adam, cosine-decayed learning rate); history of losses, view retrieval and seconds.
+
+    ``on_epoch(state)`` is called after every epoch with everything needed to continue (weights,
+    optimiser, schedule, both random streams, history, epoch); passing such a ``state`` back as
+    ``resume`` continues from it and ends with the same weights as an uninterrupted run. ``partners``
+    and ``partner_share``: clip positives, as in :func:`train_epoch`.
+    """
+    partner_rows = None if partners is None else torch.from_numpy(np.asarray(partners, np.int64)).to(train.device)
     gen = torch.Generator(device=train.device).manual_seed(seed)
     shuffle = np.random.default_rng([seed, 1])
     steps = epochs * max(1, -(-len(train) // batch_size))
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history: dict = {"epoch": [], "train_loss": [], "val_view_retrieval": [], "seconds": []}
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["generator"])
+        shuffle.bit_generator.state = resume["shuffle"]
+        history = {k: list(v) for k, v in resume["history"].items()}
+        first_epoch = int(resume["epoch"]) + 1
+        if log is not None:
+            log.info("resuming contrastive training after epoch %d of %d", first_epoch - 1, epochs)
     val_gen_seed = seed + 7919
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         order = torch.from_numpy(shuffle.permutation(len(train))).to(train.device)
-        loss = train_epoch(model, optimizer, scheduler, train, order, batch_size, temperature, gen)
+        loss = train_epoch(model, optimizer, scheduler, train, order, batch_size, temperature, gen, partner_rows, partner_share)
         if not math.isfinite(loss):
             raise FloatingPointError(f"contrastive training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
         retrieval = None
@@ -207,5 +271,15 @@ def fit(
                 "epoch %d/%d: contrastive loss %.3f%s, %.1fs", epoch, epochs, loss,
                 "" if retrieval is None else f", held-out view retrieval {retrieval:.3f}", history["seconds"][-1],
             )
+        if on_epoch is not None and epoch < epochs:
+            on_epoch({
+                "epoch": epoch,
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "shuffle": shuffle.bit_generator.state,
+                "history": history,
+            })
     model.eval()
     return history

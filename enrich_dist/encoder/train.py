@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -33,6 +35,7 @@ CHECKPOINTS = {"vae": CHECKPOINT, "contrastive": CONTRASTIVE_CHECKPOINT}  # enco
 TRAIN_STATS = posixpath.join(ENCODER_DIR, "train.json")
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
 VIEWS = posixpath.join(ENCODER_DIR, "views.png")
+TRAIN_STATE = posixpath.join(ENCODER_DIR, "_partial", "contrastive.state")  # resumable state while training
 CHECKPOINT_FORMAT = 2  # 2: input standardisation and the decoder's per-pixel offset (format 1 had neither)
 VAL_FRACTION = 0.1
 MIN_IMAGES_FOR_VAL = 20
@@ -233,13 +236,17 @@ def train_vae(
 
 
 def train_contrastive(
-    images: np.ndarray, cfg: EncoderConfig, log_every: int = 1, device: str = "cpu"
+    images: np.ndarray, cfg: EncoderConfig, log_every: int = 1, device: str = "cpu",
+    resume: dict | None = None, on_epoch=None, clips: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[ContrastiveEncoder, dict]:
     """Fit a seeded contrastive encoder to float32 (N, S, S) images in [0, 1]; returns the model (on CPU) and history.
 
     Bit-for-bit reproducible from ``cfg.seed`` on CPU. Uses ``cfg.epochs``, ``cfg.contrastive_batch_size``
     image pairs per step, ``cfg.learning_rate`` and ``cfg.temperature``; the validation slice only
-    measures held-out view retrieval (the model after the last epoch is kept).
+    measures held-out view retrieval (the model after the last epoch is kept). ``on_epoch`` receives a
+    resumable state after each epoch but the last; ``resume`` continues from one (same images and cfg).
+    ``clips``: (clip ids, frames) per image, used when ``cfg.clip_positives`` > 0 (nearby frames of a
+    clip as extra positive pairs).
     """
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -252,7 +259,22 @@ def train_contrastive(
         )
     if not cfg.temperature > 0:
         raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
+    if not 0.0 <= cfg.clip_positives <= 1.0 or cfg.clip_window < 1:
+        raise ValueError(
+            f"clip_positives is a share between 0 and 1 and clip_window >= 1, got {cfg.clip_positives} and {cfg.clip_window}"
+        )
     train_idx, val_idx = validation_split(len(data), cfg.seed)
+    partners, with_partner = None, 0
+    if clips is not None and cfg.clip_positives > 0:
+        clip_ids, frames = (np.asarray(c, dtype=object) for c in clips)
+        if len(clip_ids) != len(data) or len(frames) != len(data):
+            raise ValueError(f"clips must give a clip id and a frame per image: {len(clip_ids)}, {len(frames)} for {len(data)}")
+        partners = contrastive.clip_partners(clip_ids[train_idx], frames[train_idx], cfg.clip_window)
+        with_partner = int((partners[:, 0] != np.arange(len(partners))).sum())
+        log.info(
+            "clip positives: %.0f %% of pairs from a frame within %d of the same clip (%d of %d training images have one)",
+            100 * cfg.clip_positives, cfg.clip_window, with_partner, len(partners),
+        )
     log.info(
         "training the contrastive encoder (embedding %d, temperature %g) on %d images, %d held out, %d epochs",
         cfg.latent_dim, cfg.temperature, len(train_idx), len(val_idx), cfg.epochs,
@@ -265,8 +287,12 @@ def train_contrastive(
         history = contrastive.fit(
             model, train, data[torch.from_numpy(val_idx).to(device)], cfg.epochs, cfg.contrastive_batch_size,
             cfg.learning_rate, cfg.temperature, cfg.seed, log=log, log_every=log_every,
+            resume=resume, on_epoch=on_epoch, partners=partners, partner_share=cfg.clip_positives,
         )
-    history.update(n_train=len(train_idx), n_val=len(val_idx), best_epoch=len(history["epoch"]), device=device)
+    history.update(
+        n_train=len(train_idx), n_val=len(val_idx), best_epoch=len(history["epoch"]), device=device,
+        clip_positives=cfg.clip_positives if partners is not None else 0.0, n_with_clip_partner=with_partner,
+    )
     return model.cpu().eval(), history
 
 
@@ -618,7 +644,11 @@ def train_encoder_stage(
     held_out = val_idx if len(val_idx) else train_idx
     shown = held_out[:GRID_IMAGES]
     if model == "contrastive":
-        network, history = train_contrastive(images, cfg, device=device)
+        resume, on_epoch = _resumable(run, cfg, ids[keep])
+        clips = _sample_clips(run, ids[keep]) if cfg.clip_positives > 0 else None
+        network, history = train_contrastive(
+            images, cfg, device=device, resume=resume, on_epoch=on_epoch, clips=clips
+        )
         quality = contrastive_quality(network, images[held_out], cfg.seed)
         run.write_bytes(VIEWS, views_grid(images[shown], cfg.seed))
     else:
@@ -652,4 +682,47 @@ def train_encoder_stage(
         },
     )
     run.mark_done(ENCODER_DIR, stats)
+    if run.exists(TRAIN_STATE):
+        run.remove(TRAIN_STATE)
     return stats
+
+
+def _sample_clips(run: RunDir, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(clip ids, frames) of the images ``ids`` from the manifest; None when it has no clip ids."""
+    table = run.read_table(MANIFEST_DIR, columns=["image_id", "clip_id", "frame"])
+    clip_ids = np.asarray(table["clip_id"].to_pylist(), dtype=object)
+    if all(c is None for c in clip_ids):
+        log.info("clip positives asked for, but the manifest has no clip ids: training on the images alone")
+        return None
+    where = {int(i): row for row, i in enumerate(table["image_id"].to_numpy())}
+    rows = np.array([where[int(i)] for i in ids], dtype=np.int64)
+    return clip_ids[rows], np.asarray(table["frame"].to_pylist(), dtype=object)[rows]
+
+
+def _resumable(run: RunDir, cfg: EncoderConfig, ids: np.ndarray):
+    """(state to resume from or None, callback that saves one) for contrastive training in ``run``.
+
+    The state is written to ``encoder/_partial/contrastive.state`` after every epoch, keyed by the
+    training settings and the sampled image ids: an interrupted train-encoder continues from its last
+    finished epoch with the same result, and a state made with other settings or images is ignored.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+    resume = None
+    if run.exists(TRAIN_STATE):
+        try:
+            saved = torch.load(io.BytesIO(run.read_bytes(TRAIN_STATE)), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged state costs a restart, never the run
+            log.warning("ignoring the unreadable training state %s (%s): training from the start", run.uri_of(TRAIN_STATE), exc)
+        else:
+            if isinstance(saved, dict) and saved.get("key") == key:
+                resume = saved["state"]
+            else:
+                log.info("ignoring %s: it was made with other settings or images", run.uri_of(TRAIN_STATE))
+
+    def save(state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save({"key": key, "state": state}, buffer)
+        run.write_bytes(TRAIN_STATE, buffer.getvalue())
+
+    return resume, save
