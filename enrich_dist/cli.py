@@ -146,8 +146,8 @@ def _similarity_opts(p: argparse.ArgumentParser) -> None:
 def _select_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode", choices=["batch", "exact", "coverage", "herding"],
-        help="batch (the paper's rule, the default), exact farthest-first, coverage (ProbCover: greedy coverage of "
-        "delta-balls) or herding (facility location on the same graph)",
+        help="exact farthest-first (the default: never behind random in the benchmarks), batch (the paper's rule), "
+        "coverage (ProbCover: greedy coverage of delta-balls) or herding (facility location on the same graph)",
     )
     p.add_argument("--delta", help="coverage/herding: similarity above which two images cover each other "
                    "(default: ProbCover's label-free purity rule, recorded in selection.json)")
@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="make a synthetic echo archive in RUN/archive, then run every stage")
     demo.add_argument("--images", type=int, default=3000, help="synthetic images (default 3000)")
+    demo.add_argument(
+        "--profile", choices=["uniform", "uneven"], default="uniform",
+        help="synthetic redundancy: uniform (the paper's averages, default) or uneven (long and short clips, a rare view, "
+        "as raw archives hold it)",
+    )
     run = sub.add_parser("run", help="every stage in order")
     run.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
     run.add_argument(
@@ -272,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             archive = join_uri(cfg.output, "archive")
             if not RunDir(archive, args.storage_options).exists("manifest.csv"):
-                make_echo_archive(archive, args.images, int(args.seed or 0), storage_options=args.storage_options)
+                make_echo_archive(
+                    archive, args.images, int(args.seed or 0), profile=args.profile, storage_options=args.storage_options
+                )
             cfg.input = join_uri(archive, "manifest.csv")
             if args.config is None:
                 if args.epochs is None and cfg.embed.embedder == "vae":

@@ -164,7 +164,9 @@ class SimilarityConfig:
 
 @dataclass
 class SelectConfig:
-    """Greedy selection (the paper's batch mode by default).
+    """The ranking: farthest-first (``mode`` "exact", the default, chosen by ``benchmarks/selection_quality.py``).
+
+    ``mode`` "batch" is the paper's rule (each round adds the ``batch_size`` least similar images).
 
     ``seed_ids`` names a file of already-labelled images (ids or uris) used as every replicate's
     seed set instead of a random one. ``mode`` "coverage" (ProbCover's greedy coverage of delta-balls)
@@ -175,7 +177,7 @@ class SelectConfig:
     2e8 embedding floats and one shard actor per CPU above; 0 forces one process, k > 0 k actors.
     """
 
-    mode: str = "batch"
+    mode: str = "exact"
     seed_size: Size = 0.022
     batch_size: Size = 0.11
     budgets: tuple[float, ...] = (0.07, 0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 1.0)

@@ -76,6 +76,7 @@ SUBSETS = pa.schema(
         ("n_patients", pa.int64()),
         ("n_clips", pa.int64()),
         ("label_counts", pa.map_(pa.string(), pa.int64())),
+        ("n_repeats", pa.int64()),  # images repeating an earlier one (same clip, else a near-duplicate); null: unmeasured
     ]
 )
 

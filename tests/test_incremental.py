@@ -124,7 +124,7 @@ def test_counts_and_provenance_are_recorded(grown):
     assert stats["n_reused"] == N_OLD - 2 and stats["n_retried"] == 0
     assert stats["n_images"] == N_OLD + N_ADDED - 1 and stats["previous_run"] == old.uri
     # the encoder is the previous run's, byte for byte, and says where it came from
-    assert new.read_bytes("encoder/vae.pt") == old.read_bytes("encoder/vae.pt")
+    assert new.read_bytes("encoder/contrastive.pt") == old.read_bytes("encoder/contrastive.pt")
     assert new.read_json("encoder/_SUCCESS")["reused_from"] == old.uri
     # every run records file fingerprints; the rewritten file's differ, the others' match
     fp_old = {r["uri"]: r for r in old.read_table(FILES_PATH).to_pylist()}
@@ -228,7 +228,7 @@ def test_bad_inputs_name_the_run_dir_and_the_fix(grown, tmp_path, caplog):
     assert old.uri in caplog.text and "latent_dim 16 -> 8" in caplog.text and "--retrain-encoder" in caplog.text
     caplog.clear()
     assert main([*base, "--output", str(tmp_path / "c"), "--previous-run", old.uri, "--embedder", "pixels"]) == 2
-    assert "holds embeddings from {'embedder': 'vae'}" in caplog.text
+    assert "holds embeddings from {'embedder': 'contrastive'}" in caplog.text
     caplog.clear()
     assert main([*base, "--output", str(tmp_path / "d"), "--labelled", "x.txt"]) == 2
     assert "add --previous-run" in caplog.text
@@ -260,7 +260,7 @@ def test_retrain_encoder_reuses_nothing(grown, tmp_path):
     assert stats["n_reused"] == 0 and stats["n_unchanged"] == N_OLD - 2
     assert "reused_from" not in out.read_json("encoder/_SUCCESS") and not out.exists("embeddings/reused")
     # the tampered previous vectors are not in this run: every image was embedded with the new encoder
-    assert out.read_bytes("encoder/vae.pt") != old.read_bytes("encoder/vae.pt")
+    assert out.read_bytes("encoder/contrastive.pt") != old.read_bytes("encoder/contrastive.pt")
     assert out.read_table(schema.EMBEDDINGS_DIR).num_rows == N_OLD + N_ADDED - 1
     ranking = out.read_table("selection/ranking.parquet").filter(pc.equal(pc.field("replicate"), 0))
     states = out.read_table("incremental/images.parquet")
@@ -342,7 +342,7 @@ def test_runs_made_before_the_kl_warmup_setting_read_as_trained_without_it(tmp_p
     old = RunDir(str(tmp_path / "old"))
     old.write_json("run.json", {"config": {"encoder": {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002}}})
     # settings added later (KL warm-up, the contrastive encoder's) read as the values those runs trained with
-    added = {"kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256}
+    added = {"kl_warmup": 0.0, "temperature": 0.1, "contrastive_batch_size": 256, "clip_positives": 0.0, "clip_window": 2}
     assert _encoder_config(old) == {"objective": "capacity", "beta": 4.0, "learning_rate": 0.002, **added}
     new = RunDir(str(tmp_path / "new"))
     new.write_json("run.json", {"config": {"encoder": {"objective": "beta", "kl_warmup": 0.3}}})

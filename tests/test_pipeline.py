@@ -62,6 +62,21 @@ def test_demo_end_to_end_then_resume(ray_local, tmp_path, caplog):
         assert rerun_state["stages"][stage] == state["stages"][stage]
 
 
+def test_demo_profile_reaches_the_archive(tmp_path, monkeypatch):
+    """`enrich demo --profile uneven` makes the uneven synthetic archive (default: uniform) and runs every stage."""
+    import enrich_dist.cli as cli
+    import enrich_dist.datasets as datasets
+
+    made, ran = [], []
+    monkeypatch.setattr(datasets, "make_echo_archive", lambda out, n, seed, **kw: made.append((n, seed, kw["profile"])))
+    monkeypatch.setattr(cli, "run_stages", lambda cfg, stages, options: ran.append((cfg, stages)) or {})
+    assert main(["demo", "--output", str(tmp_path / "a"), "--images", "40", "--profile", "uneven"]) == 0
+    assert main(["demo", "--output", str(tmp_path / "b"), "--images", "40"]) == 0
+    assert made == [(40, 0, "uneven"), (40, 0, "uniform")]
+    assert ran[0][1] == cli.STAGES and ran[0][0].input.endswith("archive/manifest.csv")
+    assert ran[0][0].embed.embedder == "contrastive" and ran[0][0].select.mode == "exact"
+
+
 def test_stage_without_inputs_names_the_command(ray_local, tmp_path, caplog):
     assert main(["similarity", "--output", str(tmp_path / "empty")]) == 2
     assert "enrich embed" in caplog.text

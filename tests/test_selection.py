@@ -201,7 +201,7 @@ def write_inputs(run, n: int, dim: int = 6, annotated: bool = True, seed: int = 
 def test_run_select_end_to_end(ray_local, run_dir, caplog) -> None:
     n = 60
     ids = write_inputs(run_dir, n)
-    cfg = SelectConfig(seed_size=4, batch_size=0.1, budgets=(0.1, 15, 0.5, 1.0), replicates=3, seed=11)
+    cfg = SelectConfig(mode="batch", seed_size=4, batch_size=0.1, budgets=(0.1, 15, 0.5, 1.0), replicates=3, seed=11)
     with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
         stats = run_select(run_dir, cfg)
     assert "replicate 2 ranked 60 images" in caplog.text
@@ -713,6 +713,7 @@ def test_stage_resumes_after_a_crash(ray_local, tmp_path, monkeypatch, caplog) -
     from enrich_dist.storage import RunDir
 
     cfg = SelectConfig(
+        mode="batch",
         batch_size=5,
         seed_size=4,
         replicates=2,

@@ -23,6 +23,7 @@ from .evaluation import evaluation
 from .galleries import galleries
 from .html import page, section
 from .page import ReportPage
+from .prediction import prediction
 
 logger = logging.getLogger("enrich_dist.report")
 
@@ -42,6 +43,7 @@ def run_report(run: RunDir) -> dict:
         ("redundancy", "Redundancy", sections.redundancy(out, read_json(run, SUMMARY))),
         ("galleries", "Galleries", galleries(out, top is not None, groups, unique, manifest)),
         ("selection", "Selection", sections.selection(out, manifest)),
+        ("prediction", "Before labelling: will ENRICH beat random here?", prediction(out)),
         ("evaluation", "Evaluation", evaluation(out)),
         ("encoder", "Encoder", sections.encoder(out)),
         ("config", "Config and timings", sections.config(out, run_info)),

@@ -46,6 +46,7 @@ from .inputs import (
     read_seed_ids,
     read_vectors,
 )
+from .repeats import redundancy_concentration, repeat_measure
 from .rules import Rules
 from .shard import AGGREGATES, Shard
 
@@ -132,7 +133,10 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
 
     run.write_table(RANKING_PATH, _ranking_table(rankings, ids))
     run.write_table(RANDOM_RANKING_PATH, _ranking_table(randoms, ids))
-    run.write_table(SUBSETS_PATH, _subsets_table({"enrich": rankings, "random": randoms}, budgets, groups))
+    measure, repeat_flags = repeat_measure(run, ids, groups["clip_id"][0])
+    run.write_table(
+        SUBSETS_PATH, _subsets_table({"enrich": rankings, "random": randoms}, budgets, groups, repeat_flags)
+    )
     stats = {
         "config": {**dataclasses.asdict(cfg), "budgets": list(cfg.budgets)},
         "n_images": n,
@@ -143,6 +147,8 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
         "workers": workers,
         "pruning": pruning,
         "coverage": cover,
+        "repeats_measured_by": measure,
+        "redundancy_concentration": redundancy_concentration(run, ids, groups["clip_id"][0]),
         "replicate_seconds": seconds,
         "seconds": time.perf_counter() - started,
     }
@@ -411,8 +417,9 @@ def _subsets_table(
     rankings: dict[str, list[Ranking]],
     budgets: list[tuple[float, int]],
     groups: dict[str, tuple[np.ndarray, list[str]]],
+    repeat_flags=None,
 ) -> pa.Table:
-    """Size, patients, clips and per-label counts of every ranking prefix at each budget."""
+    """Size, patients, clips, repeats (``repeat_flags``: order -> flags; null without) and per-label counts per prefix."""
     rows: dict[str, list] = {field.name: [] for field in SUBSETS}
     label_codes, label_names = groups["label"]
     for method, per_replicate in rankings.items():
@@ -420,6 +427,7 @@ def _subsets_table(
             patients = _first_seen(groups["patient_id"][0][ranking.order])
             clips = _first_seen(groups["clip_id"][0][ranking.order])
             labels = label_codes[ranking.order]
+            repeats = None if repeat_flags is None else np.cumsum(repeat_flags(ranking.order))
             for fraction, count in budgets:
                 tally = np.bincount(labels[:count][labels[:count] >= 0], minlength=len(label_names))
                 rows["method"].append(method)
@@ -428,6 +436,7 @@ def _subsets_table(
                 rows["n_images"].append(count)
                 rows["n_patients"].append(int(patients[count - 1]))
                 rows["n_clips"].append(int(clips[count - 1]))
+                rows["n_repeats"].append(None if repeats is None else int(repeats[count - 1]))
                 rows["label_counts"].append(
                     sorted((name, int(c)) for name, c in zip(label_names, tally, strict=True) if c > 0)
                 )
