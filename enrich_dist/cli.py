@@ -14,7 +14,12 @@ from .storage import join_uri
 
 log = logging.getLogger("enrich_dist")
 DEMO_EPOCHS = 30  # beta-VAE only: 30 epochs of the 2,700 demo training images (about 1,300 steps), where it starts to separate views
-DEMO_MODEL = "linear"  # and evaluates subsets with the linear probe, the cheapest real model
+# The demo evaluates subsets with the small CNN at 16x16 pixels and 2 base channels: on the demo
+# archive's A4C-vs-NT task it reaches AUC 0.97-0.99 on the whole training set and 0.92-0.94 on 7 %
+# subsets (two patient splits), so the budgets differ. The linear probe stays near 0.64-0.66 at any size
+# (too weak to show anything) and the CNN at 32 pixels with 8 channels reaches 0.98-1.0 from 7 % on
+# (saturated).
+DEMO_MODEL = ("cnn", 16, 2)  # model, image size, width
 
 # option -> (config section, field, parser)
 _OVERRIDES = {
@@ -285,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.epochs is None and cfg.embed.embedder == "vae":
                     cfg.encoder.epochs = DEMO_EPOCHS
                 if args.model is None:
-                    cfg.evaluate.model = DEMO_MODEL
+                    cfg.evaluate.model, size, width = DEMO_MODEL
+                    cfg.evaluate.image_size = cfg.evaluate.image_size or size
+                    cfg.evaluate.width = cfg.evaluate.width or width
         results = run_stages(cfg, _stages_for(args.command), args.storage_options)
     except (ValueError, OSError) as exc:
         # bad input, a missing file, a full disk: the message names the file and the fix; the

@@ -75,6 +75,9 @@ def test_demo_profile_reaches_the_archive(tmp_path, monkeypatch):
     assert made == [(40, 0, "uneven"), (40, 0, "uniform")]
     assert ran[0][1] == cli.STAGES and ran[0][0].input.endswith("archive/manifest.csv")
     assert ran[0][0].embed.embedder == "contrastive" and ran[0][0].select.mode == "exact"
+    # the demo's evaluation model: the small CNN at 16 pixels, 2 channels (neither saturated nor weak there)
+    evaluate = ran[0][0].evaluate
+    assert (evaluate.model, evaluate.image_size, evaluate.width) == ("cnn", 16, 2)
 
 
 def test_stage_without_inputs_names_the_command(ray_local, tmp_path, caplog):
