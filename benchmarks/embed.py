@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8000, help="synthetic images when --archive is not given")
     parser.add_argument("--archive", help="an existing folder or manifest table to embed instead")
-    parser.add_argument("--embedder", default="vae", choices=["vae", "contrastive", "pixels"])
+    parser.add_argument("--embedder", default="contrastive", choices=["vae", "contrastive", "pixels"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", help="folder for the archive and run (default: a temporary folder)")

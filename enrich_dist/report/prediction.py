@@ -62,9 +62,10 @@ def observed(entry: dict, alpha: float) -> str:
 
 def prediction(out: ReportPage) -> list[Markup]:
     """The section: concentration, repeats per budget (ENRICH vs random), the prediction and, after evaluation, its check."""
-    if not out.run.exists(SUBSETS) or not out.run.exists(SELECTION_JSON):
-        return [out.absent("selection subsets (selection/subsets.parquet)", "enrich select")]
-    stats = out.run.read_json(SELECTION_JSON)
+    if not out.run.exists(SUBSETS):
+        # the selection section already lists the missing subsets with the command that makes them
+        return [note("Needs the selection stage (`enrich select`).")]
+    stats = read_json(out.run, SELECTION_JSON) or {}
     shares = repeat_shares(out.run.read_table(SUBSETS).to_pylist())
     conc = stats.get("redundancy_concentration") or {}
     measure = stats.get("repeats_measured_by")
