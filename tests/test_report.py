@@ -217,9 +217,11 @@ def _check_images(page: str, report_dir: Path) -> tuple[int, int]:
 
 def test_full_report_renders_every_section(full_run: tuple[RunDir, list[str]]) -> None:
     run, _ = full_run
+    run.mark_done("embeddings", {"embedder": "contrastive", "n_shards": 1})
     stats = run_report(run)
     page = _page(run)
     assert stats["missing"] == [] and stats["thumbnail_errors"] == 0
+    assert "cosine distance of contrastive-encoder embeddings" in page  # names the embedder the run used
     assert stats["groups"] >= 1 and stats["thumbnails"] > 0
     files, data = _check_images(page, Path(run.uri) / "report")
     # histogram, paper bins, coverage, metric vs budget, labelling time, loss, reconstructions

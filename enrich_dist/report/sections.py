@@ -66,6 +66,14 @@ def _inexact_why(summary: dict) -> str:
     return "; ".join(why) or "reason not recorded"
 
 
+EMBEDDER_NAMES = {
+    "contrastive": "contrastive-encoder",
+    "vae": "beta-VAE",
+    "pixels": "downsampled-pixel",
+    "byo": "imported (bring-your-own)",
+}
+
+
 def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     """Similarity histogram, the paper's bins and the per-threshold table."""
     if summary is None:
@@ -73,10 +81,12 @@ def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     thresholds = sorted((summary.get("thresholds") or {}).items(), key=lambda kv: float(kv[0]))
     exact = summary.get("exact")
     mode = "exact (all pairs)" if exact else f"approximate ({_inexact_why(summary)})"
+    done = read_json(out.run, "embeddings/_SUCCESS") or {}
+    embedder = EMBEDDER_NAMES.get(done.get("embedder"), f"{done['embedder']!r}" if done.get("embedder") else "the")
     parts = [
         note(
             f"{fmt_int(summary.get('n_images'))} images, {fmt_int(summary.get('n_pairs'))} pairs; "
-            f"similarity = 1 - cosine distance of VAE embeddings, self pairs excluded; counts are {mode}."
+            f"similarity = 1 - cosine distance of {embedder} embeddings, self pairs excluded; counts are {mode}."
         )
     ]
     hist = summary.get("histogram") or {}
