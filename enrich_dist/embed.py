@@ -85,7 +85,10 @@ class EncoderEmbedder:
         self.name, self.device = model, device
         self.dtype = autocast_dtype(precision, device)
         path = CHECKPOINTS[model]
-        model = load_encoder(run.read_bytes(path), name=path).to(device).eval()
+        model = load_encoder(run.read_bytes(path), name=path).eval()
+        if hasattr(model, "folded"):  # the contrastive encoder: BatchNorm folded into its convolutions
+            model = model.folded()
+        model = model.to(device)
         # channels-last convolutions run about twice as fast on CPU for this small network
         self.model = model.to(memory_format=torch.channels_last)
         self.image_size, self.dim = self.model.image_size, self.model.latent_dim

@@ -278,6 +278,15 @@ def test_stage_uses_clip_positives_from_the_manifest(ray_local, tmp_path):
     assert history["clip_positives"] == 0.5 and 0 < history["n_with_clip_partner"] <= n_train
 
 
+def test_folded_encoder_embeds_the_same():
+    """BatchNorm folded into the convolutions (the embed stage's copy) gives the same embedding."""
+    model, _ = train_contrastive(shapes(40), dataclasses.replace(TINY, epochs=1))
+    folded = model.folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone)  # the original is untouched
+    np.testing.assert_allclose(embed_images(folded, shapes(9, 4)), embed_images(model, shapes(9, 4)), atol=1e-5)
+
+
 def test_a_collapsed_encoder_is_called_so():
     model = ContrastiveEncoder(16)
     with torch.no_grad():
