@@ -51,6 +51,10 @@ _OVERRIDES = {
     "nprobe": ("similarity", "nprobe", int),
     "similarity_device": ("similarity", "device", str),
     "precision": ("similarity", "precision", str),
+    "edge_threshold": ("similarity", "edge_threshold", lambda v: None if str(v).lower() == "none" else float(v)),
+    "max_edge_pairs": ("similarity", "max_edges", int),
+    "duplicate_thresholds": ("similarity", "duplicate_thresholds", lambda v: tuple(parse_list(v))),
+    "keep": ("similarity", "keep", str),
     "mode": ("select", "mode", str),
     "seed_size": ("select", "seed_size", parse_size),
     "batch_size": ("select", "batch_size", parse_size),
@@ -146,6 +150,12 @@ def _similarity_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", help="approx mode: partitions compared with each partition, itself included (default 8)")
     p.add_argument("--similarity-device", choices=["auto", "cpu", "cuda"], help="tile kernel device (default auto)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="GPU product precision (default fp32, exact)")
+    p.add_argument("--edge-threshold", help="keep every pair above this in similarity/edges/ (default 0.9; none: off)")
+    p.add_argument("--max-edge-pairs", help="most pairs similarity/edges/ may hold before the stage fails (default 50000000)")
+    p.add_argument("--duplicate-thresholds", help="near-duplicate groups and removal lists in duplicates/t=…/, "
+                   "each >= --edge-threshold (default 0.9)")
+    p.add_argument("--keep", choices=["lowest_id", "central"],
+                   help="removal list: which near-duplicate to keep first (default lowest_id; central: most near-duplicates)")
 
 
 def _select_opts(p: argparse.ArgumentParser) -> None:

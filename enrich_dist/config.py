@@ -144,7 +144,10 @@ class SimilarityConfig:
     compares each k-means partition only with its ``nprobe`` nearest (``n_partitions`` None: about
     sqrt(N)) and measures recall on ``sample_size`` images. ``device`` auto uses GPUs when Ray has
     them; ``precision`` fp16/bf16 (GPU only) is approximate. A checkpoint is committed every
-    ``checkpoint_seconds``.
+    ``checkpoint_seconds``. Every pair above ``edge_threshold`` (None: none) is kept in
+    ``similarity/edges/``, at most ``max_edges`` pairs (more fails with a message naming both settings).
+    From it, ``duplicates/`` gets near-duplicate groups and a removal list per ``duplicate_thresholds``
+    (each >= ``edge_threshold``; removal keeps images in ``keep`` order: "lowest_id" or "central").
     """
 
     block_size: int | None = None
@@ -160,6 +163,10 @@ class SimilarityConfig:
     precision: str = "fp32"
     checkpoint_seconds: float = 60.0
     seed: int = 0
+    edge_threshold: float | None = 0.9
+    max_edges: int = 50_000_000
+    duplicate_thresholds: tuple[float, ...] = (0.9,)
+    keep: str = "lowest_id"
 
 
 @dataclass

@@ -145,3 +145,46 @@ def test_bad_coverage_settings_are_named(ray_local, run_dir) -> None:
         run_select(run_dir, SelectConfig(mode="coverage", delta=1.5))
     with pytest.raises(ValueError, match=r"select --mode coverage: .*edges.*--delta, --max-edges"):
         run_select(run_dir, SelectConfig(mode="coverage", delta=-1.0, max_edges=5, seed_size=2, replicates=1))
+
+
+@pytest.mark.parametrize("n, delta", [(1, 0.9), (2, 0.7), (60, 0.6), (90, 0.8)])
+def test_graph_from_the_edge_list_equals_the_blocked_pass(n: int, delta: float) -> None:
+    """The similarity stage's pairs above 0.5 (GEMM products) give the exact graph at any delta well above 0.5."""
+    from enrich_dist.selection.coverage import graph_from_pairs
+
+    x = unit_rows(n, 6, seed=n, duplicates=n // 3)
+    g = x @ x.T
+    a, b = np.nonzero(np.triu(g > np.float32(0.5), 1))
+    got = graph_from_pairs(x, a, b, 0.5, delta)
+    want = neighbour_graph(x, delta)
+    assert (got != want).nnz == 0 and got.nnz == want.nnz
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    assert graph_from_pairs(x, a, b, 0.5, 0.5) is None, "delta at the list's own threshold cannot be trusted"
+    if want.nnz:
+        with pytest.raises(ValueError, match="max_edges"):
+            graph_from_pairs(x, a, b, 0.5, delta, max_edges=want.nnz - 1)
+
+
+def test_stage_builds_the_graph_from_similarity_edges(ray_local, tmp_path) -> None:
+    """With the similarity stage done, coverage and the guard read its edges and rank exactly as without them."""
+    from test_selection import write_inputs
+
+    from enrich_dist.config import SimilarityConfig
+    from enrich_dist.similarity import run_similarity
+    from enrich_dist.storage import RunDir
+
+    cfg = SelectConfig(mode="coverage", seed_size=2, replicates=2, delta=0.95, duplicate_threshold=0.97,
+                       budgets=(0.2, 1.0))
+    plain = RunDir(str(tmp_path / "plain"))
+    write_inputs(plain, 70, dim=4)
+    with_edges = RunDir(str(tmp_path / "edges"))
+    write_inputs(with_edges, 70, dim=4)
+    run_similarity(with_edges, SimilarityConfig(top_k=3, edge_threshold=0.9))
+    assert run_similarity(with_edges, SimilarityConfig(top_k=3, edge_threshold=0.9))["edges"]["pairs"] > 0
+    a = run_select(plain, cfg)
+    b = run_select(with_edges, cfg)
+    assert a["coverage"]["graph_from"] == "a pass over the embeddings"
+    assert b["coverage"]["graph_from"] == "similarity/edges"
+    assert a["coverage"]["edges"] == b["coverage"]["edges"] > 0
+    assert plain.read_table("selection/ranking.parquet").equals(with_edges.read_table("selection/ranking.parquet"))

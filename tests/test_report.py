@@ -323,3 +323,29 @@ def test_sibling_recall_in_words(tmp_path: Path, recall: dict | None, words: lis
     old = {k: v for k, v in summary.items() if not k.startswith("sibling")}  # written before sibling recall
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), old))
     assert "Sibling recall: not measured (similarity/summary.json does not record it)." in text
+
+
+def test_near_duplicates_in_the_report(tmp_path: Path) -> None:
+    """Groups, removal share and leakage from the similarity summary; what is missing is said, not invented."""
+    from enrich_dist.report import sections
+    from enrich_dist.report.page import ReportPage
+
+    dups = {
+        "keep": "lowest_id",
+        "thresholds": {"0.9": {"folder": "duplicates/t=0.90", "pairs": 120, "groups": 4, "images_in_groups": 40,
+                               "largest_groups": [20, 10, 6, 4], "remove": 30, "remove_fraction": 0.3}},
+        "leakage": {"threshold": 0.9, "pairs": 7, "by": {"splits": 5, "patients": 3}, "path": "duplicates/leakage.parquet"},
+    }
+    base = {"n_images": 100, "n_pairs": 4950, "exact": True, "thresholds": {}}
+
+    def text(summary: dict) -> str:
+        return " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), summary))
+
+    page = text({**base, "duplicates": dups})
+    for w in ["20, 10, 6, 4", "30 (30.00%)", "Warning: 7 near-duplicate pairs", "5 across splits", "3 across patients",
+              "keep order: lowest id"]:
+        assert w in page
+    clean = text({**base, "duplicates": {**dups, "leakage": {**dups["leakage"], "pairs": 0}}})
+    assert "Leakage: no near-duplicate pair" in clean and "Warning" not in clean
+    assert "Leakage: not checked" in text({**base, "duplicates": {**dups, "leakage": None}})
+    assert "Near-duplicate groups: not computed" in text(base)

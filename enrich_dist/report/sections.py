@@ -123,7 +123,52 @@ def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     headers = ["similarity", "pairs above", "% of pairs", "images with a neighbour above", "% of images"]
     parts.append(table(headers, rows))
     parts.append(sibling_recall(summary))
+    parts.extend(near_duplicates(summary))
     parts.append(note(f"Mode: {'exact' if exact else 'approximate'}."))
+    return parts
+
+
+def near_duplicates(summary: dict) -> list[Markup]:
+    """Per duplicate threshold: groups, the largest ones, the share the removal list drops; leakage warnings."""
+    dups = summary.get("duplicates")
+    if not dups:
+        return [tag("p", "Near-duplicate groups: not computed (the similarity stage kept no edge list).")]
+    rows = [
+        (
+            f"> {t}",
+            fmt_int(v["groups"]),
+            fmt_int(v["images_in_groups"]),
+            ", ".join(fmt_int(size) for size in v["largest_groups"]) or "-",
+            f"{fmt_int(v['remove'])} ({fmt_pct(v['remove_fraction'])})",
+        )
+        for t, v in sorted(dups["thresholds"].items(), key=lambda kv: float(kv[0]))
+    ]
+    headers = ["similarity", "groups (2+ images)", "images in groups", "largest groups", "removal list drops"]
+    parts = [
+        tag(
+            "p",
+            "Near-duplicates: groups are connected components of the pairs above a threshold (they chain, so a "
+            "group can hold images that are not alike); the removal list instead keeps images no two of which are "
+            f"above the threshold and drops every other image beside a kept near-duplicate (keep order: "
+            f"{dups['keep'].replace('_', ' ')}). Files: duplicates/t=…/groups.parquet, remove.parquet.",
+        ),
+        table(headers, rows),
+    ]
+    leak = dups.get("leakage")
+    if leak and leak["pairs"]:
+        crossing = ", ".join(f"{fmt_int(n)} across {what}" for what, n in leak["by"].items() if n)
+        parts.append(
+            tag(
+                "p",
+                f"Warning: {fmt_int(leak['pairs'])} near-duplicate pairs (similarity > {leak['threshold']}) cross "
+                f"splits or patients ({crossing}); listed in duplicates/leakage.parquet. Near-duplicates across "
+                "splits inflate test results; across patients they may be mislabelled or shared images.",
+            )
+        )
+    elif leak:
+        parts.append(tag("p", f"Leakage: no near-duplicate pair (similarity > {leak['threshold']}) crosses splits or patients."))
+    else:
+        parts.append(tag("p", "Leakage: not checked (the manifest has no split or patient ids)."))
     return parts
 
 

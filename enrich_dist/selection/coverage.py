@@ -99,7 +99,38 @@ def neighbour_graph(
                     f"({found} found in {done} of {len(starts)} row blocks): use a higher delta or a "
                     "larger max_edges"
                 )
-    r, c, s = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+    return _symmetric(n, np.concatenate(rows), np.concatenate(cols), np.concatenate(sims))
+
+
+def graph_from_pairs(
+    x: np.ndarray, a: np.ndarray, b: np.ndarray, found_above: float, delta: float, max_edges: int = 50_000_000
+) -> sp.csr_matrix | None:
+    """:func:`neighbour_graph` at ``delta`` from a list of candidate pairs, or None when the list cannot give it.
+
+    ``a``, ``b`` must hold every pair whose float32 GEMM product exceeds ``found_above`` (the similarity
+    stage's edge list). Every pair with exact similarity > ``delta`` is among them when ``delta`` less
+    the float32 error bound still exceeds ``found_above``; the candidates are then rescored exactly, so
+    the graph equals :func:`neighbour_graph`'s.
+    """
+    x = _matrix(x)
+    n, dim = x.shape
+    norm = float(np.linalg.norm(x.astype(np.float64), axis=1).max()) if n else 0.0
+    if delta - error_scale(dim) * norm * norm <= found_above:
+        return None
+    index = np.int32 if n < 2**31 else np.int64
+    a, b = np.asarray(a, index), np.asarray(b, index)
+    s = _pair_sims(x, a, b)
+    keep = s > delta
+    if 2 * int(keep.sum()) > max_edges:
+        raise ValueError(
+            f"the neighbour graph at delta={delta} has more than max_edges={max_edges} edges "
+            f"({2 * int(keep.sum())}): use a higher delta or a larger max_edges"
+        )
+    return _symmetric(n, a[keep], b[keep], s[keep])
+
+
+def _symmetric(n: int, r: np.ndarray, c: np.ndarray, s: np.ndarray) -> sp.csr_matrix:
+    """The symmetric CSR graph of pairs (r, c) weighted by ``s``, indices sorted."""
     graph = sp.csr_matrix((np.concatenate([s, s]), (np.concatenate([r, c]), np.concatenate([c, r]))), (n, n))
     graph.sort_indices()
     return graph

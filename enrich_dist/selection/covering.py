@@ -29,10 +29,12 @@ from .coverage import (
     coverage_ranking,
     duplicate_groups,
     duplicate_guard,
+    graph_from_pairs,
     herding_ranking,
     neighbour_graph,
 )
 from .greedy import Ranking
+from .inputs import EdgeList
 from .rules import Rules
 
 log = logging.getLogger("enrich_dist.selection")
@@ -85,16 +87,29 @@ def constrained_positions(order: np.ndarray, n_seeds: int, rules: Rules) -> np.n
     return np.asarray(out, dtype=np.int64)
 
 
-def guard_groups(x: np.ndarray, cfg: SelectConfig) -> np.ndarray | None:
-    """Near-duplicate group per row (pairs above ``cfg.duplicate_threshold``), or None when the guard is off."""
+def _from_edges(x: np.ndarray, edges: EdgeList | None, t: float, max_edges: int):
+    """The exact graph above ``t`` from the similarity stage's edge list, or None when the list cannot give it."""
+    if edges is None:
+        return None
+    return graph_from_pairs(x, edges.a, edges.b, edges.threshold, t, max_edges)
+
+
+def guard_groups(x: np.ndarray, cfg: SelectConfig, edges: EdgeList | None = None) -> np.ndarray | None:
+    """Near-duplicate group per row (pairs above ``cfg.duplicate_threshold``), or None when the guard is off.
+
+    The pairs come from the similarity stage's edge list when its threshold lies below the guard's
+    (with room for float32 rounding), else from a blocked pass over the embeddings.
+    """
     if cfg.duplicate_threshold is None:
         return None
     start = time.perf_counter()
-    groups = duplicate_groups(x, cfg.duplicate_threshold)
+    graph = _from_edges(x, edges, cfg.duplicate_threshold, cfg.max_edges)
+    groups = duplicate_groups(x if graph is None else graph, cfg.duplicate_threshold)
     n_groups = len(np.unique(groups))
     log.info(
-        "duplicate guard: %d groups of near-duplicates (similarity > %.2f) among %d images, %.1f s",
+        "duplicate guard: %d groups of near-duplicates (similarity > %.2f) among %d images, %.1f s (%s)",
         n_groups, cfg.duplicate_threshold, len(x), time.perf_counter() - start,
+        "pass over the embeddings" if graph is None else "from similarity/edges",
     )
     return groups
 
@@ -113,8 +128,11 @@ def _positions_of(order: np.ndarray, new_order: np.ndarray) -> np.ndarray:
     return where[new_order]
 
 
-def cover_graph(x: np.ndarray, cfg: SelectConfig):
-    """(graph above delta, delta record): delta from the config or ProbCover's purity rule."""
+def cover_graph(x: np.ndarray, cfg: SelectConfig, edges: EdgeList | None = None):
+    """(graph above delta, delta record): delta from the config or ProbCover's purity rule.
+
+    The graph comes from the similarity stage's edge list when it holds every pair above delta.
+    """
     start = time.perf_counter()
     if cfg.delta is not None:
         delta, record = float(cfg.delta), {"delta": float(cfg.delta), "how": "given (--delta)"}
@@ -122,7 +140,11 @@ def cover_graph(x: np.ndarray, cfg: SelectConfig):
         delta, info = choose_delta(x, seed=cfg.seed)
         record = {"delta": float(delta), **{k: v for k, v in info.items() if k != "delta"}}
     try:
-        graph = neighbour_graph(x, delta, max_edges=cfg.max_edges)
+        graph = _from_edges(x, edges, delta, cfg.max_edges)
+        record["graph_from"] = "similarity/edges"
+        if graph is None:
+            graph = neighbour_graph(x, delta, max_edges=cfg.max_edges)
+            record["graph_from"] = "a pass over the embeddings"
     except ValueError as exc:
         raise ValueError(f"select --mode {cfg.mode}: {exc} (options --delta, --max-edges)") from None
     record.update(edges=int(graph.nnz), seconds=round(time.perf_counter() - start, 3))
@@ -134,11 +156,11 @@ def cover_graph(x: np.ndarray, cfg: SelectConfig):
 
 
 def rank_covering(
-    x: np.ndarray, seeds: list[np.ndarray], cfg: SelectConfig, rules_args: dict
+    x: np.ndarray, seeds: list[np.ndarray], cfg: SelectConfig, rules_args: dict, edges: EdgeList | None = None
 ) -> tuple[list[Ranking], list[float], dict]:
     """One coverage/herding ranking per replicate (shared when seeds are shared), constrained; plus the delta record."""
-    graph, record = cover_graph(x, cfg)
-    groups = guard_groups(x, cfg)
+    graph, record = cover_graph(x, cfg, edges)
+    groups = guard_groups(x, cfg, edges)
     rule = coverage_ranking if cfg.mode == "coverage" else herding_ranking
     done: dict[bytes, Ranking] = {}
     rankings, seconds = [], []

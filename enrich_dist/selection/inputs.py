@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..schema import EMBEDDINGS_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SIMILARITY_DIR
+from ..schema import EDGES_DIR, EMBEDDINGS_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SIMILARITY_DIR
 from ..storage import RunDir, read_uri
 
 log = logging.getLogger("enrich_dist.selection")
@@ -109,6 +109,29 @@ def _matrix(column: pa.Array) -> np.ndarray:
 def read_vectors(run: RunDir, parts: list[Part], want: np.ndarray) -> np.ndarray:
     """Embeddings of the images ``want`` (sorted ids) as float32 rows."""
     return read_rows(run, parts, want, ["embedding"])["embedding"].astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class EdgeList:
+    """The similarity stage's pairs above ``threshold`` (GEMM products), as rows of the ranked images (a < b)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    threshold: float
+
+
+def edge_list(run: RunDir, ids: np.ndarray) -> EdgeList | None:
+    """Every pair of ``ids`` (sorted) above the similarity stage's edge threshold, or None without a complete list."""
+    if not run.is_done(SIMILARITY_DIR) or not run.exists(SUMMARY_PATH):
+        return None
+    summary = run.read_json(SUMMARY_PATH)
+    edges = summary.get("edges")
+    if not edges or not edges.get("complete") or not summary.get("exact") or not run.shards(EDGES_DIR):
+        return None
+    table = run.read_table(EDGES_DIR, columns=["i", "j"])
+    a, b = table["i"].to_numpy(), table["j"].to_numpy()
+    keep = np.isin(a, ids) & np.isin(b, ids)
+    return EdgeList(np.searchsorted(ids, a[keep]), np.searchsorted(ids, b[keep]), float(edges["threshold"]))
 
 
 def neighbour_parts(run: RunDir, n: int) -> list[Part] | None:

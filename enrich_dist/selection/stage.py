@@ -39,6 +39,7 @@ from .greedy import MODES, Ranking, Settings, choose_seeds, rank
 from .inputs import (
     Part,
     codes,
+    edge_list,
     embedding_ids,
     neighbour_parts,
     read_manifest,
@@ -118,7 +119,9 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
         randoms.append(_random_ranking(n, seed_rows, rng))
     cover = None
     if covering:
-        rankings, seconds, cover = rank_covering(read_vectors(run, parts, ids), seeds, cfg, rules_args)
+        rankings, seconds, cover = rank_covering(
+            read_vectors(run, parts, ids), seeds, cfg, rules_args, edge_list(run, ids)
+        )
         pruning = False
     elif workers:
         rankings, seconds, pruning = _rank_with_actors(
@@ -127,7 +130,7 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     else:
         rankings, seconds, pruning = _rank_in_tasks(run, parts, ids, lists, seeds, settings, rules_args, cfg)
     if cfg.duplicate_threshold is not None and not covering:
-        guard = guard_groups(read_vectors(run, parts, ids), cfg)
+        guard = guard_groups(read_vectors(run, parts, ids), cfg, edge_list(run, ids))
         no_rules = Rules(n)
         rankings = [finish(r, int(r.is_seed.sum()), no_rules, guard) for r in rankings]
 

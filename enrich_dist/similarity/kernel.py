@@ -18,7 +18,7 @@ entries, and serves as that column's floor.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -28,6 +28,7 @@ WORD = 8
 HIST_COPIES = 4  # _scatter unrolls over exactly four copies
 BOUND_MARGIN = 1e-6
 CANDIDATES = 1 << 14
+EDGE_BUFFER = 1 << 16
 NORM_LIMIT = 1.01
 INDEX_BITS = 20
 EMPTY_INDEX = (1 << INDEX_BITS) - 1
@@ -41,7 +42,8 @@ class TileStats:
 
     Each unordered pair is seen once: a diagonal tile keeps only its strict upper triangle, so its
     rows see the columns to their right and its columns the rows above them. Top-k lists are sorted
-    best first (ties to the smaller index).
+    best first (ties to the smaller index). ``edge_*`` are the tile's pairs above the edge threshold
+    (global row, global column, similarity), in the order found.
     """
 
     row_counts: np.ndarray
@@ -51,6 +53,9 @@ class TileStats:
     col_vals: np.ndarray
     col_idx: np.ndarray
     hist: np.ndarray
+    edge_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    edge_cols: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    edge_vals: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
 
 def float32_below(t: float) -> np.float32:
@@ -243,13 +248,16 @@ def _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0):  # 
 def _sweep(
     s, bits, r, lo, diagonal, limits, half, k, estimate_cols, hist, bins_buf, row_counts, col_counts,
     row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col, scratch_f, scratch_i,
+    edge_lim, edge_i, edge_j, edge_v, n_edge,
 ):  # pragma: no cover - compiled
     """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``).
 
     Rows without a floor are binned first, through per-row histograms that give their heaps a floor
     near their k-th best (on a diagonal tile the floors are shared with the same images' columns
     before the sweep). Row heaps take offers as entries come; column candidates are buffered and
-    offered in column order at the end of the chunk (or when the buffer fills).
+    offered in column order at the end of the chunk (or when the buffer fills). Entries above
+    ``edge_lim`` (never below the lowest threshold, so always visited) go to the edge buffers while
+    they have room; ``n_edge[0]`` counts them all, so the caller sees an overflow.
     """
     h, w = s.shape
     nt = limits.shape[0]
@@ -306,6 +314,13 @@ def _sweep(
                             col_counts[t, j] += 1
                         else:
                             break
+                    if v > edge_lim:
+                        e = n_edge[0]
+                        if e < edge_i.shape[0]:
+                            edge_i[e] = i
+                            edge_j[e] = j
+                            edge_v[e] = v
+                        n_edge[0] = e + 1
                 if v >= row_gate[i]:
                     key = _key(bits[ii, jj], j)
                     if key < row_keys[i, 0]:
@@ -455,13 +470,15 @@ def tile_stats(
     col_offset: int = 0,
     row_floor: np.ndarray | None = None,
     col_floor: np.ndarray | None = None,
+    edge_threshold: float | None = None,
 ) -> TileStats:
     """Histogram, per-row/column threshold counts and top-k of one tile ``S = xi @ xj.T``.
 
     Rows of ``xi`` and ``xj`` are L2-normalised (norms up to ``NORM_LIMIT`` are binned as if
     clipped to [-1, 1]). ``edges`` are uniform over [-1, 1] (:func:`histogram_edges`). Optional
     floors (one value per row / column) promise that entries below them cannot reach that image's
-    final top-k; top-k lists then leave such entries out.
+    final top-k; top-k lists then leave such entries out. ``edge_threshold`` (one of ``thresholds``)
+    asks for every pair above it as well.
     """
     nr, nc = len(xi), len(xj)
     if diagonal and (nr != nc or row_offset != col_offset):
@@ -483,16 +500,51 @@ def tile_stats(
     estimate_cols = not diagonal and bool(np.any(col_gate == -_INF))
     scratch_f = np.zeros(1, np.float32)
     cand_key, cand_col = np.empty(CANDIDATES, np.int64), np.empty(CANDIDATES, np.int32)
+    edge_lim = edge_limit(edge_threshold, thresholds)
+    buf_i, buf_j = np.empty(EDGE_BUFFER, np.int64), np.empty(EDGE_BUFFER, np.int64)
+    buf_v, n_edge = np.empty(EDGE_BUFFER, np.float32), np.zeros(1, np.int64)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for s, r, lo in tile_products(np.ascontiguousarray(xi), np.ascontiguousarray(xj), diagonal):
+        n_edge[0] = 0
         _sweep(
             s, s.view(np.int32), r, lo, diagonal, limits, bins / 2, k, estimate_cols and r == 0, hist, bins_buf,
             row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col,
-            scratch_f, scratch_f.view(np.int32),
+            scratch_f, scratch_f.view(np.int32), edge_lim, buf_i, buf_j, buf_v, n_edge,
         )
+        if n_edge[0] > EDGE_BUFFER:  # a dense chunk: its pairs again, vectorised
+            found.append(chunk_edges(s, r, lo, diagonal, edge_lim))
+        elif n_edge[0]:
+            m = int(n_edge[0])
+            found.append((buf_i[:m].copy(), buf_j[:m].copy(), buf_v[:m].copy()))
     inverse = np.argsort(order)
     row_vals, row_idx = _heap_result(row_keys, col_offset)
     col_vals, col_idx = _heap_result(col_keys, row_offset)
-    return TileStats(
+    stats = TileStats(
         row_counts[inverse], col_counts[inverse], row_vals, row_idx, col_vals, col_idx,
         hist.reshape(HIST_COPIES, bins).sum(axis=0),
     )
+    if found:
+        stats.edge_rows = np.concatenate([f[0] for f in found]) + row_offset
+        stats.edge_cols = np.concatenate([f[1] for f in found]) + col_offset
+        stats.edge_vals = np.concatenate([f[2] for f in found])
+    return stats
+
+
+def edge_limit(edge_threshold: float | None, thresholds: tuple[float, ...] | list[float]) -> np.float32:
+    """The float32 an entry must exceed to be an edge (+inf: no edges); the threshold must be a counted one."""
+    if edge_threshold is None:
+        return _INF
+    if float(edge_threshold) not in {float(t) for t in thresholds}:
+        raise ValueError(f"edge_threshold {edge_threshold} must be one of the thresholds {list(thresholds)}")
+    return float32_below(float(edge_threshold))
+
+
+def chunk_edges(
+    s: np.ndarray, r: int, lo: int, diagonal: bool, edge_lim: np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs above ``edge_lim`` in a chunk of :func:`tile_products` (tile-local rows and columns)."""
+    above = s > edge_lim
+    if diagonal:  # row ii is tile row r + ii, column jj tile column lo + jj = r + jj: keep jj > ii
+        above = np.triu(above, 1)
+    ii, jj = np.nonzero(above)
+    return ii.astype(np.int64) + r, jj.astype(np.int64) + lo, s[ii, jj].astype(np.float32)

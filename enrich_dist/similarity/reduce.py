@@ -26,6 +26,10 @@ PARTIALS_DIR = posixpath.join("similarity", "partials")  # under schema.SIMILARI
 STATE = posixpath.join(PARTIALS_DIR, "state.npz")
 
 
+class EdgeCapError(ValueError):
+    """More pairs above the edge threshold than the configured cap."""
+
+
 class Reduction:
     """Merged partial results per image, in the order of the sorted image ids.
 
@@ -34,7 +38,9 @@ class Reduction:
     that the tile's own tie-breaking (smaller position first) is the global one (smaller image first).
     """
 
-    def __init__(self, n: int, k: int, n_thresholds: int, bins: int, perm: np.ndarray | None = None):
+    def __init__(
+        self, n: int, k: int, n_thresholds: int, bins: int, perm: np.ndarray | None = None, max_edges: int = 0
+    ):
         self.k = k
         self.perm = perm
         self.vals = np.full((n, k), -np.inf, np.float32)
@@ -42,6 +48,9 @@ class Reduction:
         self.counts = np.zeros((n_thresholds, n), np.int64)
         self.hist = np.zeros(bins, np.int64)
         self.pairs = 0
+        self.max_edges = max_edges
+        self.n_edges = 0
+        self._edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def _images(self, start: int, stop: int) -> slice | np.ndarray:
         return slice(start, stop) if self.perm is None else self.perm[start:stop]
@@ -71,6 +80,8 @@ class Reduction:
         self.counts[:, cols] += stats.col_counts
         self.hist += stats.hist
         self.pairs += tile_pairs(tile)
+        if len(stats.edge_rows):
+            self._add_edges(self._to_images(stats.edge_rows), self._to_images(stats.edge_cols), stats.edge_vals)
         if self.k:
             self.vals[rows], self.idx[rows] = merge_topk(
                 self.vals[rows], self.idx[rows], stats.row_vals, self._to_images(stats.row_idx), self.k
@@ -79,12 +90,38 @@ class Reduction:
                 self.vals[cols], self.idx[cols], stats.col_vals, self._to_images(stats.col_idx), self.k
             )
 
+    def _add_edges(self, a: np.ndarray, b: np.ndarray, sims: np.ndarray) -> None:
+        self.n_edges += len(a)
+        if self.n_edges > self.max_edges:
+            raise EdgeCapError(
+                f"more than max_edges={self.max_edges} pairs lie above the edge threshold "
+                f"({self.n_edges} found so far): raise --edge-threshold or --max-edge-pairs, or turn "
+                "the edge list off with --edge-threshold none"
+            )
+        self._edges.append((np.minimum(a, b), np.maximum(a, b), np.asarray(sims, np.float32)))
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair found above the edge threshold as image positions (a < b) and similarity, sorted by (a, b)."""
+        if not self._edges:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        a, b, s = (np.concatenate(part) for part in zip(*self._edges, strict=True))
+        order = np.lexsort((b, a))
+        a, b, s = a[order], b[order], s[order]
+        # a pair compared in more than one tile (approximate mode) is kept once
+        first = np.ones(len(a), bool)
+        first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        self._edges = [(a[first], b[first], s[first])]
+        self.n_edges = int(first.sum())
+        return self._edges[0]
+
     def to_bytes(self, done: np.ndarray, fingerprint: str) -> bytes:
         """The reduction, the done-tile mask and the inputs' fingerprint as one ``.npz``."""
         buf = io.BytesIO()
+        edge_a, edge_b, edge_s = self.edges()
         np.savez(
             buf, vals=self.vals, idx=self.idx, counts=self.counts, hist=self.hist,
             pairs=np.int64(self.pairs), done=done, fingerprint=np.array(fingerprint),
+            edge_a=edge_a, edge_b=edge_b, edge_s=edge_s,
         )
         return buf.getvalue()
 
@@ -97,6 +134,8 @@ class Reduction:
             state["vals"], state["idx"], state["counts"], state["hist"],
         )
         self.pairs = int(state["pairs"])
+        self._edges = [(state["edge_a"], state["edge_b"], state["edge_s"])]
+        self.n_edges = len(state["edge_a"])
         return state["done"].astype(bool)
 
 

@@ -19,9 +19,10 @@ from threadpoolctl import threadpool_limits
 
 from ..config import SimilarityConfig
 from ..runtime import cluster_resources
-from ..schema import EMBEDDINGS_DIR, NEIGHBORS_DIR, SIMILARITY_DIR, neighbors_schema
+from ..schema import EDGES_DIR, EMBEDDINGS_DIR, NEIGHBORS_DIR, SIMILARITY_DIR, neighbors_schema
 from ..storage import DONE_NAME, RunDir, shard_name
 from . import approx, kernel
+from .duplicates import KEEP_POLICIES, write_duplicates
 from .plan import (
     Tile,
     choose_block,
@@ -32,13 +33,15 @@ from .plan import (
     schedule,
     tile_plan,
 )
-from .reduce import PARTIALS_DIR, Reduction, load_checkpoint, save_checkpoint
+from .reduce import PARTIALS_DIR, EdgeCapError, Reduction, load_checkpoint, save_checkpoint
 from .siblings import sibling_recall_from_run
 
 log = logging.getLogger("enrich_dist.similarity")
 
 PAPER_THRESHOLDS = (0.5, 0.7, 0.9)
 SHARD_ROWS = 50_000
+EDGE_SHARD_ROWS = 5_000_000
+EDGES_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("sim", pa.float32())])
 MIN_TASK_PAIRS = 1 << 22
 GPU_BLOCK = 65536
 SUMMARY = posixpath.join(SIMILARITY_DIR, "summary.json")
@@ -57,6 +60,7 @@ class _Kernel:
     k: int
     thresholds: tuple[float, ...]
     edges: np.ndarray
+    edge_threshold: float | None = None
 
 
 def _tile_group(
@@ -71,6 +75,7 @@ def _tile_group(
                     kernel.tile_stats(
                         x[tile[0] : tile[1]], x[tile[2] : tile[3]], tile[0] == tile[2], spec.k, spec.thresholds,
                         spec.edges, row_offset=tile[0], col_offset=tile[2], row_floor=rf, col_floor=cf,
+                        edge_threshold=spec.edge_threshold,
                     ),
                 )
                 for tile, (rf, cf) in zip(tiles, floors, strict=True)
@@ -93,6 +98,7 @@ def _tile_group(
             tile_stats_torch(
                 block(tile[0], tile[1]), block(tile[2], tile[3]), tile[0] == tile[2], spec.k, spec.thresholds,
                 spec.edges, row_offset=tile[0], col_offset=tile[2], device=spec.device, precision=spec.precision,
+                edge_threshold=spec.edge_threshold,
             ),
         )
         for tile in tiles
@@ -322,6 +328,18 @@ def compute_similarity(
     With ``run``, partial reductions are committed under ``similarity/partials/`` and a rerun resumes
     from them.
     """
+    table, summary, _ = compute_similarity_edges(x, ids, cfg, progress, run)
+    return table, summary
+
+
+def compute_similarity_edges(
+    x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig, progress: bool = True, run: RunDir | None = None
+) -> tuple[pa.Table, dict, pa.Table]:
+    """:func:`compute_similarity` plus the edge table: every pair above ``cfg.edge_threshold``.
+
+    The edge table has image ids ``i`` < ``j`` and their similarity ``sim``, sorted by the two ids; it is
+    empty when ``cfg.edge_threshold`` is None. In approximate mode it holds the pairs compared.
+    """
     start = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
@@ -330,12 +348,17 @@ def compute_similarity(
         raise ValueError(f"thresholds must lie in [-1, 1), got {cfg.thresholds}")
     if cfg.mode not in MODES:
         raise ValueError(f"similarity mode must be one of {MODES}, got {cfg.mode!r}")
+    edge_t = None if cfg.edge_threshold is None else float(cfg.edge_threshold)
+    if edge_t is not None and not -1.0 <= edge_t < 1.0:
+        raise ValueError(f"edge_threshold must lie in [-1, 1) or be none, got {cfg.edge_threshold}")
+    if cfg.max_edges < 0:
+        raise ValueError(f"max_edges must be >= 0, got {cfg.max_edges}")
     if np.any(ids[1:] < ids[:-1]):
         order = np.argsort(ids, kind="stable")
         ids, x = ids[order], x[order]
     x = np.ascontiguousarray(x)
     n, dim = x.shape
-    thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS))
+    thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS) | ({edge_t} - {None}))
     k = min(cfg.top_k, max(n - 1, 0))
     resources = cluster_resources()
     device = _device(cfg, resources.gpus)
@@ -351,6 +374,7 @@ def compute_similarity(
     settings = {
         "k": k, "thresholds": thresholds, "bins": cfg.bins, "block": block, "mode": cfg.mode, "seed": cfg.seed,
         "n_partitions": cfg.n_partitions, "nprobe": cfg.nprobe, "device": device, "precision": cfg.precision,
+        "edge_threshold": edge_t,
     }
     fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
     x_ref = ray.put(x)
@@ -367,10 +391,13 @@ def compute_similarity(
             n, dim, cfg.mode, device, cfg.precision, block,
             "--block-size" if cfg.block_size else f"--max-memory {cfg.max_memory}", len(tiles), k,
         )
-    reduction = Reduction(n, k, len(thresholds), cfg.bins, None if parts is None else parts.perm)
+    reduction = Reduction(
+        n, k, len(thresholds), cfg.bins, None if parts is None else parts.perm, max_edges=cfg.max_edges
+    )
     done = np.zeros(len(tiles), bool) if run is None else load_checkpoint(run, reduction, len(tiles), fingerprint)
     spec = _Kernel(
-        "numba" if device == "cpu" else "torch", device, cfg.precision, k, tuple(thresholds), histogram_edges(cfg.bins)
+        "numba" if device == "cpu" else "torch", device, cfg.precision, k, tuple(thresholds),
+        histogram_edges(cfg.bins), edge_t,
     )
     checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
     computed = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
@@ -393,6 +420,18 @@ def compute_similarity(
     pairs_above = {t: int(reduction.counts[i].sum()) // 2 for i, t in enumerate(thresholds)}
     table = _neighbors_table(ids, reduction, cfg, thresholds)
     summary = _summary(n, pairs_above, reduction, cfg, edges, thresholds)
+    edge_a, edge_b, edge_s = reduction.edges()
+    edge_table = pa.table(
+        {"i": pa.array(ids[edge_a]), "j": pa.array(ids[edge_b]), "sim": pa.array(edge_s)},
+        schema=EDGES_SCHEMA,
+    )
+    summary["edges"] = None if edge_t is None else {
+        "threshold": edge_t,
+        "pairs": len(edge_a),
+        "max_edges": cfg.max_edges,
+        "complete": parts is None,
+        "path": EDGES_DIR,
+    }
     summary.update(
         mode=cfg.mode,
         device=device,
@@ -404,7 +443,9 @@ def compute_similarity(
     )
     if progress:
         log.info("similarity: %d pairs in %.1f s", n_pairs, summary["seconds"])
-    return table, summary
+        if edge_t is not None:
+            log.info("similarity: %d pairs above %g kept in %s", len(edge_a), edge_t, EDGES_DIR)
+    return table, summary, edge_table
 
 
 def _read_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
@@ -420,18 +461,63 @@ def _read_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     return x, table.column("image_id").to_numpy()
 
 
+def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) -> None:
+    """Replace ``folder`` with ``table`` in shards of at most ``shard_rows`` rows (one shard, maybe empty, at least)."""
+    run.remove(folder)
+    n_shards = max(1, math.ceil(len(table) / shard_rows))
+    rows = max(1, math.ceil(len(table) / n_shards))
+    for i in range(n_shards):
+        run.write_table(posixpath.join(folder, shard_name(i)), table.slice(i * rows, rows))
+
+
+def read_edges(run: RunDir) -> pa.Table | None:
+    """The run's edge table (``similarity/edges/``) with its threshold in the schema metadata, or None if absent."""
+    if not run.is_done(SIMILARITY_DIR) or not run.shards(EDGES_DIR):
+        return None
+    summary = run.read_json(SUMMARY)
+    if not summary.get("edges"):
+        return None
+    return run.read_table(EDGES_DIR).replace_schema_metadata(
+        {"threshold": str(summary["edges"]["threshold"]), "complete": str(summary["edges"]["complete"])}
+    )
+
+
+def _check_duplicate_settings(cfg: SimilarityConfig) -> None:
+    """Duplicate thresholds need the edge list below them, and a known keep policy."""
+    if cfg.keep not in KEEP_POLICIES:
+        raise ValueError(f"--keep must be one of {KEEP_POLICIES}, got {cfg.keep!r}")
+    if cfg.edge_threshold is None or not cfg.duplicate_thresholds:
+        return
+    low = [t for t in cfg.duplicate_thresholds if not float(cfg.edge_threshold) <= float(t) < 1.0]
+    if low:
+        raise ValueError(
+            f"duplicate thresholds {low} must lie in [edge threshold {cfg.edge_threshold}, 1): the edge list holds "
+            "only pairs above the edge threshold; lower --edge-threshold or raise --duplicate-thresholds"
+        )
+
+
 def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
     """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall), mark done."""
     if run.is_done(SIMILARITY_DIR):
         log.info("similarity: already done in %s, skipping", run.uri)
         return run.read_json(posixpath.join(SIMILARITY_DIR, DONE_NAME))
+    _check_duplicate_settings(cfg)
     x, ids = _read_embeddings(run)
-    table, summary = compute_similarity(x, ids, cfg, run=run)
-    run.remove(NEIGHBORS_DIR)
-    n_shards = max(1, math.ceil(len(table) / SHARD_ROWS))
-    rows = math.ceil(len(table) / n_shards)
-    for i in range(n_shards):
-        run.write_table(posixpath.join(NEIGHBORS_DIR, shard_name(i)), table.slice(i * rows, rows))
+    try:
+        table, summary, edge_table = compute_similarity_edges(x, ids, cfg, run=run)
+    except EdgeCapError as exc:
+        raise ValueError(f"similarity: {exc}") from None
+    _write_shards(run, NEIGHBORS_DIR, table, SHARD_ROWS)
+    _write_shards(run, EDGES_DIR, edge_table, EDGE_SHARD_ROWS)
+    summary["duplicates"] = None
+    if cfg.edge_threshold is not None and cfg.duplicate_thresholds:
+        sorted_ids = table.column("image_id").to_numpy()
+        summary["duplicates"] = write_duplicates(
+            run, sorted_ids,
+            np.searchsorted(sorted_ids, edge_table.column("i").to_numpy()),
+            np.searchsorted(sorted_ids, edge_table.column("j").to_numpy()),
+            edge_table.column("sim").to_numpy(), cfg.duplicate_thresholds, cfg.keep,
+        )
     recall, why_not = sibling_recall_from_run(run, cfg.top_k)
     summary.update(sibling_recall=recall, sibling_recall_not_measured=why_not)
     if recall is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kernel import TileStats, sorted_limits
+from .kernel import TileStats, edge_limit, sorted_limits
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHUNK_ELEMENTS = 1 << 25
@@ -163,8 +163,12 @@ def tile_stats_torch(
     col_offset: int = 0,
     device: str = "cuda",
     precision: str = "fp32",
+    edge_threshold: float | None = None,
 ) -> TileStats:
-    """Histogram, per-row/column threshold counts and exact top-k of one tile ``S = xi @ xj.T`` with torch."""
+    """Histogram, per-row/column threshold counts and exact top-k of one tile ``S = xi @ xj.T`` with torch.
+
+    ``edge_threshold`` (one of ``thresholds``) asks for every pair above it as well.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     nr, nc = len(xi), len(xj)
@@ -178,6 +182,8 @@ def tile_stats_torch(
     bins = len(edges) - 1
     order, limits = sorted_limits(thresholds)
     lim = torch.as_tensor(limits, device=dev)
+    edge_lim = float(edge_limit(edge_threshold, thresholds))
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     row_counts = torch.zeros((len(limits), nr), dtype=torch.int64, device=dev)
     col_counts = torch.zeros((len(limits), nc), dtype=torch.int64, device=dev)
     hist = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
@@ -199,6 +205,9 @@ def tile_stats_torch(
             s[:, :h].masked_fill_(tril[:h, :h], -np.inf)
         _add_histogram(hist, s, bin_lim, groups)
         _add_threshold_counts(row_counts[:, r : r + h], col_counts[:, lo:], s, lim)
+        if edge_lim < np.inf:
+            ii, jj = torch.nonzero(s > edge_lim, as_tuple=True)
+            found.append((ii + r, jj + lo, s[ii, jj]))
         if k == 0:
             continue
         rows = torch.arange(r, r + h, device=dev)
@@ -211,7 +220,7 @@ def tile_stats_torch(
     inverse = np.argsort(order)
     row_vals, row_idx = _decode(row_keys, row_bits, col_offset)
     col_vals, col_idx = _decode(col_keys, col_bits, row_offset)
-    return TileStats(
+    stats = TileStats(
         row_counts.cpu().numpy()[inverse],
         col_counts.cpu().numpy()[inverse],
         row_vals,
@@ -220,3 +229,8 @@ def tile_stats_torch(
         col_idx,
         hist[1:].cpu().numpy(),
     )
+    if found:
+        stats.edge_rows = torch.cat([f[0] for f in found]).cpu().numpy().astype(np.int64) + row_offset
+        stats.edge_cols = torch.cat([f[1] for f in found]).cpu().numpy().astype(np.int64) + col_offset
+        stats.edge_vals = torch.cat([f[2] for f in found]).cpu().numpy().astype(np.float32)
+    return stats
