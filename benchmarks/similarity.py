@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs; the best of each is kept")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edge-threshold", default="0.9", help="the stage's edge list (default 0.9, as the stage; none: off)")
     parser.add_argument("--out", default="results.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -154,6 +155,7 @@ def main() -> None:
         cfg = SimilarityConfig(
             block_size=block, top_k=args.top_k, mode=args.mode, n_partitions=args.n_partitions,
             nprobe=args.nprobe, seed=args.seed, max_memory=args.max_memory,
+            edge_threshold=None if args.edge_threshold.lower() == "none" else float(args.edge_threshold),
         )
         warm = min(args.n, 2 * block, 20_000)
         compute_similarity(x[:warm], ids[:warm], cfg, progress=False)
@@ -190,6 +192,8 @@ def main() -> None:
         "stage_cpu_seconds": [round(s, 3) for s in stage_cpu],
         "load_average": [round(v, 1) for v in load],
         "pairs_above_0.5": summary["thresholds"]["0.5"]["pairs"],
+        "edge_threshold": cfg.edge_threshold,
+        "edges": (summary.get("edges") or {}).get("pairs"),
         "driver_peak_mib": round(driver, 1),
         "workers": n_workers,
         "workers_peak_mib": round(workers, 1),

@@ -511,8 +511,10 @@ def tile_stats(
             row_counts, col_counts, row_keys, row_gate, col_keys, col_gate, col_floor, col_check, cand_key, cand_col,
             scratch_f, scratch_f.view(np.int32), edge_lim, buf_i, buf_j, buf_v, n_edge,
         )
-        if n_edge[0] > EDGE_BUFFER:  # a dense chunk: its pairs again, vectorised
+        if n_edge[0] > len(buf_i):  # a dense chunk: its pairs again, vectorised; larger buffers from now on
             found.append(chunk_edges(s, r, lo, diagonal, edge_lim))
+            size = min(2 * int(n_edge[0]), s.size)
+            buf_i, buf_j, buf_v = np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.float32)
         elif n_edge[0]:
             m = int(n_edge[0])
             found.append((buf_i[:m].copy(), buf_j[:m].copy(), buf_v[:m].copy()))

@@ -13,6 +13,7 @@ import posixpath
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 
 from .kernel import TileStats, merge_topk
 from .plan import Tile, tile_pairs
@@ -24,6 +25,45 @@ log = logging.getLogger("enrich_dist.similarity")
 
 PARTIALS_DIR = posixpath.join("similarity", "partials")  # under schema.SIMILARITY_DIR (a test checks)
 STATE = posixpath.join(PARTIALS_DIR, "state.npz")
+
+
+def sort_pairs(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int):
+    """Pairs from ``pieces`` sorted by (a, b), stable: a counting sort by ``a``, then each ``a``'s run by ``b``.
+
+    O(E log(E / n)), and the pieces are read in place: large fresh arrays are slow to fill, so the
+    only new ones are the three outputs.
+    """
+    counts = np.zeros(n + 1, np.int64)
+    for a, _, _ in pieces:
+        counts[1:] += np.bincount(a, minlength=n)
+    np.cumsum(counts, out=counts)
+    total = int(counts[-1])
+    out_a, out_b = np.empty(total, np.int64), np.empty(total, np.int64)
+    out_s = np.empty(total, np.float32)
+    fill = counts[:-1].copy()
+    for a, b, sims in pieces:
+        _scatter_pairs(a, b, sims, fill, out_b, out_s)
+    _sort_runs(counts, out_a, out_b, out_s)
+    return out_a, out_b, out_s
+
+
+@njit(cache=True)
+def _scatter_pairs(a, b, s, fill, out_b, out_s):  # pragma: no cover - compiled
+    for e in range(a.shape[0]):
+        p = fill[a[e]]
+        out_b[p], out_s[p] = b[e], s[e]
+        fill[a[e]] = p + 1
+
+
+@njit(cache=True)
+def _sort_runs(counts, out_a, out_b, out_s):  # pragma: no cover - compiled
+    for i in range(counts.shape[0] - 1):
+        lo, hi = counts[i], counts[i + 1]
+        out_a[lo:hi] = i
+        if hi - lo > 1:
+            order = np.argsort(out_b[lo:hi], kind="mergesort")
+            out_b[lo:hi] = out_b[lo:hi][order]
+            out_s[lo:hi] = out_s[lo:hi][order]
 
 
 class EdgeCapError(ValueError):
@@ -98,15 +138,15 @@ class Reduction:
                 f"({self.n_edges} found so far): raise --edge-threshold or --max-edge-pairs, or turn "
                 "the edge list off with --edge-threshold none"
             )
-        self._edges.append((np.minimum(a, b), np.maximum(a, b), np.asarray(sims, np.float32)))
+        if self.perm is not None:  # tile positions are permuted images: either may be the smaller
+            a, b = np.minimum(a, b), np.maximum(a, b)
+        self._edges.append((np.asarray(a, np.int64), np.asarray(b, np.int64), np.asarray(sims, np.float32)))
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every pair found above the edge threshold as image positions (a < b) and similarity, sorted by (a, b)."""
         if not self._edges:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-        a, b, s = (np.concatenate(part) for part in zip(*self._edges, strict=True))
-        order = np.lexsort((b, a))
-        a, b, s = a[order], b[order], s[order]
+        a, b, s = sort_pairs(self._edges, len(self.vals))
         # a pair compared in more than one tile (approximate mode) is kept once
         first = np.ones(len(a), bool)
         first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
