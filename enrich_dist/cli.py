@@ -238,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (demo, run):
         _evaluate_opts(p, full=False)
     rep = sub.add_parser("report", help="write report/index.html")
+    exp = sub.add_parser("export", help="the images to label first: csv, parquet, Label Studio tasks or a folder of links")
+    exp.add_argument("--output", required=True, help="the run dir (local path or s3://...)")
+    size = exp.add_mutually_exclusive_group(required=True)
+    size.add_argument("--n", type=int, help="the first N images of the ranking")
+    size.add_argument("--budget", type=float, help="the first fraction of the ranking, e.g. 0.07")
+    exp.add_argument("--replicate", type=int, default=0, help="which replicate's ranking (default 0)")
+    exp.add_argument("--format", dest="export_format", choices=["csv", "parquet", "labelstudio", "links"], default="csv",
+                     help="csv/parquet: a table file; labelstudio: a folder with tasks.json; links: a folder of "
+                     "symlinks (local) or copies (object stores), named by rank (default csv)")
+    exp.add_argument("--to", required=True, help="the file (csv, parquet) or folder (labelstudio, links) to write")
+    exp.add_argument("--presign", help="object-store uris: add presigned read URLs valid this long, e.g. 7d, 12h")
+    exp.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    exp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for p in (demo, run, man, enc, emb, sim, sel, evl, rep):
         _common(p)
     for p in (run, man):
@@ -278,12 +291,27 @@ def _stages_for(command: str) -> tuple[str, ...]:
     return (command,)
 
 
+def _export(args: argparse.Namespace) -> int:
+    """``enrich export``: no Ray, no config; a bad setting or a missing stage exits 2 with the fix."""
+    from .export import export
+
+    try:
+        export(args.output, args.to, args.export_format, n=args.n, budget=args.budget, replicate=args.replicate,
+               presign=args.presign, storage_options=args.storage_options)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``enrich`` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = config_from_args(args)
         if args.command == "demo":
