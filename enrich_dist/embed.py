@@ -18,7 +18,7 @@ from .runtime import Resources, cluster_resources  # runtime imports ray only in
 from .storage import DONE_NAME, RunDir, read_uri, shard_name
 
 log = logging.getLogger(__name__)
-ERRORS_DIR = f"{schema.EMBEDDINGS_DIR}/errors"
+ERRORS_DIR = schema.EMBED_ERRORS_DIR
 
 
 CPU_ACTOR_CPUS = 4  # CPUs per CPU actor: few, wide actors keep every core busy to the last manifest shard
@@ -226,14 +226,14 @@ def commit_shard(
 
 # --- incremental runs (enrich_dist/incremental.py) -------------------------------------------------
 # An incremental run copies the vectors of unchanged images from its previous run. Shards that mix
-# copied and new rows get embeddings/reused/part-NNNNN.parquet: those rows are not embedded again
+# copied and new rows get embeddings_meta/reused/part-NNNNN.parquet: those rows are not embedded again
 # (pending_shards) and are merged into the committed shard, in image_id order (commit_shard).
-REUSED_DIR = f"{schema.EMBEDDINGS_DIR}/reused"
+REUSED_DIR = schema.EMBED_REUSED_DIR
 
 
 def reused_rows(run: RunDir, shard: int) -> pa.Table | None:
     """The rows of ``shard`` an incremental run copied from its previous run, or None."""
-    rel = f"{REUSED_DIR}/{shard_name(shard)}"
+    rel = f"{schema.located(run, REUSED_DIR)}/{shard_name(shard)}"
     return run.read_table(rel) if run.exists(rel) else None
 
 
@@ -371,7 +371,7 @@ def _embedder_identity(cfg: EmbedConfig) -> dict:
 
 def _claim(run: RunDir, cfg: EmbedConfig) -> None:
     """Record which embedder fills this run dir; refuse to mix embedders' shards in one run."""
-    ident, rel = _embedder_identity(cfg), f"{schema.EMBEDDINGS_DIR}/embedder.json"
+    ident, rel = _embedder_identity(cfg), schema.located(run, schema.EMBEDDER_IDENTITY)
     held = run.read_json(rel) if run.exists(rel) else None
     if held == ident:
         return
@@ -406,7 +406,8 @@ def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
     else:
         stats.update(_embed_with_actors(run, cfg, start))
     emb = run.read_table(schema.EMBEDDINGS_DIR, columns=["image_id"])
-    errors = run.read_table(ERRORS_DIR).num_rows if run.shards(ERRORS_DIR) else 0
+    errors_dir = schema.located(run, ERRORS_DIR)
+    errors = run.read_table(errors_dir).num_rows if run.shards(errors_dir) else 0
     stats.update(n_embedded=emb.num_rows, n_errors=errors, seconds=round(time.monotonic() - start, 3))
     if len(run.shards(schema.EMBEDDINGS_DIR)) != n_shards:
         raise RuntimeError(f"embed: only {len(run.shards(schema.EMBEDDINGS_DIR))} of {n_shards} shards committed")

@@ -2,7 +2,7 @@
 
 The nightly use case: ``enrich run --input SRC --output NEW --previous-run OLD [--labelled FILE]``.
 
-* Every manifest stage records each file's fingerprint in ``manifest/files.parquet`` (:data:`FILES`):
+* Every manifest stage records each file's fingerprint in ``manifest_files/files.parquet`` (:data:`FILES`):
   size and ``mtime_ns`` for local files, size and ETag (or the store's version tag) on object stores.
 * An image (``uri``, ``frame``) is **unchanged** when its file's fingerprint equals the previous run's.
   Unchanged images that the previous run embedded are **reused**; **changed** files (same uri, other
@@ -11,7 +11,7 @@ The nightly use case: ``enrich run --input SRC --output NEW --previous-run OLD [
 * The previous run's encoder is copied (``encoder/_SUCCESS`` records ``reused_from``), so the
   embeddings stay comparable; with ``retrain_encoder`` a new encoder is trained and nothing is reused.
 * The reused vectors are copied byte for byte: whole embedding shards are written here, shards that
-  mix reused and fresh rows get ``embeddings/reused/part-NNNNN.parquet`` and the embed stage embeds
+  mix reused and fresh rows get ``embeddings_meta/reused/part-NNNNN.parquet`` and the embed stage embeds
   only their other rows (see the hook in ``embed.py``).
 * Selection ranks only the new, changed and retried images, seeded with the already-labelled images:
   ``incremental/scope.parquet`` restricts the select stage's images (``selection/inputs.py``) and
@@ -45,7 +45,7 @@ from .storage import DONE_NAME, RunDir, filesystem, split_uri, with_retries
 
 log = logging.getLogger(__name__)
 
-FILES_PATH = f"{schema.MANIFEST_DIR}/files.parquet"
+FILES_PATH = schema.MANIFEST_FILES
 FILES = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string())])
 INCREMENTAL_DIR = "incremental"
 LATEST = "latest"  # --previous-run latest: the newest finished sibling run dir (see resolve_previous)
@@ -127,7 +127,7 @@ def fingerprint_files(uris: list[str], storage_options: dict | None = None) -> p
 
 
 def _fingerprints(run: RunDir) -> dict[str, tuple]:
-    table = run.read_table(FILES_PATH)
+    table = run.read_table(schema.located(run, FILES_PATH))
     return {
         u: (s, m, e)
         for u, s, m, e in zip(*(table[c].to_pylist() for c in FILES.names), strict=True)
@@ -175,7 +175,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
     if not prev.is_done(schema.MANIFEST_DIR):
         what = "does not exist" if not prev.exists("") else "has no completed manifest stage"
         raise FileNotFoundError(f"--previous-run {prev.uri} {what}: point it at a finished run dir, {fresh}")
-    if not prev.exists(FILES_PATH):
+    if not prev.exists(schema.located(prev, FILES_PATH)):
         raise ValueError(
             f"--previous-run {prev.uri} has no file fingerprints ({FILES_PATH}; it was made before incremental "
             "runs existed): make one fresh `enrich run` and use that as the previous run"
@@ -201,7 +201,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
                 f"--previous-run {prev.uri} has no completed {stage!r} stage: finish it with "
                 f"`enrich {command} --output {prev.uri}`, or pass --retrain-encoder to embed everything fresh"
             )
-    ident_path = f"{schema.EMBEDDINGS_DIR}/embedder.json"
+    ident_path = schema.located(prev, schema.EMBEDDER_IDENTITY)
     held = prev.read_json(ident_path) if prev.exists(ident_path) else {"embedder": "vae"}
     held = {k: v for k, v in held.items() if k in ("embedder", "pixel_size")}
     if held != _embedder_identity(cfg):
@@ -297,7 +297,7 @@ def _shard_of_ids(run: RunDir) -> tuple[dict[int, int], dict[int, int]]:
 
 
 def copy_embeddings(run: RunDir, prev: RunDir, images: pa.Table) -> dict:
-    """Write the reused vectors: whole shards where every ok row is reused, else ``embeddings/reused/``."""
+    """Write the reused vectors: whole shards where every ok row is reused, else ``embeddings_meta/reused/``."""
     reused = images.filter(pc.equal(images["state"], "reused"))
     new_of_old = dict(zip(reused["previous_image_id"].to_pylist(), reused["image_id"].to_pylist(), strict=True))
     shard_of, ok_rows = _shard_of_ids(run)
@@ -467,7 +467,9 @@ def resolve_previous(run: RunDir, value: str) -> str | None:
         uri = os.path.join(parent, name) if protocol == "file" else f"{protocol}://{parent}/{name}"
         candidate = RunDir(uri, run.storage_options)
         finished = candidate.is_done(schema.SELECTION_DIR) or candidate.is_done(INCREMENTAL_DIR)
-        if finished and candidate.is_done(schema.EMBEDDINGS_DIR) and candidate.exists(FILES_PATH):
+        if finished and candidate.is_done(schema.EMBEDDINGS_DIR) and candidate.exists(
+            schema.located(candidate, FILES_PATH)
+        ):
             return candidate.uri
     return None
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import schema
 from .schema import (
     EMBEDDINGS_DIR,
     ENCODER_DIR,
@@ -29,7 +30,7 @@ from .schema import (
 )
 from .storage import RunDir
 
-EMBED_ERRORS_DIR = posixpath.join(EMBEDDINGS_DIR, "errors")
+EMBED_ERRORS_DIR = schema.EMBED_ERRORS_DIR
 RANKINGS = ("selection/ranking.parquet", "selection/random_ranking.parquet")
 NORM_TOLERANCE = 1e-3  # |norm - 1| above this is a non-normalised embedding
 # the command that rebuilds each stage's artifacts, and the folder to delete first
@@ -154,7 +155,7 @@ def check_embed(run: RunDir) -> tuple[dict, list[str]]:
         not_unit += int(np.count_nonzero(np.abs(np.linalg.norm(x[finite], axis=1) - 1.0) > NORM_TOLERANCE))
         rows += len(column)
     ids = np.sort(_ids_of(run, EMBEDDINGS_DIR))
-    failed = np.sort(_ids_of(run, EMBED_ERRORS_DIR))
+    failed = np.sort(_ids_of(run, schema.located(run, EMBED_ERRORS_DIR)))
     ok_ids = _manifest_ok_ids(run)
     problems = []
     dup = _duplicates(ids)

@@ -10,6 +10,27 @@ EMBEDDINGS_DIR = "embeddings"
 SIMILARITY_DIR = "similarity"
 NEIGHBORS_DIR = "similarity/neighbors"
 EDGES_DIR = "similarity/edges"
+# side files live beside their stage folder, so that a stage folder holds only its Parquet shards
+# (and _SUCCESS): pandas.read_parquet, pyarrow.dataset and ray.data.read_parquet read it whole
+MANIFEST_FILES = "manifest_files/files.parquet"
+EMBEDDER_IDENTITY = "embeddings_meta/embedder.json"
+EMBED_ERRORS_DIR = "embeddings_errors"
+EMBED_REUSED_DIR = "embeddings_meta/reused"
+# where run dirs of format 1 (before 2026-12-03) kept them
+FORMAT_1_PATHS = {
+    MANIFEST_FILES: "manifest/files.parquet",
+    EMBEDDER_IDENTITY: "embeddings/embedder.json",
+    EMBED_ERRORS_DIR: "embeddings/errors",
+    EMBED_REUSED_DIR: "embeddings/reused",
+}
+
+
+def located(run, rel: str) -> str:
+    """``rel`` in ``run``, or where a format-1 run dir kept it when only that exists (reading old runs)."""
+    old = FORMAT_1_PATHS.get(rel)
+    if old is not None and not run.exists(rel) and run.exists(old):
+        return old
+    return rel
 SELECTION_DIR = "selection"
 EVALUATION_DIR = "evaluation"
 REPORT_DIR = "report"

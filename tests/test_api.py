@@ -42,6 +42,10 @@ def test_readme_example_runs_and_tables_join_the_manifest(ray_local, tmp_path, m
     neighbours = r.neighbours()
     assert len(neighbours) == len(manifest) and "nn_ids" in neighbours
     assert r.dataset("edges").count() == summary["edges"]["pairs"]
+    import pandas as pd  # a stage folder reads whole: no side file among its shards
+
+    assert pd.read_parquet("runs/api/run/manifest").shape == r.manifest().shape
+    assert len(pd.read_parquet("runs/api/run/embeddings")) == r.dataset("embeddings").count()
     with pytest.raises(ValueError, match="dataset must be one of"):
         r.dataset("ranking")
     with pytest.raises(FileNotFoundError, match="--duplicate-thresholds"):
@@ -50,3 +54,27 @@ def test_readme_example_runs_and_tables_join_the_manifest(ray_local, tmp_path, m
         r.ranking(replicate=7)
     with pytest.raises(ValueError, match="unknown config key"):
         enrich_dist.run("x", "y", selct={"mode": "exact"})
+
+
+def test_stage_folders_read_whole_and_format_1_side_files_are_found(tmp_path) -> None:
+    """A stage folder holds only its shards; side files of format-1 run dirs are still found where they were."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from enrich_dist import schema
+    from enrich_dist.storage import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    table = pa.table({"image_id": pa.array([1, 2], pa.int64())})
+    run.write_table(f"{schema.MANIFEST_DIR}/part-00000.parquet", table)
+    run.write_table(schema.MANIFEST_FILES, pa.table({"uri": ["a", "b", "c"]}))
+    run.mark_done(schema.MANIFEST_DIR, {})
+    assert list(pd.read_parquet(run.path(schema.MANIFEST_DIR)).columns) == ["image_id"]
+    assert schema.located(run, schema.MANIFEST_FILES) == schema.MANIFEST_FILES
+
+    old = RunDir(str(tmp_path / "old"))
+    old.write_table("manifest/files.parquet", pa.table({"uri": ["a"]}))
+    old.write_json("embeddings/embedder.json", {"embedder": "vae"})
+    assert schema.located(old, schema.MANIFEST_FILES) == "manifest/files.parquet"
+    assert schema.located(old, schema.EMBEDDER_IDENTITY) == "embeddings/embedder.json"
+    assert schema.located(old, schema.EMBED_ERRORS_DIR) == schema.EMBED_ERRORS_DIR  # in neither place

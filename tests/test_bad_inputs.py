@@ -244,7 +244,7 @@ def test_constant_images_are_left_out_as_zero_norm(ray_local, tmp_path):
     cfg = pixel_config(root, tmp_path / "run")
     run_stages(cfg, ("manifest", "train-encoder", "embed", "similarity"))
     run = RunDir(cfg.output)
-    errors = run.read_table("embeddings/errors").to_pylist()
+    errors = run.read_table("embeddings_errors").to_pylist()
     assert sorted(r["uri"].rsplit("/", 1)[1] for r in errors) == ["flat0.png", "flat255.png"]
     assert {r["error"] for r in errors} == {"zero-norm embedding"}
     assert run.read_json("similarity/summary.json")["n_images"] == 4

@@ -258,7 +258,7 @@ def test_retrain_encoder_reuses_nothing(grown, tmp_path):
     stats = out.read_json("incremental/_SUCCESS")
     assert stats["encoder"] == "retrained: nothing reused" and stats["n_reused_embeddings"] == 0
     assert stats["n_reused"] == 0 and stats["n_unchanged"] == N_OLD - 2
-    assert "reused_from" not in out.read_json("encoder/_SUCCESS") and not out.exists("embeddings/reused")
+    assert "reused_from" not in out.read_json("encoder/_SUCCESS") and not out.exists("embeddings_meta/reused")
     # the tampered previous vectors are not in this run: every image was embedded with the new encoder
     assert out.read_bytes("encoder/contrastive.pt") != old.read_bytes("encoder/contrastive.pt")
     assert out.read_table(schema.EMBEDDINGS_DIR).num_rows == N_OLD + N_ADDED - 1

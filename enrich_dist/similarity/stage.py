@@ -234,7 +234,7 @@ def _check_embeddings(x: np.ndarray, ids: np.ndarray) -> None:
             f"embeddings must be finite and L2-normalised: {int(bad.sum())} rows are not (image ids "
             f"{ids[bad][:5].tolist()}, norms {np.round(norms[bad][:5], 4).tolist()}"
             + (f"; {int(zero.sum())} are zero vectors, which have no direction" if zero.any() else "")
-            + "); rerun `enrich embed`, which drops zero and non-finite embeddings into embeddings/errors/"
+            + "); rerun `enrich embed`, which drops zero and non-finite embeddings into embeddings_errors/"
         )
 
 
