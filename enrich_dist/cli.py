@@ -153,7 +153,7 @@ def _similarity_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-threshold", help="keep every pair above this in similarity/edges/ (default 0.9; none: off)")
     p.add_argument("--max-edge-pairs", help="most pairs similarity/edges/ may hold before the stage fails (default 50000000)")
     p.add_argument("--duplicate-thresholds", help="near-duplicate groups and removal lists in duplicates/t=…/, "
-                   "each >= --edge-threshold (default 0.9)")
+                   "each >= --edge-threshold (default 0.9,0.98)")
     p.add_argument("--keep", choices=["lowest_id", "central"],
                    help="removal list: which near-duplicate to keep first (default lowest_id; central: most near-duplicates)")
 

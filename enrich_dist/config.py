@@ -165,7 +165,7 @@ class SimilarityConfig:
     seed: int = 0
     edge_threshold: float | None = 0.9
     max_edges: int = 50_000_000
-    duplicate_thresholds: tuple[float, ...] = (0.9,)
+    duplicate_thresholds: tuple[float, ...] = (0.9, 0.98)
     keep: str = "lowest_id"
 
 

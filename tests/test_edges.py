@@ -220,7 +220,7 @@ def test_run_similarity_writes_duplicates_and_leakage(ray_local, run_dir) -> Non
     split = ["test" if i % 4 == 0 else "train" for i in ids]
     patient = [f"p{i % 3}" if i % 5 else None for i in ids]
     want = []
-    for i, j in sorted(oracle_edges(x, 0.7)):
+    for i, j in sorted(oracle_edges(x, 0.9)):
         why = [w for w, c in (("split", split), ("patient", patient)) if c[i] and c[j] and c[i] != c[j]]
         if why:
             want.append((i, j, ",".join(why)))

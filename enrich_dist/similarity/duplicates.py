@@ -11,7 +11,7 @@ value behind the stage's threshold counts) is strictly above t. For each t:
   is dropped, naming the kept image that blocked it. So every dropped image has a kept image above
   t, and no two kept images are above t. ``keep`` is ``lowest_id`` or ``central`` (most
   near-duplicates first, ties to the lower id).
-- ``leakage`` (lowest t): near-duplicate pairs whose images lie in different splits, or belong to
+- ``leakage`` (highest t): near-duplicate pairs whose images lie in different splits, or belong to
   different patients, when the manifest says so.
 """
 
@@ -184,7 +184,8 @@ def write_duplicates(
             t, out["thresholds"][f"{t:g}"]["groups"], out["thresholds"][f"{t:g}"]["largest_groups"][:3],
             int(drop.sum()), n,
         )
-    out["leakage"] = _write_leakage(run, ids, a, b, sims, min(float(t) for t in thresholds)) if thresholds else None
+    # leakage at the strictest threshold: the pairs most surely the same image, the fewest false alarms
+    out["leakage"] = _write_leakage(run, ids, a, b, sims, max(float(t) for t in thresholds)) if thresholds else None
     return out
 
 
