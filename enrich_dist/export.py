@@ -30,6 +30,7 @@ log = logging.getLogger("enrich_dist.export")
 
 FORMATS = ("csv", "parquet", "labelstudio", "links")
 RANKING = "selection/ranking.parquet"
+NEXT_TO_LABEL = "export/next_to_label.csv"
 BROWSER_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -46,10 +47,17 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-def ranking_prefix(run: RunDir, n: int | None, budget: float | None, replicate: int) -> pa.Table:
-    """The first ``n`` images (or ``budget`` of them, a fraction) of replicate ``replicate``'s ranking, joined with the manifest."""
+def ranking_prefix(
+    run: RunDir, n: int | None, budget: float | None, replicate: int, seeds: bool = True
+) -> pa.Table:
+    """The first ``n`` images (or ``budget`` of them, a fraction) of replicate ``replicate``'s ranking, joined with the manifest.
+
+    ``seeds`` False leaves the seed images (already labelled ones, with ``--seed-ids``) out first.
+    """
     run.require("selection", "select")
-    ranking = run.read_table(RANKING, columns=["replicate", "rank", "image_id", "score"])
+    ranking = run.read_table(RANKING, columns=["replicate", "rank", "image_id", "is_seed", "score"])
+    if not seeds:
+        ranking = ranking.filter(pc.invert(ranking.column("is_seed")))
     replicates = sorted(set(ranking.column("replicate").to_pylist()))
     if replicate not in replicates:
         raise ValueError(f"--replicate {replicate}: {run.uri_of(RANKING)} holds replicates {replicates}")
@@ -61,12 +69,22 @@ def ranking_prefix(run: RunDir, n: int | None, budget: float | None, replicate: 
         if not 0 < budget <= 1:
             raise ValueError(f"--budget {budget}: a fraction in (0, 1]; use --n for a count")
         n = max(1, round(budget * total))
-    if n < 1:
+    if n < 0 or (n == 0 and seeds):
         raise ValueError(f"--n {n}: at least 1")
     prefix = ranking.slice(0, min(n, total))
     manifest = run.read_table(MANIFEST_DIR, columns=["image_id", "uri", "frame", "patient_id", "clip_id"])
     joined = prefix.join(manifest, "image_id", join_type="left outer").sort_by("rank")
     return joined.select(["rank", "image_id", "uri", "frame", "patient_id", "clip_id", "score"])
+
+
+def write_next_to_label(run: RunDir) -> dict:
+    """``export/next_to_label.csv``: an incremental run's ranked images that are not yet labelled, in ranking order."""
+    table = ranking_prefix(run, len(run.read_table(RANKING, columns=["rank"])), None, 0, seeds=False)
+    tmp = pa.BufferOutputStream()
+    pacsv.write_csv(table, tmp)
+    run.write_bytes(NEXT_TO_LABEL, tmp.getvalue().to_pybytes())
+    log.info("export: %d images to label next, in ranking order, in %s", table.num_rows, run.uri_of(NEXT_TO_LABEL))
+    return {"rows": table.num_rows, "path": NEXT_TO_LABEL}
 
 
 def _needs_render(uri: str, frame) -> bool:

@@ -224,4 +224,8 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
                 _record(run, cfg, name, {**entry, "invariants": invariants})
                 log.info("stage %s: finished in %.1fs", name, seconds)
             results[name] = stats
+            if name == "select" and cfg.incremental.previous_run:  # nightly runs: what to send to annotators
+                from .export import write_next_to_label
+
+                results["export"] = write_next_to_label(run)
     return results

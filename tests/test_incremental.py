@@ -215,6 +215,13 @@ def test_labelled_file_of_uris_seeds_the_ranking(grown, tmp_path):
     ranking = out.read_table("selection/ranking.parquet").filter(pc.equal(pc.field("replicate"), 0)).sort_by("rank")
     assert ranking["image_id"].to_pylist()[:2] == [uri_new[chosen[0]], uri_new[chosen[1]]]
     assert ranking.num_rows == 2 + N_ADDED + 1
+    # the nightly export: the ranked images not yet labelled, in ranking order, with their uris
+    import pyarrow.csv as pacsv
+
+    nxt = pacsv.read_csv(out.path("export/next_to_label.csv"))
+    assert nxt.column("image_id").to_pylist() == ranking["image_id"].to_pylist()[2:]
+    by_id = {v: k for k, v in uri_new.items()}
+    assert nxt.column("uri").to_pylist() == [by_id[i] for i in ranking["image_id"].to_pylist()[2:]]
 
 
 def test_bad_inputs_name_the_run_dir_and_the_fix(grown, tmp_path, caplog):
