@@ -3,7 +3,7 @@
 The export is a prefix of one ranking (``selection/ranking.parquet``, replicate ``replicate``; with
 ``--seed-ids`` every replicate holds the same ranking) joined with the manifest: ``rank``,
 ``image_id``, ``uri``, ``frame``, ``patient_id``, ``clip_id``, ``score``. A uri alone names the wrong
-image for a frame of a cine or volume, and browsers do not show DICOM, NIfTI or NPY files, so the
+image for a frame of a DICOM cine or NIfTI volume, and browsers do not show such files (or NPY), so the
 ``labelstudio`` and ``links`` formats render such images to PNG beside their output (``images/``).
 Object-store uris can be presigned (``presign`` seconds) and then carry a ``url`` column.
 """
@@ -87,8 +87,9 @@ def write_next_to_label(run: RunDir) -> dict:
     return {"rows": table.num_rows, "path": NEXT_TO_LABEL}
 
 
-def _needs_render(uri: str, frame) -> bool:
-    return frame is not None or not uri.lower().endswith(BROWSER_TYPES)
+def _needs_render(uri: str) -> bool:
+    """Files a browser cannot show, and every frame of a multi-frame one (DICOM, NIfTI; raster files hold one image)."""
+    return not uri.lower().endswith(BROWSER_TYPES)
 
 
 def _render(uri: str, frame, path: str, storage_options: dict | None, nifti_axis: int) -> None:
@@ -152,7 +153,7 @@ def _write_folder(run: RunDir, table: pa.Table, to: str, fmt: str, storage_optio
     for row in table.to_pylist():
         uri, frame = row["uri"], row["frame"]
         local = split_uri(uri)[0] == "file"
-        render = _needs_render(uri, frame)
+        render = _needs_render(uri)
         ext = ".png" if render else os.path.splitext(uri)[1].lower()
         if fmt == "links":
             target = os.path.join(to, f"{row['rank']:06d}_{row['image_id']}{ext}")
