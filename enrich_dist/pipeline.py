@@ -151,6 +151,8 @@ def check_compatible(run: RunDir, cfg: RunConfig, stages: Sequence[str]) -> None
         if stage not in STAGE_DIRS or held is None or not run.is_done(STAGE_DIRS[stage]):
             continue
         wanted = _stage_settings(cfg, stage)
+        # a setting added after the stage ran counts as its default there (it did not exist, so it was off/default)
+        held = {**{k: v for k, v in _stage_settings(RunConfig(), stage).items() if k not in held}, **held}
         diff = {k: (held.get(k), wanted.get(k)) for k in sorted(set(held) | set(wanted)) if held.get(k) != wanted.get(k)}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())

@@ -69,6 +69,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
+        # a local Ray reports no usage statistics unless the user asks for it (RAY_USAGE_STATS_ENABLED=1)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     _quiet_ray_data()
     try:

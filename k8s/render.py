@@ -106,6 +106,10 @@ def container_security(values: dict) -> dict:
     }
 
 
+# Ray reports usage statistics unless told not to; every pod that runs Ray or `ray job submit` is told
+NO_USAGE_STATS = ({"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},)
+
+
 def storage_env(values: dict) -> list[dict]:
     """S3 settings as plain env, credentials from the Secret (never on a command line or in a runtime_env)."""
     s3 = values["s3"]
@@ -114,6 +118,7 @@ def storage_env(values: dict) -> list[dict]:
         {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
         {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"},
         {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        *NO_USAGE_STATS,
     ]
     if s3["endpoint"]:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3["endpoint"]})
@@ -166,6 +171,7 @@ def submitter_pod(values: dict, profile: str) -> dict:
         "name": "ray-job-submitter",
         "image": image(values, profile),
         "imagePullPolicy": values["image"]["pullPolicy"],
+        "env": list(NO_USAGE_STATS),
         "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
         "securityContext": container_security(values),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -190,6 +196,7 @@ def rayjob_spec(values: dict, profile: str) -> dict:
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": sched["ttlSecondsAfterFinished"],
         "activeDeadlineSeconds": sched["activeDeadlineSeconds"],
+        "preRunningDeadlineSeconds": sched["preRunningDeadlineSeconds"],
         "backoffLimit": sched["backoffLimit"],
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": submitter_pod(values, profile),

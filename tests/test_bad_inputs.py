@@ -321,3 +321,15 @@ def test_completed_stage_with_other_settings_is_refused(manifest_run):
     assert "Start fresh with a new --output folder" in str(err.value)
     assert run.read_bytes("manifest/part-00000.parquet") == before and run.is_done(schema.MANIFEST_DIR)
     assert json.loads(run.read_bytes("run.json"))["stages"]["manifest"]["settings"]["nifti_axis"] == 2
+
+
+def test_settings_added_after_a_stage_ran_count_as_their_defaults(manifest_run):
+    """A run dir from before a setting existed stays usable at that setting's default, and only there."""
+    cfg, run = manifest_run
+    state = run.read_json("run.json")
+    del state["stages"]["manifest"]["settings"]["nifti_axis"]  # as if the setting did not exist yet
+    run.write_json("run.json", state)
+    run_stages(cfg, ("manifest",))  # the default (2) is what the old stage did
+    cfg.manifest.nifti_axis = 0
+    with pytest.raises(ValueError, match=r"other manifest settings \(nifti_axis: 2 -> 0\)"):
+        run_stages(cfg, ("manifest",))

@@ -226,6 +226,17 @@ def test_run_lifecycle_and_credentials(rel):
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}, where
     assert "AWS_" not in spec["entrypoint"] and "secret" not in spec["entrypoint"].lower()
+    # a GPU pod that cannot be scheduled fails the run long before the 20 h deadline
+    assert 0 < spec["preRunningDeadlineSeconds"] <= 3600
+    for where, pod in _pod_specs(doc):  # nothing reports usage statistics home
+        for c in pod["containers"]:
+            assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in c.get("env", []), (rel, where, c["name"])
+
+
+def test_job_runtime_env_reports_no_usage_statistics():
+    """Jobs sent with `ray job submit` carry the setting too (a local ray.init already sets it to 0 itself)."""
+    env = yaml.safe_load((K8S.parent / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
 def test_pods_run_as_non_root_with_read_only_root():
