@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .config import RunConfig, load_config, parse_list, parse_size
 from .pipeline import STAGES, run_stages
 from .storage import join_uri
@@ -80,6 +81,7 @@ _OVERRIDES = {
     "seconds_per_image": ("evaluate", "seconds_per_image", float),
     "gpu_fraction": ("evaluate", "gpu_fraction", float),
     "alpha": ("evaluate", "alpha", float),
+    "report_images": ("report", "images", str),
     "previous_run": ("incremental", "previous_run", str),
     "labelled": ("incremental", "labelled", str),
     "retrain_encoder": ("incremental", "retrain_encoder", bool),
@@ -200,6 +202,7 @@ def _evaluate_opts(p: argparse.ArgumentParser, full: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``enrich`` command."""
     parser = argparse.ArgumentParser(prog="enrich", description="ENRICH redundancy analysis for image archives")
+    parser.add_argument("--version", action="version", version=f"enrich {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="make a synthetic echo archive in RUN/archive, then run every stage")
     demo.add_argument("--images", type=int, default=3000, help="synthetic images (default 3000)")
@@ -263,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         _similarity_opts(p)
     for p in (demo, run, sel):
         _select_opts(p)
+    for p in (demo, run, rep):
+        p.add_argument("--report-images", choices=["thumbnails", "none"],
+                       help="thumbnails (default): archive images and their uris in the report; none: no image, "
+                       "no path (a report to share)")
     return parser
 
 

@@ -247,6 +247,13 @@ class IncrementalConfig:
 
 
 @dataclass
+class ReportConfig:
+    """``images`` "thumbnails" shows archive images and their uris; "none" leaves every pixel and path out (to share)."""
+
+    images: str = "thumbnails"
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; stored (without secrets) in ``run.json``."""
 
@@ -261,6 +268,7 @@ class RunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

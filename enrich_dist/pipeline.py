@@ -88,7 +88,7 @@ def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callab
     if name == "report":
         from .report import run_report
 
-        return run_report
+        return lambda run: run_report(run, images=cfg.report.images)
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 

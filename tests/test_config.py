@@ -55,3 +55,12 @@ def test_config_unknown_keys_named(tmp_path):
     bad.write_text("encodr: {}\n")
     with pytest.raises(ValueError, match="encodr"):
         load_config(str(bad))
+
+
+def test_version(capsys):
+    from enrich_dist import __version__
+    from enrich_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"enrich {__version__}"

@@ -349,3 +349,19 @@ def test_near_duplicates_in_the_report(tmp_path: Path) -> None:
     assert "Leakage: no near-duplicate pair" in clean and "Warning" not in clean
     assert "Leakage: not checked" in text({**base, "duplicates": {**dups, "leakage": None}})
     assert "Near-duplicate groups: not computed" in text(base)
+
+
+def test_report_without_images_or_paths(full_run: tuple[RunDir, list[str]]) -> None:
+    """--report-images none: no archive image and no uri or path anywhere in the HTML; charts stay."""
+    run, uris = full_run
+    stats = run_report(run, images="none")
+    page = _page(run)
+    assert stats["thumbnails"] == 0 and not any(n in stats["figures"] for n in ("views.png", "reconstructions.png"))
+    files, data = _check_images(page, Path(run.uri) / "report")
+    assert files == 0 and data == len(stats["figures"]) > 0  # only the charts
+    for uri in uris:
+        assert uri not in page and html.escape(uri) not in page
+    assert run.uri not in page and "s3://" not in page and str(Path(run.uri).parent) not in page
+    assert "--report-images none" in page
+    with pytest.raises(ValueError, match="--report-images must be one of"):
+        run_report(run, images="blurred")

@@ -55,6 +55,8 @@ def galleries(
     """Most redundant groups (image + top neighbours) and the most unique images, as thumbnails."""
     if not have_neighbors:
         return [out.absent("nearest neighbours (similarity/neighbors/part-*.parquet)", "enrich similarity")]
+    if out.private:
+        return [note("Galleries left out: this report was made with --report-images none (no image, no path).")]
     thumbs = thumbnails(out, gallery_ids(groups, unique), manifest)
     images = manifest.images if manifest else {}
 

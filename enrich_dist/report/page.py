@@ -20,6 +20,12 @@ class ReportPage:
     missing: list[str] = field(default_factory=list)
     thumbnails: int = 0
     thumbnail_errors: int = 0
+    images: str = "thumbnails"
+
+    @property
+    def private(self) -> bool:
+        """No archive image, uri or path on the page (``--report-images none``)."""
+        return self.images == "none"
 
     def add_figure(self, name: str, png: bytes) -> str:
         """Save a PNG beside index.html (for reuse) and return it as a data URI for the page itself."""

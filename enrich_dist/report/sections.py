@@ -21,7 +21,8 @@ METHOD_ORDER = ("enrich", "random")
 def header(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
     """Run URI, date and the archive's size."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [note(join(["Run ", tag("code", out.run.uri), f" - report generated {now}"]))]
+    where = "(path left out)" if out.private else tag("code", out.run.uri)
+    parts = [note(join(["Run ", where, f" - report generated {now}"]))]
     if manifest is None:
         return [*parts, out.absent("manifest (manifest/part-*.parquet)", "enrich manifest")]
     labels = ", ".join(f"{k}: {fmt_int(v)}" for k, v in manifest.labels.most_common()) or "-"
@@ -33,7 +34,7 @@ def header(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
         ("labels (ok images)", labels),
     ]
     parts.append(table(["archive", ""], rows, align="ll"))
-    if manifest.errors:
+    if manifest.errors and not out.private:
         shown = f"first {len(manifest.errors)} of {fmt_int(manifest.n_error)}"
         parts.append(note(f"Images that could not be read ({shown}):"))
         parts.append(table(["uri", "error"], [(e.get("uri"), e.get("error")) for e in manifest.errors], "ll"))
@@ -303,7 +304,7 @@ def encoder(out: ReportPage) -> list[Markup]:
     train = read_json(out.run, TRAIN_JSON)
     contrastive = (train or {}).get("model") == "contrastive"
     picture, name = (VIEWS, "views.png") if contrastive else (RECONSTRUCTIONS, "reconstructions.png")
-    has_picture = out.run.exists(picture)
+    has_picture = out.run.exists(picture) and not out.private
     if train is None and not has_picture:
         return [out.absent("encoder training log (encoder/train.json)", "enrich train-encoder")]
     parts: list[Markup] = []
@@ -335,6 +336,8 @@ def encoder(out: ReportPage) -> list[Markup]:
             contrastive
         ) else "Inputs and their reconstructions."
         parts.append(figure(src, "encoder " + name.split(".")[0], caption))
+    elif out.private:
+        parts.append(note(f"encoder/{name} left out (--report-images none): it shows archive images."))
     else:
         parts.append(note(f"encoder/{name} not found."))
     return parts
@@ -403,14 +406,17 @@ def config(out: ReportPage, run_info: dict | None) -> list[Markup]:
                 s.get("started", "-"),
                 s.get("ended", "-"),
                 f"{s['seconds']:,.1f}" if isinstance(s.get("seconds"), (int, float)) else "-",
-                json.dumps(s.get("stats") or {}, default=str),
+                "(left out: may hold paths)" if out.private else json.dumps(s.get("stats") or {}, default=str),
             )
             for name, s in stages.items()
         ]
         parts.append(table(["stage", "started", "ended", "seconds", "stats"], rows, align="lllrl"))
     else:
         parts.append(note("No stage timings recorded."))
-    parts += [tag("h3", "Config"), table(["setting", "value"], flatten(run_info.get("config") or {}), "ll")]
+    settings = flatten(run_info.get("config") or {})
+    if out.private:  # paths and uris (input, output, seed ids, ...) stay out of a shared report
+        settings = [(k, "(path left out)" if ("/" in v or "\\" in v) else v) for k, v in settings]
+    parts += [tag("h3", "Config"), table(["setting", "value"], settings, "ll")]
     versions = run_info.get("versions") or {}
     if versions:
         parts += [tag("h3", "Versions"), table(["package", "version"], flatten(versions), "ll")]

@@ -30,10 +30,18 @@ logger = logging.getLogger("enrich_dist.report")
 INDEX = posixpath.join(REPORT_DIR, "index.html")
 
 
-def run_report(run: RunDir) -> dict:
-    """Write ``report/index.html`` (figures embedded, PNG copies beside it) from whatever artifacts exist."""
+REPORT_IMAGES = ("thumbnails", "none")
+
+
+def run_report(run: RunDir, images: str = "thumbnails") -> dict:
+    """Write ``report/index.html`` (figures embedded, PNG copies beside it) from whatever artifacts exist.
+
+    ``images`` "none" leaves out every archive image (galleries, encoder pictures) and every uri or path.
+    """
+    if images not in REPORT_IMAGES:
+        raise ValueError(f"--report-images must be one of {', '.join(REPORT_IMAGES)}, got {images!r}")
     start = time.perf_counter()
-    out = ReportPage(run)
+    out = ReportPage(run, images=images)
     run_info = read_json(run, "run.json")
     top, unique = load_neighbors(run)
     groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
@@ -49,7 +57,7 @@ def run_report(run: RunDir) -> dict:
         ("config", "Config and timings", sections.config(out, run_info)),
     ]
     doc = page(
-        f"ENRICH report: {posixpath.basename(run.uri.rstrip('/'))}",
+        "ENRICH report" if out.private else f"ENRICH report: {posixpath.basename(run.uri.rstrip('/'))}",
         header,
         [(anchor, title, section(anchor, title, body)) for anchor, title, body in parts],
     )
