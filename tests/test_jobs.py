@@ -180,7 +180,7 @@ def test_submit_helper_forwards_settings_never_credentials():
     env = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
     assert env["env_vars"] == {
         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1", "RAY_USAGE_STATS_ENABLED": "0",
     }
     assert "do-not-ship" not in " ".join(cmd) and "AKIAEXAMPLE" not in " ".join(cmd)
     assert cmd[cmd.index("--") + 1 :] == [
