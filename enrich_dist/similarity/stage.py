@@ -22,7 +22,7 @@ from ..runtime import cluster_resources
 from ..schema import EDGES_DIR, EMBEDDINGS_DIR, NEIGHBORS_DIR, SIMILARITY_DIR, neighbors_schema
 from ..storage import DONE_NAME, RunDir, shard_name
 from . import approx, kernel
-from .duplicates import KEEP_POLICIES, write_duplicates
+from .duplicates import DUPLICATES_DIR, KEEP_POLICIES, write_duplicates
 from .plan import (
     Tile,
     choose_block,
@@ -510,6 +510,7 @@ def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
     _write_shards(run, NEIGHBORS_DIR, table, SHARD_ROWS)
     _write_shards(run, EDGES_DIR, edge_table, EDGE_SHARD_ROWS)
     summary["duplicates"] = None
+    run.remove(DUPLICATES_DIR)  # a rerun without duplicates leaves none of an earlier run's behind
     if cfg.edge_threshold is not None and cfg.duplicate_thresholds:
         sorted_ids = table.column("image_id").to_numpy()
         summary["duplicates"] = write_duplicates(
