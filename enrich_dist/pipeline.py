@@ -135,6 +135,33 @@ def _read_state(run: RunDir) -> dict | None:
     return state
 
 
+# what each stage reads: the stage that must be complete (or run before it in the same command)
+_NEEDS = {"train-encoder": ("manifest",), "embed": ("manifest",), "similarity": ("embed",), "select": ("embed",),
+          "evaluate": ("select",)}
+
+
+def preflight(run: RunDir, cfg: RunConfig, stages: Sequence[str], storage_options: dict | None) -> None:
+    """Fail in a second, before Ray starts: a missing input, or a stage whose inputs no earlier stage made."""
+    if "manifest" in stages and not run.is_done(STAGE_DIRS["manifest"]):
+        if not cfg.input:
+            raise ValueError("no --input: give the archive (a folder, URI prefix, or a .csv/.parquet table)")
+        from .storage import filesystem
+
+        fs, path = filesystem(cfg.input, storage_options)
+        if "://" not in cfg.input and not fs.exists(path):
+            raise FileNotFoundError(f"--input {cfg.input} does not exist: point --input at the archive")
+    for i, stage in enumerate(stages):
+        needs = list(_NEEDS.get(stage, ()))
+        if stage == "embed" and cfg.embed.embedder in ("vae", "contrastive"):
+            needs.append("train-encoder")
+        for need in needs:
+            if need not in stages[:i] and not run.is_done(STAGE_DIRS[need]):
+                raise FileNotFoundError(
+                    f"{run.uri} has no completed {need!r} stage, which {stage!r} reads: run "
+                    f"`enrich {need} --output {run.uri}` first (or `enrich run`, which runs every stage)"
+                )
+
+
 def check_compatible(run: RunDir, cfg: RunConfig, stages: Sequence[str]) -> None:
     """Refuse a run dir of another format, or a completed stage computed with other settings than ``cfg``."""
     state = _read_state(run)
@@ -186,6 +213,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
         raise ValueError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
     fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]
     check_compatible(run, cfg, stages)
+    preflight(run, cfg, stages, storage_options)
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
         for name, fn in fns:

@@ -333,3 +333,17 @@ def test_settings_added_after_a_stage_ran_count_as_their_defaults(manifest_run):
     cfg.manifest.nifti_axis = 0
     with pytest.raises(ValueError, match=r"other manifest settings \(nifti_axis: 2 -> 0\)"):
         run_stages(cfg, ("manifest",))
+
+
+def test_missing_input_or_stage_fails_before_ray_starts(tmp_path, caplog, monkeypatch):
+    """No Ray is started for a command that cannot run: the message names the run dir or input and the fix."""
+    from enrich_dist import pipeline
+    from enrich_dist.cli import main
+
+    monkeypatch.setattr(pipeline, "ray_session", lambda *a, **k: pytest.fail("Ray must not start"))
+    assert main(["select", "--output", str(tmp_path / "no_run")]) == 2
+    assert "no completed 'embed' stage, which 'select' reads" in caplog.text and "enrich embed --output" in caplog.text
+    assert main(["run", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]) == 2
+    assert f"--input {tmp_path / 'nowhere'} does not exist" in caplog.text
+    assert main(["embed", "--output", str(tmp_path / "no_run")]) == 2
+    assert "no completed 'manifest' stage, which 'embed' reads" in caplog.text
