@@ -69,7 +69,7 @@ def ranking_prefix(
         if not 0 < budget <= 1:
             raise ValueError(f"--budget {budget}: a fraction in (0, 1]; use --n for a count")
         n = max(1, round(budget * total))
-    if n < 0 or (n == 0 and seeds):
+    if n < 1:
         raise ValueError(f"--n {n}: at least 1")
     prefix = ranking.slice(0, min(n, total))
     manifest = run.read_table(MANIFEST_DIR, columns=["image_id", "uri", "frame", "patient_id", "clip_id"])
@@ -79,7 +79,7 @@ def ranking_prefix(
 
 def write_next_to_label(run: RunDir) -> dict:
     """``export/next_to_label.csv``: an incremental run's ranked images that are not yet labelled, in ranking order."""
-    table = ranking_prefix(run, len(run.read_table(RANKING, columns=["rank"])), None, 0, seeds=False)
+    table = ranking_prefix(run, None, 1.0, 0, seeds=False)
     tmp = pa.BufferOutputStream()
     pacsv.write_csv(table, tmp)
     run.write_bytes(NEXT_TO_LABEL, tmp.getvalue().to_pybytes())

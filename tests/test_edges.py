@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_similarity import clustered, exact_unit_vectors, sign_vectors, torch_cpu, write_embeddings
+from test_similarity import (
+    clustered,
+    crash_after_tiles,
+    exact_unit_vectors,
+    sign_vectors,
+    torch_cpu,
+    write_embeddings,
+)
 
 from enrich_dist.config import SimilarityConfig
 from enrich_dist.schema import EDGES_DIR
 from enrich_dist.similarity import (
     histogram_edges,
     kernel,
-    reduce,
     run_similarity,
     stage,
     tile_plan,
     tile_stats,
 )
-from enrich_dist.similarity.stage import compute_similarity_edges, read_edges
+from enrich_dist.similarity.stage import compute_similarity_edges
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 
@@ -130,17 +136,16 @@ def test_run_similarity_writes_edges_and_refuses_past_the_cap(ray_local, run_dir
     ids = np.arange(70) * 2
     write_embeddings(run_dir, x, ids, shards=2)
     summary = run_similarity(run_dir, SimilarityConfig(block_size=16, top_k=4))
-    table = read_edges(run_dir)
+    table = run_dir.read_table(EDGES_DIR)
     want = {(int(ids[i]), int(ids[j])) for i, j in oracle_edges(x, 0.9)}
     assert set(edge_set(table)) == want and summary["edges"]["pairs"] == len(want) >= 20
-    assert table.schema.metadata[b"threshold"] == b"0.9"
+    assert run_dir.read_json("similarity/summary.json")["edges"]["threshold"] == 0.9
 
     capped = RunDir(str(tmp_path / "capped"))
     write_embeddings(capped, x, ids, shards=1)
     with pytest.raises(ValueError, match="--max-edge-pairs"):
         run_similarity(capped, SimilarityConfig(block_size=16, max_edges=5))
     assert not capped.is_done("similarity") and not capped.shards(EDGES_DIR)
-    assert read_edges(capped) is None
 
 
 def test_resumed_run_keeps_the_edges_of_committed_tiles(ray_local, run_dir, monkeypatch) -> None:
@@ -149,22 +154,10 @@ def test_resumed_run_keeps_the_edges_of_committed_tiles(ray_local, run_dir, monk
     ids = np.arange(90)
     write_embeddings(run_dir, x, ids, shards=2)
     cfg = SimilarityConfig(block_size=16, top_k=4, checkpoint_seconds=0.0, edge_threshold=0.7)
-    added = []
-    real_add = reduce.Reduction.add
-
-    def crash_after_some(self, tile, stats):
-        if len(added) == 9:
-            raise KeyboardInterrupt("simulated driver crash")
-        added.append(tile)
-        real_add(self, tile, stats)
-
-    monkeypatch.setattr(reduce.Reduction, "add", crash_after_some)
-    with pytest.raises(KeyboardInterrupt):
-        run_similarity(run_dir, cfg)
-    monkeypatch.setattr(reduce.Reduction, "add", real_add)
+    crash_after_tiles(monkeypatch, run_dir, cfg, 9)
     summary = run_similarity(run_dir, cfg)
     assert summary["tiles"]["resumed"] == 9
-    assert set(edge_set(read_edges(run_dir))) == oracle_edges(x, 0.7)
+    assert set(edge_set(run_dir.read_table(EDGES_DIR))) == oracle_edges(x, 0.7)
 
 
 def test_cli_edge_options() -> None:

@@ -576,20 +576,8 @@ def test_run_similarity_resumes_only_uncommitted_tiles(ray_local, run_dir, one_t
     write_embeddings(run_dir, x, ids, shards=2)
     cfg = SimilarityConfig(block_size=16, top_k=4, checkpoint_seconds=0.0)
     n_tiles = len(tile_plan(90, 16))
-    added = []
-    real_add = reduce.Reduction.add
-
-    def crash_after_some(self, tile, stats):
-        if len(added) == 8:
-            raise KeyboardInterrupt("simulated driver crash")
-        added.append(tile)
-        real_add(self, tile, stats)
-
-    monkeypatch.setattr(reduce.Reduction, "add", crash_after_some)
-    with pytest.raises(KeyboardInterrupt):
-        run_similarity(run_dir, cfg)
+    crash_after_tiles(monkeypatch, run_dir, cfg, 8)
     assert run_dir.exists(reduce.STATE) and not run_dir.is_done("similarity")
-    monkeypatch.setattr(reduce.Reduction, "add", real_add)
     summary = run_similarity(run_dir, cfg)
     assert summary["tiles"] == {"total": n_tiles, "computed": n_tiles - 8, "resumed": 8}
     assert not run_dir.exists(reduce.PARTIALS_DIR)
@@ -597,6 +585,23 @@ def test_run_similarity_resumes_only_uncommitted_tiles(ray_local, run_dir, one_t
     assert run_dir.read_table(NEIGHBORS_DIR).equals(want_table)
     for key in ("histogram", "thresholds", "paper_bins", "n_pairs"):
         assert summary[key] == want_summary[key]
+
+
+def crash_after_tiles(monkeypatch, run_dir, cfg: SimilarityConfig, n: int) -> None:
+    """Run the stage until the driver has folded ``n`` tiles in, then crash it; the next run is a plain rerun."""
+    added = []
+    real_add = reduce.Reduction.add
+
+    def crash_after_some(self, tile, stats):
+        if len(added) == n:
+            raise KeyboardInterrupt("simulated driver crash")
+        added.append(tile)
+        real_add(self, tile, stats)
+
+    monkeypatch.setattr(reduce.Reduction, "add", crash_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        run_similarity(run_dir, cfg)
+    monkeypatch.setattr(reduce.Reduction, "add", real_add)
 
 
 def test_stale_checkpoint_is_ignored(run_dir) -> None:

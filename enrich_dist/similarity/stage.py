@@ -470,18 +470,6 @@ def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) ->
         run.write_table(posixpath.join(folder, shard_name(i)), table.slice(i * rows, rows))
 
 
-def read_edges(run: RunDir) -> pa.Table | None:
-    """The run's edge table (``similarity/edges/``) with its threshold in the schema metadata, or None if absent."""
-    if not run.is_done(SIMILARITY_DIR) or not run.shards(EDGES_DIR):
-        return None
-    summary = run.read_json(SUMMARY)
-    if not summary.get("edges"):
-        return None
-    return run.read_table(EDGES_DIR).replace_schema_metadata(
-        {"threshold": str(summary["edges"]["threshold"]), "complete": str(summary["edges"]["complete"])}
-    )
-
-
 def _check_duplicate_settings(cfg: SimilarityConfig) -> None:
     """Duplicate thresholds need the edge list below them, and a known keep policy."""
     if cfg.keep not in KEEP_POLICIES:
