@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import RunConfig, load_config, parse_list, parse_size
+from .config import RunConfig, load_config, parse_list, parse_size, validate
+from .errors import EXIT_BUG, EXIT_CONFIG, EXIT_DATA, EXIT_INFRA, ConfigError, exit_code
 from .pipeline import STAGES, run_stages
 from .storage import join_uri
 
@@ -54,7 +55,9 @@ _OVERRIDES = {
     "precision": ("similarity", "precision", str),
     "edge_threshold": ("similarity", "edge_threshold", lambda v: None if str(v).lower() == "none" else float(v)),
     "max_edge_pairs": ("similarity", "max_edges", int),
-    "duplicate_thresholds": ("similarity", "duplicate_thresholds", lambda v: tuple(parse_list(v))),
+    "duplicate_thresholds": (
+        "similarity", "duplicate_thresholds", lambda v: () if str(v).lower() == "none" else tuple(parse_list(v))
+    ),
     "keep": ("similarity", "keep", str),
     "mode": ("select", "mode", str),
     "seed_size": ("select", "seed_size", parse_size),
@@ -86,6 +89,11 @@ _OVERRIDES = {
     "labelled": ("incremental", "labelled", str),
     "retrain_encoder": ("incremental", "retrain_encoder", bool),
 }
+
+
+# config key -> the flag that sets it, so a validation error names both
+FLAGS = {f"{section}.{field}": "--" + opt.replace("_", "-") for opt, (section, field, _) in _OVERRIDES.items()}
+FLAGS.update({"select.replicates": "--replicates", "select.budgets": "--budgets", "encoder.epochs": "--epochs"})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -288,7 +296,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             try:
                 setattr(getattr(cfg, section), field, parse(value))
             except ValueError as exc:
-                raise ValueError(f"--{opt.replace('_', '-')} {value!r}: {exc}") from None
+                raise ConfigError(f"--{opt.replace('_', '-')} {value!r}: {exc}") from None
+    validate(cfg, FLAGS)
     return cfg
 
 
@@ -305,10 +314,20 @@ def _export(args: argparse.Namespace) -> int:
     try:
         export(args.output, args.to, args.export_format, n=args.n, budget=args.budget, replicate=args.replicate,
                presign=args.presign, storage_options=args.storage_options)
-    except (ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every failure leaves with its documented exit status
+        return _failed(exc)
     return 0
+
+
+def _failed(exc: Exception) -> int:
+    """Log why a command failed and return its exit status (enrich_dist/errors.py): 2 config, 3 data, 4 infrastructure."""
+    code = exit_code(exc)
+    if code == EXIT_BUG:
+        raise exc  # a defect: the traceback is the report
+    kind = {EXIT_CONFIG: "configuration", EXIT_DATA: "input or run dir", EXIT_INFRA: "infrastructure"}[code]
+    log.error("%s (exit %d: %s)", exc, code, kind)
+    log.debug("details", exc_info=exc)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,12 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cfg.evaluate.image_size = cfg.evaluate.image_size or size
                     cfg.evaluate.width = cfg.evaluate.width or width
         results = run_stages(cfg, _stages_for(args.command), args.storage_options)
-    except (ValueError, OSError) as exc:
-        # bad input, a missing file, a full disk: the message names the file and the fix; the
-        # traceback only with --log-level DEBUG
-        log.error("%s", exc)
-        log.debug("details", exc_info=True)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every failure leaves with its documented exit status
+        # a bad setting, bad input, a lost cluster: the message names the file or key and the fix; the
+        # traceback only with --log-level DEBUG (or for a defect, exit 1)
+        return _failed(exc)
     if "report" in results:
         log.info("report: %s", join_uri(cfg.output, "report/index.html"))
     return 0

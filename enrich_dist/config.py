@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import ConfigError
 
 Size = int | float | str
 
@@ -154,7 +158,7 @@ class SimilarityConfig:
     top_k: int = 10
     thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
     bins: int = 200
-    max_memory: str = "2G"
+    max_memory: str | int = "2G"
     mode: str = "exact"
     n_partitions: int | None = None
     nprobe: int = 8
@@ -275,15 +279,19 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Build from a nested dict; unknown keys are an error naming the key."""
+        """Build from a nested dict; unknown keys are an error naming the key and the closest known one."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config is a mapping of sections, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         sections = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in data.items():
             if key not in sections:
-                raise ValueError(f"unknown config key {key!r}; known: {sorted(sections)}")
+                raise ConfigError(f"unknown config key {key!r}{_closest(key, sections)}; known: {sorted(sections)}")
             sub = _SECTION_TYPES.get(key)
             kwargs[key] = _build(sub, value, key) if sub else value
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        validate(cfg)
+        return cfg
 
 
 _SECTION_TYPES = {
@@ -294,17 +302,171 @@ _SECTION_TYPES = {
     "select": SelectConfig,
     "evaluate": EvaluateConfig,
     "incremental": IncrementalConfig,
+    "report": ReportConfig,
 }
 
 
+def _closest(key: str, known) -> str:
+    match = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def _build(cls, value: dict[str, Any], where: str):
+    if value is None:
+        value = {}
     if not isinstance(value, dict):
-        raise ValueError(f"config section {where!r} must be a mapping, got {type(value).__name__}")
+        raise ConfigError(f"config section {where!r} must be a mapping, got {type(value).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(value) - names
-    if unknown:
-        raise ValueError(f"unknown keys in config section {where!r}: {sorted(unknown)}; known: {sorted(names)}")
+    for key in value:
+        if key not in names:
+            raise ConfigError(f"unknown key {key!r} in config section {where!r}{_closest(key, names)}; known: {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+# the accepted values of every setting that names a choice (tests check them against the modules that use them)
+CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("manifest", "nifti_axis"): (0, 1, 2),
+    ("encoder", "objective"): ("beta", "capacity"),
+    ("encoder", "device"): ("auto", "cpu", "cuda"),
+    ("embed", "embedder"): ("vae", "contrastive", "pixels", "byo"),
+    ("embed", "device"): ("auto", "cpu", "cuda"),
+    ("embed", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("similarity", "mode"): ("exact", "approx"),
+    ("similarity", "device"): ("auto", "cpu", "cuda"),
+    ("similarity", "precision"): ("fp32", "fp16", "bf16"),
+    ("similarity", "keep"): ("lowest_id", "central"),
+    ("select", "mode"): ("batch", "exact", "coverage", "herding"),
+    ("select", "aggregate"): ("max", "mean"),
+    ("evaluate", "task"): ("classification", "segmentation"),
+    ("evaluate", "model"): ("auto", "linear", "cnn", "resnet", "unet"),
+    ("report", "images"): ("thumbnails", "none"),
+}
+_POSITIVE = ">0"
+_NON_NEGATIVE = ">=0"
+_SIMILARITY = "[-1,1)"  # a cosine similarity used as a threshold
+_SHARE = "[0,1]"
+_OPEN_SHARE = "(0,1)"
+_RANGES: dict[str, tuple[str, ...]] = {
+    _POSITIVE: (
+        "manifest.shard_size", "encoder.epochs", "encoder.capacity", "encoder.latent_dim", "encoder.batch_size",
+        "encoder.learning_rate", "encoder.temperature", "encoder.contrastive_batch_size", "encoder.image_size",
+        "embed.pixel_size", "embed.batch_size", "embed.num_actors", "embed.decode_threads", "similarity.block_size",
+        "similarity.top_k", "similarity.bins", "similarity.n_partitions", "similarity.nprobe", "similarity.sample_size",
+        "similarity.checkpoint_seconds", "select.replicates", "select.max_per_clip", "select.max_per_patient",
+        "select.checkpoint_seconds", "select.max_edges", "evaluate.image_size", "evaluate.width", "evaluate.replicates",
+        "evaluate.epochs", "evaluate.batch_size", "evaluate.learning_rate", "evaluate.seconds_per_image",
+    ),
+    _NON_NEGATIVE: (
+        "encoder.beta", "encoder.gamma", "encoder.clip_window", "encoder.seed", "similarity.seed", "similarity.max_edges",
+        "select.seed", "select.workers", "evaluate.min_steps", "evaluate.weight_decay", "evaluate.seed",
+    ),
+    _SIMILARITY: (
+        "similarity.thresholds", "similarity.edge_threshold", "similarity.duplicate_thresholds", "select.delta",
+        "select.duplicate_threshold",
+    ),
+    _SHARE: ("encoder.kl_warmup", "encoder.clip_positives"),
+    _OPEN_SHARE: ("evaluate.test_fraction", "evaluate.alpha"),
+}
+_IN_RANGE = {
+    _POSITIVE: lambda v: v > 0, _NON_NEGATIVE: lambda v: v >= 0, _SIMILARITY: lambda v: -1 <= v < 1,
+    _SHARE: lambda v: 0 <= v <= 1, _OPEN_SHARE: lambda v: 0 < v < 1,
+}
+_RANGE_OF = {key: rule for rule, keys in _RANGES.items() for key in keys}
+_SIZES = {"encoder.sample", "select.seed_size", "select.batch_size", "select.budgets", "evaluate.budgets"}
+
+
+def _type_error(value: Any, hint: Any) -> str | None:
+    """Why ``value`` is not of the annotated type ``hint`` (None when it is)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = [_type_error(value, a) for a in args if a is not type(None)]
+        return None if any(e is None for e in errors) else errors[0]
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return f"must be a list, got {value!r}"
+        for item in value:
+            why = _type_error(item, args[0])
+            if why:
+                return f"each item {why}"
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"must be an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    return None
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globalns={**globals(), "Size": Size})
+
+
+def validate(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
+    """Check every setting's type, choice and range, and the settings that depend on each other.
+
+    Raises one ``ConfigError`` listing every problem, each named ``section.key`` (and its command-line
+    flag from ``flags`` when given), so a wrong config fails in a second, before Ray starts.
+    """
+    problems: list[str] = []
+    for section, cls in _SECTION_TYPES.items():
+        obj = getattr(cfg, section)
+        for name, hint in _hints(cls).items():
+            key, value = f"{section}.{name}", getattr(obj, name)
+            why = _type_error(value, hint)
+            if why is None and key in _SIZES and value is not None:
+                why = _size_error(value)
+            if why is None and (section, name) in CHOICES and value not in CHOICES[section, name]:
+                choices = ", ".join(map(str, CHOICES[section, name]))
+                why = f"must be one of {choices}, got {value!r}{_closest(value, CHOICES[section, name])}"
+            rule = _RANGE_OF.get(key)
+            if why is None and rule and value is not None:
+                values = value if isinstance(value, (tuple, list)) else (value,)
+                bad = [v for v in values if not _IN_RANGE[rule](v)]
+                if bad:
+                    why = f"must be in {rule}" if rule[0] in "[(" else f"must be {rule}"
+                    why += f", got {bad[0] if len(values) == 1 else list(values)!r}"
+            if why is None and key == "similarity.max_memory":
+                why = _memory_error(value)
+            if why:
+                flag = (flags or {}).get(key)
+                problems.append(f"{key}{f' ({flag})' if flag else ''} {why}")
+    sim = cfg.similarity
+    if not problems and sim.edge_threshold is not None:
+        low = [t for t in sim.duplicate_thresholds if t < sim.edge_threshold]
+        if low:
+            problems.append(
+                f"similarity.duplicate_thresholds {low} lie below similarity.edge_threshold {sim.edge_threshold}: "
+                "the edge list holds only pairs above it; lower --edge-threshold or raise --duplicate-thresholds"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _size_error(value: Any) -> str | None:
+    try:
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            parse_size(item)
+    except ValueError as exc:
+        return f"is not a size: {exc}"
+    return None
+
+
+def _memory_error(value: Any) -> str | None:
+    from .similarity.plan import parse_memory
+
+    try:
+        parse_memory(value)
+    except (ValueError, TypeError) as exc:
+        return f"is not an amount of memory such as 2G or 512M: {exc}"
+    return None
 
 
 def load_config(path: str | None) -> RunConfig:
@@ -323,4 +485,4 @@ def load_config(path: str | None) -> RunConfig:
     try:
         return RunConfig.from_dict(data)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .errors import ConfigError
 from .imaging import decode, manifest_nifti_axis
 from .schema import MANIFEST_DIR
 from .storage import RunDir, filesystem, read_uri, split_uri
@@ -40,10 +41,10 @@ def parse_duration(text: str) -> int:
     """Seconds in ``7d``, ``12h``, ``30m``, ``3600s`` or ``3600``."""
     match = _DURATION.match(str(text))
     if not match:
-        raise ValueError(f"--presign {text!r}: give a duration such as 7d, 12h, 30m or 3600s")
+        raise ConfigError(f"--presign {text!r}: give a duration such as 7d, 12h, 30m or 3600s")
     seconds = int(float(match.group(1)) * _UNITS[match.group(2)])
     if not 1 <= seconds <= 7 * 86400:
-        raise ValueError(f"--presign {text!r}: object stores sign for 1 s to 7 days")
+        raise ConfigError(f"--presign {text!r}: object stores sign for 1 s to 7 days")
     return seconds
 
 
@@ -60,17 +61,17 @@ def ranking_prefix(
         ranking = ranking.filter(pc.invert(ranking.column("is_seed")))
     replicates = sorted(set(ranking.column("replicate").to_pylist()))
     if replicate not in replicates:
-        raise ValueError(f"--replicate {replicate}: {run.uri_of(RANKING)} holds replicates {replicates}")
+        raise ConfigError(f"--replicate {replicate}: {run.uri_of(RANKING)} holds replicates {replicates}")
     ranking = ranking.filter(pc.equal(ranking.column("replicate"), replicate)).sort_by("rank")
     total = ranking.num_rows
     if (n is None) == (budget is None):
-        raise ValueError("give exactly one of --n (images) and --budget (a fraction of the ranked images)")
+        raise ConfigError("give exactly one of --n (images) and --budget (a fraction of the ranked images)")
     if budget is not None:
         if not 0 < budget <= 1:
-            raise ValueError(f"--budget {budget}: a fraction in (0, 1]; use --n for a count")
+            raise ConfigError(f"--budget {budget}: a fraction in (0, 1]; use --n for a count")
         n = max(1, round(budget * total))
     if n < 1:
-        raise ValueError(f"--n {n}: at least 1")
+        raise ConfigError(f"--n {n}: at least 1")
     prefix = ranking.slice(0, min(n, total))
     manifest = run.read_table(MANIFEST_DIR, columns=["image_id", "uri", "frame", "patient_id", "clip_id"])
     joined = prefix.join(manifest, "image_id", join_type="left outer").sort_by("rank")
@@ -103,7 +104,7 @@ def _presigned(uris: list[str], seconds: int, storage_options: dict | None) -> l
     for uri in uris:
         protocol, _ = split_uri(uri)
         if protocol == "file":
-            raise ValueError(f"--presign: {uri} is a local file; presigning is for object-store uris (s3://, gs://)")
+            raise ConfigError(f"--presign: {uri} is a local file; presigning is for object-store uris (s3://, gs://)")
         fs, path = filesystem(uri, storage_options)
         out.append(fs.sign(path, expiration=seconds))
     return out
@@ -121,7 +122,7 @@ def export(
 ) -> dict:
     """Write the export; returns what was written (format, rows, path, rendered images)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+        raise ConfigError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     run = RunDir(run_uri, storage_options)
     table = ranking_prefix(run, n, budget, replicate)
     if presign is not None:

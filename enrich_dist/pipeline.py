@@ -10,7 +10,8 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 
-from .config import RunConfig
+from .config import RunConfig, validate
+from .errors import ConfigError
 from .invariants import InvariantError, check_stage
 from .runtime import ray_session
 from .storage import RunDir, redact_uri
@@ -183,7 +184,7 @@ def check_compatible(run: RunDir, cfg: RunConfig, stages: Sequence[str]) -> None
         diff = {k: (held.get(k), wanted.get(k)) for k in sorted(set(held) | set(wanted)) if held.get(k) != wanted.get(k)}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
+            raise ConfigError(
                 f"{run.uri_of(STAGE_DIRS[stage])} was computed with other {STAGE_CONFIG[stage]} settings ({shown}): "
                 f"refusing to mix them in one run dir. Start fresh with a new --output folder, or delete "
                 f"{run.uri_of(STAGE_DIRS[stage])} and the stages after it to recompute"
@@ -204,16 +205,17 @@ def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
 
 def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: dict | None = None) -> dict:
     """Run ``stages`` in order on ``cfg.output`` inside one Ray session; returns stats per stage."""
+    validate(cfg)  # every setting, before anything is read or started
     run = RunDir(cfg.output, storage_options)
     if cfg.incremental.previous_run:  # an incremental run: see enrich_dist/incremental.py
         from .incremental import plan_stages
 
         stages = plan_stages(run, cfg, stages)
     elif cfg.incremental.labelled or cfg.incremental.retrain_encoder:
-        raise ValueError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
-    fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]
+        raise ConfigError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
     check_compatible(run, cfg, stages)
     preflight(run, cfg, stages, storage_options)
+    fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]  # imports torch: after the checks
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
         for name, fn in fns:

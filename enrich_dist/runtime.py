@@ -54,6 +54,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """
     import ray
 
+    from .errors import InfrastructureError
+
     if ray.is_initialized():
         yield cluster_resources()
         return
@@ -64,14 +66,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         "log_to_driver": True,
         "configure_logging": False,
     }
-    if address:
-        log.info("attaching to Ray at %s", address)
-        ray.init(address=address, **kwargs)
-    else:
-        log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
-        # a local Ray reports no usage statistics unless the user asks for it (RAY_USAGE_STATS_ENABLED=1)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    try:
+        if address:
+            log.info("attaching to Ray at %s", address)
+            ray.init(address=address, **kwargs)
+        else:
+            log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
+            # a local Ray reports no usage statistics unless the user asks for it (RAY_USAGE_STATS_ENABLED=1)
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the run cannot start: exit 4
+        where = f"attach to the Ray cluster at {address}" if address else "start a local Ray"
+        fix = ("check that the cluster is up and the address (or RAY_ADDRESS) is right" if address else
+               "check free memory and /tmp space, or attach to a running cluster with --ray-address")
+        raise InfrastructureError(f"could not {where} ({type(exc).__name__}: {exc}): {fix}") from exc
     _quiet_ray_data()
     try:
         yield cluster_resources()

@@ -341,9 +341,9 @@ def test_missing_input_or_stage_fails_before_ray_starts(tmp_path, caplog, monkey
     from enrich_dist.cli import main
 
     monkeypatch.setattr(pipeline, "ray_session", lambda *a, **k: pytest.fail("Ray must not start"))
-    assert main(["select", "--output", str(tmp_path / "no_run")]) == 2
+    assert main(["select", "--output", str(tmp_path / "no_run")]) == 3  # run-dir data (enrich_dist/errors.py)
     assert "no completed 'embed' stage, which 'select' reads" in caplog.text and "enrich embed --output" in caplog.text
-    assert main(["run", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]) == 2
+    assert main(["run", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]) == 3
     assert f"--input {tmp_path / 'nowhere'} does not exist" in caplog.text
-    assert main(["embed", "--output", str(tmp_path / "no_run")]) == 2
+    assert main(["embed", "--output", str(tmp_path / "no_run")]) == 3
     assert "no completed 'manifest' stage, which 'embed' reads" in caplog.text

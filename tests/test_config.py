@@ -64,3 +64,126 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"enrich {__version__}"
+
+
+def test_choices_match_the_modules_that_use_them():
+    """The validator's choice lists are the ones the stages accept (no drift between the two)."""
+    from enrich_dist import embed
+    from enrich_dist.config import CHOICES
+    from enrich_dist.evaluation import stage as evaluation_stage
+    from enrich_dist.selection import covering, greedy, shard
+    from enrich_dist.similarity import duplicates
+    from enrich_dist.similarity import stage as similarity_stage
+
+    assert CHOICES["embed", "embedder"] == embed.EMBEDDERS
+    assert CHOICES["similarity", "mode"] == similarity_stage.MODES
+    assert CHOICES["similarity", "device"] == similarity_stage.DEVICES
+    assert CHOICES["similarity", "keep"] == duplicates.KEEP_POLICIES
+    assert CHOICES["select", "mode"] == (*greedy.MODES, *covering.COVER_MODES)
+    assert CHOICES["select", "aggregate"] == shard.AGGREGATES
+    assert set(CHOICES["evaluate", "task"]) == set(evaluation_stage.TASKS)
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("encoder:\n  epochs: abc\n", r"encoder\.epochs must be an integer, got 'abc'"),
+        ("select:\n  mode: fast\n", r"select\.mode must be one of batch, exact, coverage, herding, got 'fast'"),
+        ("select:\n  mode: herdin\n", r"did you mean 'herding'"),
+        ("similarity:\n  thresholds: [0.5, 1.5]\n", r"similarity\.thresholds must be in \[-1,1\)"),
+        ("similarity:\n  max_memory: lots\n", r"similarity\.max_memory is not an amount of memory"),
+        ("similarity:\n  edge_threshold: 0.95\n  duplicate_thresholds: [0.9]\n", r"lie below similarity\.edge_threshold"),
+        ("evaluate:\n  test_fraction: 1.0\n", r"evaluate\.test_fraction must be in \(0,1\)"),
+        ("embed:\n  batch_size: 0\n", r"embed\.batch_size must be >0, got 0"),
+        ("manifest:\n  pseudonymise: 'no'\n", r"manifest\.pseudonymise must be true or false"),
+        ("select:\n  seed_size: 1.5\n", r"select\.seed_size is not a size"),
+        ("encoder:\n  epoch: 3\n", r"unknown key 'epoch'.*did you mean 'epochs'"),
+        ("selct: {}\n", r"unknown config key 'selct' \(did you mean 'select'\?\)"),
+    ],
+)
+def test_config_file_is_validated_whole(tmp_path, text, named):
+    from enrich_dist.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named):
+        load_config(str(path))
+
+
+def test_every_problem_is_listed_at_once():
+    from enrich_dist.config import validate
+    from enrich_dist.errors import ConfigError
+
+    cfg = RunConfig()
+    cfg.select.mode, cfg.encoder.epochs, cfg.report.images = "fast", -1, "all"
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, {"select.mode": "--mode"})
+    text = str(info.value)
+    assert "select.mode (--mode) must be one of" in text and "encoder.epochs must be >0" in text
+    assert "report.images must be one of thumbnails, none" in text
+    validate(RunConfig())  # the defaults are valid
+    optional = RunConfig()
+    optional.similarity.edge_threshold, optional.similarity.max_memory = None, 1 << 30
+    validate(optional)  # None where allowed, and memory in bytes
+
+
+def test_bad_settings_exit_2_before_ray(tmp_path, caplog, monkeypatch):
+    """A wrong flag value or config file exits 2 naming the key and flag; nothing is read, Ray never starts."""
+    from enrich_dist import pipeline
+    from enrich_dist.cli import main
+
+    monkeypatch.setattr(pipeline, "ray_session", lambda *a, **k: pytest.fail("Ray must not start"))
+    out = str(tmp_path / "run")
+    assert main(["select", "--output", out, "--replicates", "0"]) == 2
+    assert "select.replicates (--replicates) must be >0, got 0" in caplog.text
+    assert main(["select", "--output", out, "--budgets", "0.1,abc"]) == 2
+    assert "--budgets '0.1,abc'" in caplog.text
+    bad = tmp_path / "c.yaml"
+    bad.write_text("select:\n  mode: fast\n")
+    assert main(["select", "--output", out, "--config", str(bad)]) == 2
+    assert "select.mode must be one of" in caplog.text and "exit 2: configuration" in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+def test_exit_codes_by_kind(tmp_path):
+    import errno
+
+    from enrich_dist.errors import ConfigError, InfrastructureError, exit_code
+    from enrich_dist.invariants import InvariantError
+    from enrich_dist.storage import RunDir
+
+    assert exit_code(ConfigError("x")) == 2
+    assert exit_code(FileNotFoundError("x")) == 3 and exit_code(PermissionError("x")) == 3
+    assert exit_code(InvariantError(RunDir(str(tmp_path)), "select", ["x"], {})) == 3 and exit_code(ValueError("bad image")) == 3
+    assert exit_code(OSError(errno.ENOSPC, "disk full")) == 4 and exit_code(ConnectionError("x")) == 4
+    assert exit_code(InfrastructureError("x")) == 4 and exit_code(TimeoutError()) == 4
+    assert exit_code(KeyError("bug")) == 1
+
+
+def test_ray_that_cannot_start_exits_4(tmp_path, caplog, monkeypatch):
+    """Ray failing to start (or to attach) is infrastructure: exit 4, with the address and the fix."""
+    import ray
+
+    from enrich_dist.cli import main
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("could not reach the GCS")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["run", "--input", str(tmp_path), "--output", str(tmp_path / "run"), "--ray-address", "10.0.0.1:6379"]
+    assert main(args) == 4
+    assert "could not attach to the Ray cluster at 10.0.0.1:6379" in caplog.text and "exit 4" in caplog.text
+
+
+def test_a_defect_keeps_its_traceback(tmp_path, monkeypatch):
+    """An unexpected exception is not dressed up as a user error: it propagates (exit 1 with a traceback)."""
+    from enrich_dist import cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "run_stages", broken)
+    with pytest.raises(KeyError):
+        cli.main(["report", "--output", str(tmp_path)])

@@ -153,7 +153,7 @@ def test_bad_settings_are_named(tmp_path, caplog) -> None:
         export(run.uri, str(tmp_path / "x.csv"), n=2, presign="1d")
     with pytest.raises(FileNotFoundError, match="enrich select"):
         export(str(tmp_path / "empty"), str(tmp_path / "x.csv"), n=2)
-    assert main(["export", "--output", str(tmp_path / "empty"), "--n", "2", "--to", str(tmp_path / "x.csv")]) == 2
+    assert main(["export", "--output", str(tmp_path / "empty"), "--n", "2", "--to", str(tmp_path / "x.csv")]) == 3
     assert main(["export", "--output", run.uri, "--budget", "0.3", "--to", str(tmp_path / "y.csv")]) == 0
     assert pacsv.read_csv(str(tmp_path / "y.csv")).num_rows == 3
     assert [parse_duration(t) for t in ("7d", "12h", "30m", "90s", "60")] == [604800, 43200, 1800, 90, 60]
