@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -51,7 +52,12 @@ def load_values(path: Path = HERE / "values.yaml") -> dict:
 
 
 def image(values: dict, profile: str) -> str:
-    """The enrich-dist image of a profile (``REPO:TAG-cpu``)."""
+    """The enrich-dist image of a profile: ``REPO@sha256:...`` when its digest is pinned, else ``REPO:TAG-cpu``."""
+    digest = (values["image"].get("digests") or {}).get(profile)
+    if digest:
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"image.digests.{profile} {digest!r} is not a sha256:<64 hex> digest")
+        return f"{values['image']['repository']}@{digest}"
     return f"{values['image']['repository']}:{values['image']['tag']}-{profile}"
 
 
@@ -188,13 +194,24 @@ def submitter_pod(values: dict, profile: str) -> dict:
     }
 
 
+def deletion_rules(ttl: int) -> list[dict]:
+    """Delete the run's Ray cluster (not the RayJob) when the job ended or its deployment failed."""
+    return [
+        {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": ttl}},
+        {"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED", "ttlSeconds": ttl}},
+        {"policy": "DeleteCluster", "condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": 0}},
+    ]
+
+
 def rayjob_spec(values: dict, profile: str) -> dict:
     """The RayJob spec of one run: a fresh cluster (head + worker group), deleted after the job."""
     sched, workers = values["schedule"], values["profiles"][profile]["workers"]
     return {
         "entrypoint": entrypoint(values, profile),
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": sched["ttlSecondsAfterFinished"],
+        # KubeRay >= 1.6 (RayJobDeletionPolicy beta, on by default): the cluster goes once the job succeeded or
+        # failed (after the TTL, time to read logs), and at once when the deployment failed before the job ran
+        # (e.g. preRunningDeadlineSeconds: no GPU node); the RayJob object stays for its history
+        "deletionStrategy": {"deletionRules": deletion_rules(sched["ttlSecondsAfterFinished"])},
         "activeDeadlineSeconds": sched["activeDeadlineSeconds"],
         "preRunningDeadlineSeconds": sched["preRunningDeadlineSeconds"],
         "backoffLimit": sched["backoffLimit"],
@@ -293,16 +310,21 @@ def scheduler_script(values: dict) -> str:
     """Shell run by the fallback CronJob's pod: prune old runs, create one RayJob, wait for its result."""
     selector = ",".join(f"{k}={v}" for k, v in labels(values, "pipeline").items())
     keep, poll = values["schedule"]["keepFinished"], values["scheduler"]["pollSeconds"]
+    # only kubectl and shell builtins: the Kubernetes project's kubectl image has no grep, head or awk to rely on
     return f"""set -eu
 selector='{selector}'
 kubectl get rayjobs -l "$selector" --sort-by=.metadata.creationTimestamp \\
   -o jsonpath='{{range .items[*]}}{{.metadata.name}} {{.status.jobDeploymentStatus}}{{"\\n"}}{{end}}' > /tmp/runs
-finished=$(grep -cE ' (Complete|Failed)$' /tmp/runs || true)
-if [ "$finished" -gt {keep} ]; then
-  grep -E ' (Complete|Failed)$' /tmp/runs | head -n "$((finished - {keep}))" | while read -r old _; do
-    kubectl delete rayjob "$old" --wait=false
-  done
-fi
+finished=0
+while read -r old state; do
+  case "$state" in Complete|Failed) finished=$((finished + 1)) ;; esac
+done < /tmp/runs
+extra=$((finished - {keep}))
+while read -r old state; do
+  case "$state" in
+    Complete|Failed) if [ "$extra" -gt 0 ]; then kubectl delete rayjob "$old" --wait=false; extra=$((extra - 1)); fi ;;
+  esac
+done < /tmp/runs
 name=$(kubectl create -f /etc/enrich/{RAYJOB_FILE} -o jsonpath='{{.metadata.name}}')
 echo "created RayJob $name"
 while :; do
