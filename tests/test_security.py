@@ -241,3 +241,27 @@ def test_every_torch_load_in_the_package_is_weights_only():
             calls.append((path.name, match.group(1)))
     assert calls, "the encoder loads its checkpoint with torch.load"
     assert all("weights_only=True" in args for _, args in calls), calls
+
+
+_USAGE_PROBE = """
+import os
+os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+from enrich_dist.runtime import ray_session
+with ray_session(num_cpus=1):
+    import ray
+    from ray._common.usage import usage_lib
+    worker = ray.get(ray.remote(lambda: os.environ.get("RAY_USAGE_STATS_ENABLED")).remote())
+    print("driver", usage_lib.usage_stats_enabled(), "worker", worker)
+"""
+
+
+def test_local_run_reports_no_usage_statistics():
+    """A local Ray started by enrich_dist, with nothing set in the environment, has usage reporting off in the
+    driver (Ray's own check) and in its workers."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    done = subprocess.run([sys.executable, "-c", _USAGE_PROBE], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "driver False worker 0" in done.stdout, done.stdout + done.stderr[-2000:]
