@@ -19,8 +19,20 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .config import RunConfig
-from .schema import EDGES_DIR, EMBEDDINGS_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SIMILARITY_DIR
-from .similarity.duplicates import LEAKAGE_PATH, threshold_folder
+from .schema import (
+    EDGES_DIR,
+    EMBEDDINGS_DIR,
+    LEAKAGE_PATH,
+    MANIFEST_DIR,
+    NEIGHBORS_DIR,
+    RANDOM_RANKING_PATH,
+    RANKED_REMOVAL_DIR,
+    RANKING_PATH,
+    SELECTION_DIR,
+    SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
+)
+from .similarity.duplicates import threshold_folder
 from .storage import RunDir
 
 if TYPE_CHECKING:
@@ -77,8 +89,8 @@ class Run:
 
     def ranking(self, replicate: int | None = 0, method: str = "enrich") -> pd.DataFrame:
         """The ranking of ``replicate`` (None: every replicate) by ``rank``; ``method`` "random" for the baseline."""
-        self.dir.require("selection", "select")
-        path = {"enrich": "selection/ranking.parquet", "random": "selection/random_ranking.parquet"}.get(method)
+        self.dir.require(SELECTION_DIR, "select")
+        path = {"enrich": RANKING_PATH, "random": RANDOM_RANKING_PATH}.get(method)
         if path is None:
             raise ValueError(f"method must be 'enrich' or 'random', got {method!r}")
         table = self.dir.read_table(path)
@@ -93,9 +105,24 @@ class Run:
         self.dir.require(SIMILARITY_DIR, "similarity")
         return self._joined(self.dir.read_table(NEIGHBORS_DIR)).sort_values("image_id", ignore_index=True)
 
-    def duplicates(self, t: float = 0.9, what: str = "groups") -> pd.DataFrame:
-        """Near-duplicates above ``t``: ``groups`` (connected components), ``remove`` (images to drop) or ``leakage``."""
+    def duplicates(self, t: float = 0.9, what: str = "groups", keep: str | None = None) -> pd.DataFrame:
+        """Near-duplicates above ``t``: ``groups`` (connected components), ``remove`` (images to drop) or ``leakage``.
+
+        ``keep="ranking"`` with ``remove``: the selection stage's list, which keeps whichever near-duplicate the
+        ENRICH ranking (first replicate) takes first; otherwise the similarity stage's (``--keep`` policy).
+        """
         self.dir.require(SIMILARITY_DIR, "similarity")
+        if keep == "ranking":
+            if what != "remove":
+                raise ValueError("keep='ranking' belongs to what='remove'")
+            self.dir.require(SELECTION_DIR, "select")
+            name = threshold_folder(t).split("/", 1)[1]
+            path = posixpath.join(RANKED_REMOVAL_DIR, f"{name}.parquet")
+            if not self.dir.exists(path):
+                raise FileNotFoundError(f"no {self.dir.uri_of(path)}: no duplicates at {t:g} (or no complete edge list)")
+            return self._joined(self.dir.read_table(path)).sort_values("image_id", ignore_index=True)
+        if keep is not None:
+            raise ValueError(f"keep is 'ranking' or None (the similarity stage's --keep policy), got {keep!r}")
         if what == "leakage":
             if not self.dir.exists(LEAKAGE_PATH):
                 raise FileNotFoundError(f"no {self.dir.uri_of(LEAKAGE_PATH)}: the manifest has no splits or patients")
@@ -114,7 +141,7 @@ class Run:
     def summary(self) -> dict:
         """``similarity/summary.json``: histogram, threshold counts, sibling recall, edges, duplicates."""
         self.dir.require(SIMILARITY_DIR, "similarity")
-        return self.dir.read_json(posixpath.join(SIMILARITY_DIR, "summary.json"))
+        return self.dir.read_json(SIMILARITY_SUMMARY)
 
     def dataset(self, name: str) -> ray.data.Dataset:
         """A stage's shards as a Ray Dataset (``manifest``, ``embeddings``, ``neighbours``, ``edges``)."""

@@ -24,13 +24,13 @@ from PIL import Image
 
 from .errors import ConfigError
 from .imaging import decode, manifest_nifti_axis
-from .schema import MANIFEST_DIR
+from .schema import MANIFEST_DIR, RANKING_PATH
 from .storage import RunDir, filesystem, read_uri, split_uri
 
 log = logging.getLogger("enrich_dist.export")
 
 FORMATS = ("csv", "parquet", "labelstudio", "links")
-RANKING = "selection/ranking.parquet"
+RANKING = RANKING_PATH
 NEXT_TO_LABEL = "export/next_to_label.csv"
 BROWSER_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 
 FILES_PATH = schema.MANIFEST_FILES
 FILES = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string())])
-INCREMENTAL_DIR = "incremental"
+INCREMENTAL_DIR = schema.INCREMENTAL_DIR
 LATEST = "latest"  # --previous-run latest: the newest finished sibling run dir (see resolve_previous)
-SCOPE_PATH = f"{INCREMENTAL_DIR}/scope.parquet"
+SCOPE_PATH = schema.SCOPE_PATH
 LABELLED_PATH = f"{INCREMENTAL_DIR}/labelled.csv"
 IMAGES_PATH = f"{INCREMENTAL_DIR}/images.parquet"
 IMAGES = pa.schema([("image_id", pa.int64()), ("state", pa.string()), ("previous_image_id", pa.int64())])

@@ -24,14 +24,17 @@ from .schema import (
     EVALUATION_RESULTS,
     MANIFEST_DIR,
     NEIGHBORS_DIR,
+    RANDOM_RANKING_PATH,
+    RANKING_PATH,
     REPORT_DIR,
     SELECTION_DIR,
     SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
 )
-from .storage import RunDir
+from .storage import DONE_NAME, RunDir
 
 EMBED_ERRORS_DIR = schema.EMBED_ERRORS_DIR
-RANKINGS = ("selection/ranking.parquet", "selection/random_ranking.parquet")
+RANKINGS = (RANKING_PATH, RANDOM_RANKING_PATH)
 NORM_TOLERANCE = 1e-3  # |norm - 1| above this is a non-normalised embedding
 # the command that rebuilds each stage's artifacts, and the folder to delete first
 COMMANDS = {
@@ -213,7 +216,7 @@ def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
         problems.append(f"{nan} NaN similarities")
     if stray:
         problems.append(f"{stray} neighbour ids that are not embedded images")
-    summary_path = posixpath.join(SIMILARITY_DIR, "summary.json")
+    summary_path = SIMILARITY_SUMMARY
     summary = run.read_json(summary_path) if run.exists(summary_path) else {}
     if summary.get("n_images") != rows:
         problems.append(f"summary.json counts {summary.get('n_images')} images, the neighbour shards {rows}")
@@ -302,7 +305,7 @@ CHECKS: dict[str, Callable[[RunDir], tuple[dict, list[str]]]] = {
 
 
 def _done_stats(run: RunDir, folder: str) -> dict:
-    marker = posixpath.join(folder, "_SUCCESS")
+    marker = posixpath.join(folder, DONE_NAME)
     return run.read_json(marker) if run.exists(marker) else {}
 
 

@@ -34,6 +34,17 @@ def located(run, rel: str) -> str:
 SELECTION_DIR = "selection"
 EVALUATION_DIR = "evaluation"
 REPORT_DIR = "report"
+INCREMENTAL_DIR = "incremental"
+# files inside the stage folders, spelled here only
+SIMILARITY_SUMMARY = "similarity/summary.json"
+DUPLICATES_DIR = "duplicates"  # t=0.90/groups.parquet, t=0.90/remove.parquet (the similarity stage's)
+LEAKAGE_PATH = "duplicates/leakage.parquet"
+RANKING_PATH = "selection/ranking.parquet"
+RANDOM_RANKING_PATH = "selection/random_ranking.parquet"
+SUBSETS_PATH = "selection/subsets.parquet"
+SELECTION_STATS = "selection/selection.json"
+RANKED_REMOVAL_DIR = "selection/remove"  # t=0.90.parquet: near-duplicates to drop, keeping the ranking's first
+SCOPE_PATH = "incremental/scope.parquet"
 
 MANIFEST = pa.schema(
     [

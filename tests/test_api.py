@@ -35,6 +35,14 @@ def test_readme_example_runs_and_tables_join_the_manifest(ray_local, tmp_path, m
     drop = r.duplicates(0.9, "remove")
     kept = set(manifest.index) - set(drop["image_id"])
     assert set(drop["kept_image_id"]) <= kept
+    # the selection stage's removal list keeps whichever near-duplicate the ENRICH ranking takes first
+    by_rank = r.duplicates(0.9, "remove", keep="ranking")
+    first = r.ranking()["image_id"].iloc[0]
+    assert len(by_rank) and first not in set(by_rank["image_id"])  # the ranking's first image is always kept
+    assert set(by_rank["kept_image_id"]).isdisjoint(by_rank["image_id"])
+    assert r.dir.read_json("selection/selection.json")["remove_by_ranking"]["0.9"] == len(by_rank)
+    with pytest.raises(ValueError, match="keep is 'ranking' or None"):
+        r.duplicates(0.9, "remove", keep="central")
     groups = r.duplicates(0.9)
     assert set(groups.columns) >= {"image_id", "group_id", "group_size", "uri"}
     summary = r.summary()

@@ -77,6 +77,28 @@ def test_removal_keeps_an_independent_set_that_dominates(name: str, policy: str)
     assert np.isnan(sim[kept]).all()
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_removal_in_a_given_order_is_the_greedy_independent_set(name: str) -> None:
+    """With an explicit order (an ENRICH ranking), an image is kept exactly when no earlier kept image is its
+    near-duplicate: the brute-force greedy walk over the order."""
+    n, a, b, s = CASES[name]
+    order = np.random.default_rng(n).permutation(n)
+    kept_of, _ = duplicates.removal(n, a, b, s, "ranking", order=order)
+    adjacent = {(int(i), int(j)) for i, j in zip(a, b, strict=True)}
+    adjacent |= {(j, i) for i, j in adjacent}
+    kept: list[int] = []
+    for i in order.tolist():
+        if not any((i, k) in adjacent for k in kept):
+            kept.append(i)
+    assert sorted(kept) == np.flatnonzero(kept_of == -1).tolist()
+    position = np.argsort(order)
+    for i in np.flatnonzero(kept_of >= 0).tolist():  # what blocked it: a kept near-duplicate earlier in the order
+        assert any((i, k) in adjacent and position[k] < position[i] for k in kept)
+    if n > 1:
+        with pytest.raises(ValueError, match="permutation"):
+            duplicates.removal(n, a, b, s, "ranking", order=np.zeros(n, np.int64))
+
+
 def test_removal_does_not_drop_a_chain_wholesale() -> None:
     """A chain is one component, but only every other image goes: groups are not a removal rule."""
     n, a, b, s = CASES["chain"]

@@ -365,3 +365,34 @@ def test_report_without_images_or_paths(full_run: tuple[RunDir, list[str]]) -> N
     assert "--report-images none" in page
     with pytest.raises(ValueError, match="--report-images must be one of"):
         run_report(run, images="blurred")
+
+
+def test_largest_duplicate_groups_are_shown_at_the_strictest_threshold(tmp_path: Path) -> None:
+    """The gallery picks the strictest threshold with groups, its largest groups first, lowest ids first;
+    with --report-images none it shows no image and no id."""
+    import pyarrow as pa
+
+    run = RunDir(str(tmp_path / "run"))
+    rows = {"duplicates/t=0.90": [(i, 0, 30) for i in range(30)],
+            "duplicates/t=0.98": [(40 + i, 1, 3) for i in range(3)] + [(50 + i, 2, 12) for i in range(12)]
+            + [(70, 3, 2), (71, 3, 2)] + [(80, 4, 2), (81, 4, 2)]}
+    for folder, table in rows.items():
+        run.write_table(f"{folder}/groups.parquet", pa.table({
+            "image_id": [r[0] for r in table], "group_id": [r[1] for r in table], "group_size": [r[2] for r in table]}))
+    dups = {"keep": "lowest_id", "leakage": None, "thresholds": {
+        "0.9": {"folder": "duplicates/t=0.90", "pairs": 400, "groups": 1, "images_in_groups": 30, "largest_groups": [30],
+                "remove": 29, "remove_fraction": 0.29},
+        "0.98": {"folder": "duplicates/t=0.98", "pairs": 80, "groups": 4, "images_in_groups": 19,
+                 "largest_groups": [12, 3, 2, 2], "remove": 15, "remove_fraction": 0.15}}}
+    run.write_json("similarity/summary.json", {"duplicates": dups})
+    run_report(run)
+    page = _page(run)
+    start = page.index("Largest near-duplicate groups (similarity &gt; 0.98)")
+    shown = re.findall(r"(\d+) images</p>", page[start:])
+    assert shown[:3] == ["12", "3", "2"]  # three largest, biggest first; ties by group id
+    section = page[start:]
+    assert "#50<" in section and "#57<" in section and "#58<" not in section  # at most 8 members, lowest ids
+    assert "#80<" not in section  # the fourth group is left out
+    run_report(run, images="none")
+    private = _page(run)
+    assert "Largest near-duplicate groups" not in private and "#50<" not in private

@@ -21,7 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import EvaluateConfig
-from ..schema import EVALUATION_DIR, MANIFEST_DIR, SELECTION_DIR
+from ..schema import (
+    EVALUATION_DIR,
+    MANIFEST_DIR,
+    RANDOM_RANKING_PATH,
+    RANKING_PATH,
+    SELECTION_DIR,
+    SELECTION_STATS,
+)
 from ..storage import RunDir
 from .data import Images, budget_counts, leaking_groups, make_split, ranking_rows, split_groups
 from .stats import FULL
@@ -33,10 +40,9 @@ TASKS = {"classification": ("auc", 1.0), "segmentation": ("mean_jaccard", 300.0)
 RUNS_DIR = posixpath.join(EVALUATION_DIR, "runs")
 SPLIT_PATH = posixpath.join(EVALUATION_DIR, "split.parquet")
 RANKINGS = {
-    "enrich": posixpath.join(SELECTION_DIR, "ranking.parquet"),
-    "random": posixpath.join(SELECTION_DIR, "random_ranking.parquet"),
+    "enrich": RANKING_PATH,
+    "random": RANDOM_RANKING_PATH,
 }
-SELECTION_STATS = posixpath.join(SELECTION_DIR, "selection.json")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..schema import ENCODER_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SELECTION_DIR, SIMILARITY_DIR
+from ..schema import (
+    ENCODER_DIR,
+    MANIFEST_DIR,
+    NEIGHBORS_DIR,
+    SIMILARITY_SUMMARY,
+    SUBSETS_PATH,
+)
 from ..storage import RunDir
 
-SUMMARY = posixpath.join(SIMILARITY_DIR, "summary.json")
-SUBSETS = posixpath.join(SELECTION_DIR, "subsets.parquet")
+SUMMARY = SIMILARITY_SUMMARY
+SUBSETS = SUBSETS_PATH
 TRAIN_JSON = posixpath.join(ENCODER_DIR, "train.json")
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
 VIEWS = posixpath.join(ENCODER_DIR, "views.png")
@@ -71,6 +77,30 @@ def gallery_ids(groups: list[Group], unique: list[dict]) -> set[int]:
     """Every image id the galleries show."""
     ids = {r["image_id"] for r in unique} | {r["image_id"] for r, _ in groups}
     return ids | {i for _, nbrs in groups for i, _ in nbrs}
+
+
+N_DUPLICATE_GROUPS = 3
+N_DUPLICATE_MEMBERS = 8
+DuplicateGroup = tuple[int, list[int]]  # (group size, the first member ids)
+
+
+def duplicate_groups(run: RunDir, summary: dict | None) -> tuple[str | None, list[DuplicateGroup]]:
+    """The largest near-duplicate groups at the strictest threshold that has any: (threshold, groups)."""
+    thresholds = ((summary or {}).get("duplicates") or {}).get("thresholds") or {}
+    for t, record in sorted(thresholds.items(), key=lambda kv: -float(kv[0])):
+        path = posixpath.join(record["folder"], "groups.parquet")
+        if not record.get("groups") or not run.exists(path):
+            continue
+        table = run.read_table(path, columns=["image_id", "group_id", "group_size"])
+        biggest = table.sort_by([("group_size", "descending"), ("group_id", "ascending")])
+        chosen = list(dict.fromkeys(biggest["group_id"].to_pylist()))[:N_DUPLICATE_GROUPS]
+        out = []
+        for gid in chosen:
+            members = table.filter(pc.equal(table["group_id"], gid))
+            ids = sorted(members["image_id"].to_pylist())
+            out.append((len(ids), ids[:N_DUPLICATE_MEMBERS]))
+        return t, out
+    return None, []
 
 
 def _extreme(table: pa.Table, k: int, largest: bool) -> pa.Table:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..imaging import manifest_nifti_axis
 from . import figures
-from .artifacts import Group, Manifest, gallery_ids
+from .artifacts import DuplicateGroup, Group, Manifest, gallery_ids
 from .html import Markup, join, note, tag, thumb
 from .page import ReportPage
 
@@ -47,6 +47,27 @@ def thumbnails(out: ReportPage, ids: set[int], manifest: Manifest | None) -> dic
             *next(iter(failed.items())),
         )
     return result
+
+
+def duplicate_gallery(
+    out: ReportPage, threshold: str | None, groups: list[DuplicateGroup], manifest: Manifest | None
+) -> list[Markup]:
+    """The largest near-duplicate groups at the strictest threshold, as rows of thumbnails (to check by eye)."""
+    if threshold is None or not groups:
+        return []
+    if out.private:
+        return [note("Near-duplicate groups left out: --report-images none.")]
+    thumbs = thumbnails(out, {i for _, ids in groups for i in ids}, manifest)
+    parts = [
+        tag("h3", f"Largest near-duplicate groups (similarity > {threshold})"),
+        note("Each row: up to 8 images of one group (connected pairs above the threshold), lowest ids first. "
+             "A group of unlike images means the threshold is too low for this embedding."),
+    ]
+    for size, ids in groups:
+        cells = [thumb(thumbs[i][0], f"#{i}", thumbs[i][1]) for i in ids]
+        parts.append(tag("p", f"{size} images", cls="caption"))
+        parts.append(tag("div", join(cells), cls="group"))
+    return parts
 
 
 def galleries(

@@ -20,12 +20,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..schema import EVALUATION_STATS
+from ..schema import EVALUATION_STATS, SELECTION_STATS
 from .artifacts import SUBSETS, read_json
 from .html import Markup, note, table, tag
 from .page import ReportPage
 
-SELECTION_JSON = "selection/selection.json"
+SELECTION_JSON = SELECTION_STATS
 UNEVEN = 0.4  # twice the share equal groups give: random subsets over-sample the large groups
 EXHAUSTED = 0.5  # the ranking's images added past a budget repeat labelled content at least this often
 

@@ -13,6 +13,7 @@ from .artifacts import (
     N_GROUP_NEIGHBORS,
     N_GROUPS,
     SUMMARY,
+    duplicate_groups,
     gallery_ids,
     load_manifest,
     load_neighbors,
@@ -20,7 +21,7 @@ from .artifacts import (
     redundant_groups,
 )
 from .evaluation import evaluation
-from .galleries import galleries
+from .galleries import duplicate_gallery, galleries
 from .html import page, section
 from .page import ReportPage
 from .prediction import prediction
@@ -45,11 +46,15 @@ def run_report(run: RunDir, images: str = "thumbnails") -> dict:
     run_info = read_json(run, "run.json")
     top, unique = load_neighbors(run)
     groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
-    manifest = load_manifest(run, gallery_ids(groups, unique))
+    summary = read_json(run, SUMMARY)
+    dup_threshold, dup_groups = duplicate_groups(run, summary)
+    shown = gallery_ids(groups, unique) | {i for _, ids in dup_groups for i in ids}
+    manifest = load_manifest(run, shown)
     header = sections.header(out, manifest)
     parts = [
-        ("redundancy", "Redundancy", sections.redundancy(out, read_json(run, SUMMARY))),
-        ("galleries", "Galleries", galleries(out, top is not None, groups, unique, manifest)),
+        ("redundancy", "Redundancy", sections.redundancy(out, summary)),
+        ("galleries", "Galleries", [*galleries(out, top is not None, groups, unique, manifest),
+                                    *duplicate_gallery(out, dup_threshold, dup_groups, manifest)]),
         ("selection", "Selection", sections.selection(out, manifest)),
         ("prediction", "Before labelling: will ENRICH beat random here?", prediction(out)),
         ("evaluation", "Evaluation", evaluation(out)),

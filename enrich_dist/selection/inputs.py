@@ -13,13 +13,20 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..schema import EDGES_DIR, EMBEDDINGS_DIR, MANIFEST_DIR, NEIGHBORS_DIR, SIMILARITY_DIR
+from ..schema import (
+    EDGES_DIR,
+    EMBEDDINGS_DIR,
+    MANIFEST_DIR,
+    NEIGHBORS_DIR,
+    SCOPE_PATH,
+    SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
+)
 from ..storage import RunDir, read_uri
 
 log = logging.getLogger("enrich_dist.selection")
 
-SUMMARY_PATH = posixpath.join(SIMILARITY_DIR, "summary.json")
-SCOPE_PATH = "incremental/scope.parquet"  # enrich_dist/incremental.py (selection imports no orchestrator)
+SUMMARY_PATH = SIMILARITY_SUMMARY
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import posixpath
 import time
 
 import numpy as np
@@ -30,7 +29,17 @@ from threadpoolctl import threadpool_limits
 
 from ..config import SelectConfig, parse_size, resolve_size
 from ..runtime import as_completed, cluster_resources
-from ..schema import RANKING, SELECTION_DIR, SUBSETS
+from ..schema import (
+    RANDOM_RANKING_PATH,
+    RANKED_REMOVAL_DIR,
+    RANKING,
+    RANKING_PATH,
+    SELECTION_DIR,
+    SELECTION_STATS,
+    SUBSETS,
+    SUBSETS_PATH,
+)
+from ..similarity.duplicates import write_ranked_removal
 from ..storage import RunDir
 from .actors import start_actors
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
@@ -53,10 +62,7 @@ from .shard import AGGREGATES, Shard
 
 log = logging.getLogger("enrich_dist.selection")
 
-RANKING_PATH = posixpath.join(SELECTION_DIR, "ranking.parquet")
-RANDOM_RANKING_PATH = posixpath.join(SELECTION_DIR, "random_ranking.parquet")
-SUBSETS_PATH = posixpath.join(SELECTION_DIR, "subsets.parquet")
-STATS_PATH = posixpath.join(SELECTION_DIR, "selection.json")
+STATS_PATH = SELECTION_STATS
 LOCAL_FLOATS = 2e8
 
 
@@ -136,6 +142,8 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
 
     run.write_table(RANKING_PATH, _ranking_table(rankings, ids))
     run.write_table(RANDOM_RANKING_PATH, _ranking_table(randoms, ids))
+    # near-duplicates to drop when labelling follows the ranking: keep whichever the first replicate ranks first
+    ranked_removal = write_ranked_removal(run, ids, rankings[0].order, RANKED_REMOVAL_DIR)
     measure, repeat_flags = repeat_measure(run, ids, groups["clip_id"][0])
     run.write_table(
         SUBSETS_PATH, _subsets_table({"enrich": rankings, "random": randoms}, budgets, groups, repeat_flags)
@@ -150,6 +158,7 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
         "workers": workers,
         "pruning": pruning,
         "coverage": cover,
+        "remove_by_ranking": ranked_removal,
         "repeats_measured_by": measure,
         "redundancy_concentration": redundancy_concentration(run, ids, groups["clip_id"][0]),
         "replicate_seconds": seconds,

@@ -10,7 +10,9 @@ value behind the stage's threshold counts) is strictly above t. For each t:
   visited in the ``keep`` order; one is kept when no kept image is its near-duplicate, otherwise it
   is dropped, naming the kept image that blocked it. So every dropped image has a kept image above
   t, and no two kept images are above t. ``keep`` is ``lowest_id`` or ``central`` (most
-  near-duplicates first, ties to the lower id).
+  near-duplicates first, ties to the lower id). The selection stage writes one more removal list per
+  threshold, ``selection/remove/t=0.90.parquet``, visiting images in the ENRICH ranking's order
+  (``write_ranked_removal``): the duplicates to drop when labelling follows the ranking.
 - ``leakage`` (highest t): near-duplicate pairs whose images lie in different splits, or belong to
   different patients, when the manifest says so.
 """
@@ -27,7 +29,7 @@ import scipy.sparse as sp
 from numba import njit
 from scipy.sparse.csgraph import connected_components
 
-from ..schema import MANIFEST_DIR
+from ..schema import DUPLICATES_DIR, EDGES_DIR, LEAKAGE_PATH, MANIFEST_DIR, SIMILARITY_DIR, SIMILARITY_SUMMARY
 from .kernel import float32_below
 
 if TYPE_CHECKING:
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("enrich_dist.similarity")
 
-DUPLICATES_DIR = "duplicates"
-LEAKAGE_PATH = posixpath.join(DUPLICATES_DIR, "leakage.parquet")
 
 KEEP_POLICIES = ("lowest_id", "central")
 GROUPS_SCHEMA = pa.schema([("image_id", pa.int64()), ("group_id", pa.int64()), ("group_size", pa.int64())])
@@ -100,10 +100,19 @@ def _independent(order, indptr, indices):  # pragma: no cover - compiled
     return kept
 
 
-def removal(n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """(most similar kept image per dropped image, -1 for kept ones; the similarity to it, NaN for kept ones)."""
+def removal(
+    n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray, policy: str, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(most similar kept image per dropped image, -1 for kept ones; the similarity to it, NaN for kept ones).
+
+    ``order`` (a permutation of 0..n-1, e.g. an ENRICH ranking) replaces the ``policy`` order when given.
+    """
     graph = _graph(n, a, b, np.asarray(sims, np.float32))
-    kept = _independent(keep_order(n, a, b, policy), graph.indptr, graph.indices)
+    if order is None:
+        order = keep_order(n, a, b, policy)
+    elif len(order) != n or np.bincount(order, minlength=n).max(initial=1) != 1:
+        raise ValueError(f"a keep order must be a permutation of the {n} images")
+    kept = _independent(np.asarray(order, np.int64), graph.indptr, graph.indices)
     best, sim = _most_similar_kept(kept, graph.indptr, graph.indices, graph.data)
     return np.where(kept, -1, best), np.where(kept, np.float32(np.nan), sim)
 
@@ -122,6 +131,40 @@ def _most_similar_kept(kept, indptr, indices, data):  # pragma: no cover - compi
         if best[i] >= 0:
             sim[i] = top
     return best, sim
+
+
+def write_ranked_removal(run: RunDir, ids: np.ndarray, order: np.ndarray, folder: str) -> dict:
+    """Per duplicate threshold of the similarity stage, ``FOLDER/t=….parquet``: drop lists keeping the first in ``order``.
+
+    ``ids`` are the ranked images' ids (sorted), ``order`` a ranking of their positions. Returns
+    {threshold: images dropped}; {} when the similarity stage wrote no duplicates or no complete edge list.
+    """
+    summary_path = SIMILARITY_SUMMARY
+    if not run.is_done(SIMILARITY_DIR) or not run.exists(summary_path):
+        return {}
+    summary = run.read_json(summary_path)
+    dups, edges = summary.get("duplicates"), summary.get("edges") or {}
+    if not dups or not edges.get("complete") or not run.shards(EDGES_DIR):
+        return {}
+    table = run.read_table(EDGES_DIR, columns=["i", "j", "sim"])
+    i, j, sims = (table[c].to_numpy() for c in ("i", "j", "sim"))
+    inside = np.isin(i, ids) & np.isin(j, ids)  # an incremental run ranks only its new images
+    a, b, sims = np.searchsorted(ids, i[inside]), np.searchsorted(ids, j[inside]), sims[inside]
+    out = {}
+    run.remove(folder)
+    for key in sorted(dups.get("thresholds", {}), key=float):
+        t = float(key)
+        above = sims > float32_below(t)
+        kept_of, kept_sim = removal(len(ids), a[above], b[above], sims[above], "ranking", order=order)
+        drop = kept_of >= 0
+        name = threshold_folder(t).split("/", 1)[1]
+        run.write_table(
+            posixpath.join(folder, f"{name}.parquet"),
+            pa.table({"image_id": ids[drop], "kept_image_id": ids[kept_of[drop]], "sim": kept_sim[drop]},
+                     schema=REMOVE_SCHEMA),
+        )
+        out[key] = int(drop.sum())
+    return out
 
 
 def leakage(

@@ -19,7 +19,14 @@ from threadpoolctl import threadpool_limits
 
 from ..config import SimilarityConfig
 from ..runtime import cluster_resources
-from ..schema import EDGES_DIR, EMBEDDINGS_DIR, NEIGHBORS_DIR, SIMILARITY_DIR, neighbors_schema
+from ..schema import (
+    EDGES_DIR,
+    EMBEDDINGS_DIR,
+    NEIGHBORS_DIR,
+    SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
+    neighbors_schema,
+)
 from ..storage import DONE_NAME, RunDir, shard_name
 from . import approx, kernel
 from .duplicates import DUPLICATES_DIR, KEEP_POLICIES, write_duplicates
@@ -44,7 +51,7 @@ EDGE_SHARD_ROWS = 5_000_000
 EDGES_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("sim", pa.float32())])
 MIN_TASK_PAIRS = 1 << 22
 GPU_BLOCK = 65536
-SUMMARY = posixpath.join(SIMILARITY_DIR, "summary.json")
+SUMMARY = SIMILARITY_SUMMARY
 PARTITIONS = posixpath.join(PARTIALS_DIR, "partitions.npz")
 MODES = ("exact", "approx")
 DEVICES = ("auto", "cpu", "cuda")
