@@ -2,9 +2,10 @@
 
 The nightly use case: ``enrich run --input SRC --output NEW --previous-run OLD [--labelled FILE]``.
 
-* Every manifest stage records each file's fingerprint in ``manifest_files/files.parquet`` (:data:`FILES`):
-  size and ``mtime_ns`` for local files, size and ETag (or the store's version tag) on object stores.
-* An image (``uri``, ``frame``) is **unchanged** when its file's fingerprint equals the previous run's.
+* Every manifest stage records each file's identity in ``manifest_files/files.parquet``
+  (``fingerprints.py``): its path under the archive root, size, and a sampled content digest (local) or
+  ETag (object stores). Files match across runs by that path, so a copied or re-mounted archive matches.
+* An image (file, ``frame``) is **unchanged** when its file's content identity equals the previous run's.
   Unchanged images that the previous run embedded are **reused**; **changed** files (same uri, other
   fingerprint) and **new** files are embedded fresh; images of files no longer in the archive are
   **removed** (they drop out). Unchanged images the previous run could not embed are **retried**.
@@ -32,7 +33,6 @@ import os
 import posixpath
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -41,12 +41,12 @@ import pyarrow.compute as pc
 from . import schema
 from .config import RunConfig
 from .embed import REUSED_DIR  # the embed stage merges the rows copied there
+from .fingerprints import read_fingerprints
 from .storage import DONE_NAME, RunDir, filesystem, split_uri, with_retries
 
 log = logging.getLogger(__name__)
 
 FILES_PATH = schema.MANIFEST_FILES
-FILES = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string())])
 INCREMENTAL_DIR = schema.INCREMENTAL_DIR
 LATEST = "latest"  # --previous-run latest: the newest finished sibling run dir (see resolve_previous)
 SCOPE_PATH = schema.SCOPE_PATH
@@ -54,85 +54,6 @@ LABELLED_PATH = f"{INCREMENTAL_DIR}/labelled.csv"
 IMAGES_PATH = f"{INCREMENTAL_DIR}/images.parquet"
 IMAGES = pa.schema([("image_id", pa.int64()), ("state", pa.string()), ("previous_image_id", pa.int64())])
 STATES = ("reused", "new", "changed", "retried")  # "unchanged" too when retraining
-_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified", "updated", "mtime")
-_LIST_THREADS = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# file fingerprints (written by every manifest stage)
-
-
-def _remote_version(info: dict) -> str | None:
-    for key in _VERSION_KEYS:
-        if info.get(key) is not None:
-            return str(info[key]).strip('"')
-    return None
-
-
-def fingerprint_files(uris: list[str], storage_options: dict | None = None) -> pa.Table:
-    """Size and mtime_ns (local) or ETag (object stores) of each distinct file, as a :data:`FILES` table.
-
-    Local files are stat'ed; on object stores each parent prefix is listed once (one request per
-    folder, not per file). A file that vanished is recorded with nulls, which never matches.
-    """
-    unique = sorted(set(uris))
-    found: dict[str, tuple[int | None, int | None, str | None]] = {}
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for uri in unique:
-        protocol, path = split_uri(uri)
-        if protocol == "file":
-            try:
-                st = os.stat(path)
-                found[uri] = (int(st.st_size), int(st.st_mtime_ns), None)
-            except OSError:
-                found[uri] = (None, None, None)
-        else:
-            groups[(protocol, posixpath.dirname(path))].append(uri)
-
-    def list_group(key: tuple[str, str]) -> dict[str, tuple[int | None, int | None, str | None]]:
-        protocol, parent = key
-        fs, _ = filesystem(f"{protocol}://{parent}", storage_options)
-        try:
-            entries = with_retries(lambda: fs.ls(parent, detail=True), f"{protocol}://{parent}")
-        except FileNotFoundError:
-            entries = []
-        by_name = {e["name"].rstrip("/"): e for e in entries}
-        out = {}
-        for uri in groups[key]:
-            path = split_uri(uri)[1].rstrip("/")
-            info = by_name.get(path)
-            if info is None:
-                try:
-                    info = with_retries(lambda: fs.info(path), uri)  # noqa: B023 - called at once
-                except FileNotFoundError:
-                    out[uri] = (None, None, None)
-                    continue
-            out[uri] = (int(info.get("size") or 0), None, _remote_version(info))
-        return out
-
-    if groups:
-        with ThreadPoolExecutor(max_workers=min(_LIST_THREADS, len(groups))) as pool:
-            for part in pool.map(list_group, list(groups)):
-                found.update(part)
-    rows = [found[u] for u in unique]
-    return pa.table(
-        {
-            "uri": pa.array(unique, pa.string()),
-            "size": pa.array([r[0] for r in rows], pa.int64()),
-            "mtime_ns": pa.array([r[1] for r in rows], pa.int64()),
-            "etag": pa.array([r[2] for r in rows], pa.string()),
-        },
-        schema=FILES,
-    )
-
-
-def _fingerprints(run: RunDir) -> dict[str, tuple]:
-    table = run.read_table(schema.located(run, FILES_PATH))
-    return {
-        u: (s, m, e)
-        for u, s, m, e in zip(*(table[c].to_pylist() for c in FILES.names), strict=True)
-        if s is not None
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +154,26 @@ def _keys(table: pa.Table) -> list[tuple[str, int]]:
     return list(zip(table["uri"].to_pylist(), frames, strict=True))
 
 
+def _fingerprints(run: RunDir) -> dict:
+    """uri -> Fingerprint of the files a run's manifest recorded (fingerprints.py)."""
+    return {f.uri: f for f in read_fingerprints(run.read_table(schema.located(run, FILES_PATH)))}
+
+
+def match_files(new_fp: dict, old_fp: dict) -> dict[str, tuple[str, bool]]:
+    """new uri -> (the previous run's uri of the same file, whether its content is unchanged).
+
+    Files match by their path under the archive root (so a copied or re-mounted archive matches), else
+    by uri when either run lacks that path. A new uri absent from the result is a new file.
+    """
+    old_by_key = {f.key: f for f in old_fp.values()}
+    out = {}
+    for uri, f in new_fp.items():
+        old = old_by_key.get(f.key) or old_fp.get(uri)
+        if old is not None:
+            out[uri] = (old.uri, f.same_content(old))
+    return out
+
+
 def diff_manifests(run: RunDir, prev: RunDir) -> tuple[pa.Table, dict]:
     """Per ok image of ``run``: its state and the previous run's id when reused; and the counts."""
     cols = ["image_id", "uri", "frame", "status"]
@@ -244,26 +185,28 @@ def diff_manifests(run: RunDir, prev: RunDir) -> tuple[pa.Table, dict]:
         else set()
     )
     old_id = dict(zip(_keys(old), old["image_id"].to_pylist(), strict=True))
+    matched = match_files(new_fp, old_fp)
     ids, states, previous = [], [], []
     for image_id, key, status in zip(new["image_id"].to_pylist(), _keys(new), new["status"].to_pylist(), strict=True):
         if status != "ok":
             continue
-        uri = key[0]
-        if uri not in old_fp:
+        old_uri, same = matched.get(key[0], (None, False))
+        old_key = (old_uri, key[1])
+        if old_uri is None:
             state, before = "new", None
-        elif new_fp.get(uri) != old_fp[uri]:
+        elif not same:
             state, before = "changed", None
-        elif old_id.get(key) in embedded:
-            state, before = "reused", old_id[key]
+        elif old_id.get(old_key) in embedded:
+            state, before = "reused", old_id[old_key]
         else:
             state, before = "retried", None
         ids.append(image_id)
         states.append(state)
         previous.append(before)
     table = pa.table({"image_id": ids, "state": states, "previous_image_id": previous}, schema=IMAGES)
-    new_uris = set(new["uri"].to_pylist())
+    still_there = {old_uri for old_uri, _ in matched.values()}
     counts = {f"n_{s}": states.count(s) for s in STATES}
-    counts["n_removed"] = sum(1 for u in old["uri"].to_pylist() if u not in new_uris)
+    counts["n_removed"] = sum(1 for u in old["uri"].to_pylist() if u not in still_there)
     counts["n_images"] = new.num_rows
     counts["n_previous_images"] = old.num_rows
     return table, counts
@@ -377,12 +320,18 @@ def labelled_ids(run: RunDir, prev: RunDir, cfg: RunConfig, images: pa.Table) ->
         entries, source = _seed_entries(path, run.storage_options), path
     else:
         entries, source = _default_labelled(prev)
-    old_key = dict(zip(old["image_id"].to_pylist(), _keys(old), strict=True))
+    # the previous run's files under this run's uris (a copied or re-mounted archive has other uris)
+    now_at = {old_uri: uri for uri, (old_uri, _) in match_files(_fingerprints(run), _fingerprints(prev)).items()}
+    old_key = {i: (now_at.get(uri, uri), frame)
+               for i, (uri, frame) in zip(old["image_id"].to_pylist(), _keys(old), strict=True)}
     new_id = dict(zip(_keys(new), new["image_id"].to_pylist(), strict=True))
     by_uri: dict[str, list[int]] = defaultdict(list)
     for (uri, _frame), i in new_id.items():
         by_uri[uri].append(i)
-    old_uris = {k[0] for k in old_key.values()}
+    for old_uri, uri in now_at.items():  # labelled uris may name the files where the previous run saw them
+        if old_uri not in by_uri and uri in by_uri:
+            by_uri[old_uri] = by_uri[uri]
+    old_uris = set(old["uri"].to_pylist())
     state = dict(zip(images["image_id"].to_pylist(), images["state"].to_pylist(), strict=True))
     wanted, unknown, removed = [], [], 0
     for e in entries:

@@ -25,6 +25,7 @@ import ray
 
 from . import formats, imaging, schema
 from .config import ManifestConfig
+from .fingerprints import fingerprint_files
 from .formats.pseudonym import identifier_mapper, key_from_env
 from .runtime import as_completed
 from .storage import RunDir, filesystem, join_uri, read_uri, redact_uri, shard_name, split_uri, walk_files
@@ -355,10 +356,12 @@ def run_manifest(run: RunDir, src: str, cfg: ManifestConfig, storage_options: di
     run.remove(schema.MANIFEST_DIR)
     for i, off in enumerate(range(0, manifest.num_rows, cfg.shard_size)):
         run.write_table(f"{schema.MANIFEST_DIR}/{shard_name(i)}", manifest.slice(off, cfg.shard_size))
-    # file fingerprints (size, mtime_ns or ETag) that a later incremental run compares (incremental.py)
-    from .incremental import FILES_PATH, fingerprint_files
-
-    run.write_table(FILES_PATH, fingerprint_files(manifest.column("uri").to_pylist(), storage_options))
+    # file identities (path under the archive root, size, sampled digest or ETag) that a later incremental
+    # run compares (fingerprints.py)
+    root = cfg.root or (_dirname(src) if is_table(src) else src)
+    run.write_table(
+        schema.MANIFEST_FILES, fingerprint_files(manifest.column("uri").to_pylist(), storage_options, root=root)
+    )
     stats["n_shards"] = -(-manifest.num_rows // cfg.shard_size)
     stats["seconds"] = round(time.monotonic() - start, 3)
     run.mark_done(schema.MANIFEST_DIR, stats)

@@ -355,3 +355,56 @@ def test_runs_made_before_the_kl_warmup_setting_read_as_trained_without_it(tmp_p
     new.write_json("run.json", {"config": {"encoder": {"objective": "beta", "kl_warmup": 0.3}}})
     assert _encoder_config(new) == {**added, "objective": "beta", "kl_warmup": 0.3}
     assert _encoder_config(RunDir(str(tmp_path / "none"))) is None
+
+
+def test_a_copied_archive_is_recognised_by_content_not_path(grown, tmp_path):
+    """The archive copied elsewhere (new paths, new mtimes, same bytes) reuses every embedding and keeps the
+    labelled seeds; a file edited in the copy is seen as changed."""
+    archive, config, _, new, _, _ = grown
+    moved = tmp_path / "mounted" / "echo"
+    shutil.copytree(archive, moved, copy_function=shutil.copyfile)  # a plain copy: fresh mtimes
+    _image(str(moved / "img002.png"), 2002)  # edited in the copy: other content
+    out = RunDir(str(tmp_path / "moved"))
+    args = ["run", "--input", str(moved), "--output", out.uri, "--previous-run", new.uri, "--config", str(config)]
+    assert main(args) == 0
+    stats = out.read_json("incremental/_SUCCESS")
+    assert (stats["n_new"], stats["n_changed"], stats["n_removed"]) == (0, 1, 0), stats
+    assert stats["n_reused"] + stats["n_retried"] == N_OLD + N_ADDED - 1 - 1
+    seeds_before = new.read_bytes("incremental/labelled.csv").decode().split()[1:]
+    assert stats["n_labelled"] + stats["n_labelled_dropped"] == len(seeds_before) and stats["n_labelled"] >= 1
+    files = out.read_table(schema.MANIFEST_FILES).to_pylist()
+    assert {f["rel"] for f in files} == {p.name for p in moved.iterdir()}
+    assert all(f["digest"] and f["uri"].startswith(str(moved)) for f in files)
+
+
+def test_fingerprint_identity_rules(tmp_path):
+    """Files match by their path under the root; content by digest, else ETag, else mtime, always with the size."""
+    from enrich_dist.fingerprints import Fingerprint, fingerprint_files, relative_to, sampled_digest
+
+    assert relative_to("/data/echo/p1/a.png", "/data/echo") == "p1/a.png"
+    assert relative_to("/data/echo2/a.png", "/data/echo") is None  # a sibling prefix is not under the root
+    assert relative_to("s3://b/echo/a.png", "s3://b/echo/") == "a.png" and relative_to("s3://c/echo/a.png", "s3://b/echo") is None
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 1024)  # 256 KiB: head and tail sampled, middle not
+    first = sampled_digest(str(big), big.stat().st_size)
+    data = bytearray(big.read_bytes())
+    data[100_000] ^= 1  # the unsampled middle: the documented blind spot
+    big.write_bytes(bytes(data))
+    assert sampled_digest(str(big), big.stat().st_size) == first
+    data[10] ^= 1
+    big.write_bytes(bytes(data))
+    assert sampled_digest(str(big), big.stat().st_size) != first
+    table = fingerprint_files([str(big), str(tmp_path / "gone.png")], root=str(tmp_path))
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert rows[str(big)]["rel"] == "big.bin" and rows[str(tmp_path / "gone.png")]["size"] is None
+
+    def fp(**kw):
+        return Fingerprint({"uri": "u", "size": 10, **kw})
+
+    assert fp(digest="a", mtime_ns=1).same_content(fp(digest="a", mtime_ns=2))  # a copy: new mtime, same bytes
+    assert not fp(digest="a").same_content(fp(digest="b"))
+    assert fp(etag="e").same_content(fp(etag="e")) and not fp(etag="e").same_content(fp(etag="f"))
+    assert fp(mtime_ns=5).same_content(fp(mtime_ns=5)) and not fp(mtime_ns=5).same_content(fp(mtime_ns=6))
+    assert not fp(digest="a").same_content(Fingerprint({"uri": "u", "size": 11, "digest": "a"}))
+    assert not fp().same_content(fp())  # nothing to compare: changed, never silently reused
+    assert fp(rel="p/a.png").key == "rel:p/a.png" and fp().key == "uri:u"
