@@ -28,6 +28,7 @@ and in ``run.json`` under ``stages.incremental``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
@@ -39,8 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schema
-from .config import RunConfig
+from .config import EncoderConfig, RunConfig
 from .embed import REUSED_DIR  # the embed stage merges the rows copied there
+from .errors import ConfigError
 from .fingerprints import read_fingerprints
 from .storage import DONE_NAME, RunDir, filesystem, split_uri, with_retries
 
@@ -76,6 +78,34 @@ def _encoder_config(prev: RunDir) -> dict | None:
     return None
 
 
+def inherit_encoder_settings(prev: RunDir, cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the previous run's encoder settings (its encoder is reused); the device stays this run's."""
+    previous = _encoder_config(prev)
+    if previous is None:
+        return cfg
+    known = {f.name for f in dataclasses.fields(EncoderConfig)} - {"device"}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in previous.items() if k in known}
+    inherited = dataclasses.replace(cfg.encoder, **settings)
+    ours, default = dataclasses.asdict(cfg.encoder), dataclasses.asdict(EncoderConfig())
+    chosen = {k: (settings[k], v) for k, v in ours.items()
+              if k in settings and _comparable(v) != _comparable(default[k]) and _comparable(v) != _comparable(settings[k])}
+    if chosen:  # a setting changed from its default on purpose, and the reused encoder was trained otherwise
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(chosen.items()))
+        raise ConfigError(
+            f"--previous-run {prev.uri} trained its encoder with other settings ({shown}): an incremental run reuses "
+            "that encoder, so leave these at their defaults (they are inherited) or pass --retrain-encoder to "
+            "train a new encoder and embed everything fresh"
+        )
+    diffs = {k: (ours[k], v) for k, v in dataclasses.asdict(inherited).items() if _comparable(ours[k]) != _comparable(v)}
+    if diffs:
+        shown = ", ".join(f"{k} {b!r} (not {a!r})" for k, (a, b) in sorted(diffs.items()))
+        log.info(
+            "--previous-run %s: its encoder is reused, so its encoder settings apply: %s (--retrain-encoder trains "
+            "a new encoder with this run's settings)", prev.uri, shown,
+        )
+    return dataclasses.replace(cfg, encoder=inherited)
+
+
 def _embedder_identity(cfg: RunConfig) -> dict:
     ident = {"embedder": cfg.embed.embedder}
     if cfg.embed.embedder == "pixels":
@@ -92,7 +122,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
     inc = cfg.incremental
     fresh = "or drop --previous-run for a fresh run"
     if prev.uri == RunDir(cfg.output, prev.storage_options).uri:
-        raise ValueError(f"--previous-run {prev.uri} is this run's --output: give the new run its own --output folder")
+        raise ConfigError(f"--previous-run {prev.uri} is this run's --output: give the new run its own --output folder")
     if not prev.is_done(schema.MANIFEST_DIR):
         what = "does not exist" if not prev.exists("") else "has no completed manifest stage"
         raise FileNotFoundError(f"--previous-run {prev.uri} {what}: point it at a finished run dir, {fresh}")
@@ -102,13 +132,13 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
             "runs existed): make one fresh `enrich run` and use that as the previous run"
         )
     if cfg.embed.embedder == "byo":
-        raise ValueError(
+        raise ConfigError(
             "incremental runs reuse embeddings the tool computed; with --embedder byo import the grown "
             f"embeddings file in a fresh run instead ({fresh})"
         )
     prev_axis = prev.read_json(f"{schema.MANIFEST_DIR}/{DONE_NAME}").get("nifti_axis", cfg.manifest.nifti_axis)
     if prev_axis != cfg.manifest.nifti_axis:
-        raise ValueError(
+        raise ConfigError(
             f"--previous-run {prev.uri} sliced NIfTI volumes along axis {prev_axis}, this run asks for "
             f"{cfg.manifest.nifti_axis}: use --nifti-axis {prev_axis}, {fresh}"
         )
@@ -126,7 +156,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
     held = prev.read_json(ident_path) if prev.exists(ident_path) else {"embedder": "vae"}
     held = {k: v for k, v in held.items() if k in ("embedder", "pixel_size")}
     if held != _embedder_identity(cfg):
-        raise ValueError(
+        raise ConfigError(
             f"--previous-run {prev.uri} holds embeddings from {held}, this run asks for {_embedder_identity(cfg)}: "
             "embeddings of different embedders are not comparable; use the previous run's embedder options, "
             "or pass --retrain-encoder to embed everything fresh"
@@ -423,9 +453,12 @@ def resolve_previous(run: RunDir, value: str) -> str | None:
     return None
 
 
-def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The stages of an incremental run: ``incremental`` after the manifest, no evaluation; sets the seed file.
+def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], RunConfig]:
+    """The stages of an incremental run (``incremental`` after the manifest, no evaluation) and its config.
 
+    The config is a new one, ``cfg`` is left as it was: the previous run resolved, the labelled file as
+    the selection's seeds, and, when the previous run's encoder is reused, that encoder's settings (a
+    run may not claim settings its reused encoder was not trained with; the differences are logged).
     With ``previous_run`` "latest" and no finished sibling run (the first night), the run is a fresh one.
     """
     previous = resolve_previous(run, cfg.incremental.previous_run)
@@ -433,16 +466,21 @@ def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]
         log.warning(
             "--previous-run latest: no finished run dir beside %s to build on; this is a fresh run", run.uri
         )
-        cfg.incremental = type(cfg.incremental)()
-        return tuple(stages)
-    cfg.incremental.previous_run = previous
+        return tuple(stages), dataclasses.replace(cfg, incremental=type(cfg.incremental)())
     if cfg.select.seed_ids:
-        raise ValueError(
+        raise ConfigError(
             "--seed-ids cannot be combined with --previous-run: list the already-labelled images with --labelled FILE"
         )
+    cfg = dataclasses.replace(
+        cfg,
+        incremental=dataclasses.replace(cfg.incremental, previous_run=previous),
+        select=dataclasses.replace(cfg.select, seed_ids=run.uri_of(LABELLED_PATH)),
+    )
+    prev = RunDir(previous, run.storage_options)
+    if not cfg.incremental.retrain_encoder and cfg.embed.embedder in _TRAINED:
+        cfg = inherit_encoder_settings(prev, cfg)
     if not run.is_done(INCREMENTAL_DIR):
-        check_previous(RunDir(cfg.incremental.previous_run, run.storage_options), cfg)  # fail before any work
-    cfg.select.seed_ids = run.uri_of(LABELLED_PATH)
+        check_previous(prev, cfg)  # fail before any work
     out: list[str] = []
     for name in stages:
         if name == "evaluate":
@@ -456,7 +494,7 @@ def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]
             f"{run.uri} has no completed incremental stage: run `enrich run --input SRC --output {run.uri} "
             "--previous-run OLD` first"
         )
-    return tuple(out)
+    return tuple(out), cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
     if cfg.incremental.previous_run:  # an incremental run: see enrich_dist/incremental.py
         from .incremental import plan_stages
 
-        stages = plan_stages(run, cfg, stages)
+        stages, cfg = plan_stages(run, cfg, stages)  # a new config: cfg itself is left as it was
     elif cfg.incremental.labelled or cfg.incremental.retrain_encoder:
         raise ConfigError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
     check_compatible(run, cfg, stages)

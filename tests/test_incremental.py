@@ -228,9 +228,10 @@ def test_bad_inputs_name_the_run_dir_and_the_fix(grown, tmp_path, caplog):
     archive, config, old, _, _, _ = grown
     base = ["run", "--input", str(archive), "--config", str(config)]
     missing = str(tmp_path / "nowhere")
-    assert main([*base, "--output", str(tmp_path / "a"), "--previous-run", missing]) == 2
+    assert main([*base, "--output", str(tmp_path / "a"), "--previous-run", missing]) == 3  # run-dir data
     assert f"--previous-run {missing} does not exist" in caplog.text and "drop --previous-run" in caplog.text
     caplog.clear()
+    # a setting changed on purpose that the reused encoder was not trained with (defaults are inherited)
     assert main([*base, "--output", str(tmp_path / "b"), "--previous-run", old.uri, "--latent-dim", "8"]) == 2
     assert old.uri in caplog.text and "latent_dim 16 -> 8" in caplog.text and "--retrain-encoder" in caplog.text
     caplog.clear()
@@ -242,14 +243,14 @@ def test_bad_inputs_name_the_run_dir_and_the_fix(grown, tmp_path, caplog):
     caplog.clear()
     bad = tmp_path / "bad.txt"
     bad.write_text("999999\n")
-    assert main([*base, "--output", str(tmp_path / "e"), "--previous-run", old.uri, "--labelled", str(bad)]) == 2
+    assert main([*base, "--output", str(tmp_path / "e"), "--previous-run", old.uri, "--labelled", str(bad)]) == 3
     assert f"--labelled {bad}" in caplog.text and "999999" in caplog.text
     # a previous run made before fingerprints existed
     legacy = tmp_path / "legacy"
     shutil.copytree(old.uri, legacy)
     os.remove(legacy / FILES_PATH)
     caplog.clear()
-    assert main([*base, "--output", str(tmp_path / "f"), "--previous-run", str(legacy)]) == 2
+    assert main([*base, "--output", str(tmp_path / "f"), "--previous-run", str(legacy)]) == 3
     assert f"--previous-run {legacy} has no file fingerprints" in caplog.text
     for name in "abcdf":  # nothing was computed for a refused run
         assert not (tmp_path / name / "embeddings").exists()
@@ -408,3 +409,27 @@ def test_fingerprint_identity_rules(tmp_path):
     assert not fp(digest="a").same_content(Fingerprint({"uri": "u", "size": 11, "digest": "a"}))
     assert not fp().same_content(fp())  # nothing to compare: changed, never silently reused
     assert fp(rel="p/a.png").key == "rel:p/a.png" and fp().key == "uri:u"
+
+
+def test_reused_encoder_brings_its_settings(grown, tmp_path, caplog):
+    """An incremental run whose config leaves the encoder at its defaults inherits the previous run's encoder
+    settings (it reuses that encoder), says so, and records them; the caller's config is left as it was."""
+    from enrich_dist.config import RunConfig
+    from enrich_dist.incremental import plan_stages
+
+    archive, config, _, new, _, _ = grown
+    no_encoder = tmp_path / "run.yaml"
+    no_encoder.write_text("\n".join(line for line in CONFIG.splitlines() if not line.startswith("encoder")))
+    out = RunDir(str(tmp_path / "defaults"))
+    caplog.set_level(logging.INFO, logger="enrich_dist")
+    args = ["run", "--input", str(archive), "--output", out.uri, "--previous-run", new.uri, "--config", str(no_encoder)]
+    assert main(args) == 0
+    assert "its encoder is reused, so its encoder settings apply" in caplog.text and "epochs 1 (not 20)" in caplog.text
+    recorded = out.read_json("run.json")["config"]["encoder"]
+    assert (recorded["epochs"], recorded["latent_dim"], recorded["sample"]) == (1, 16, 20)
+    cfg = RunConfig(input=str(archive), output=str(tmp_path / "plan"))
+    cfg.incremental.previous_run = new.uri
+    stages, planned = plan_stages(RunDir(cfg.output), cfg, ("manifest", "embed", "select"))
+    assert stages == ("manifest", "incremental", "embed", "select")
+    assert planned.encoder.epochs == 1 and cfg.encoder.epochs == 20  # a new config; the given one is untouched
+    assert planned.select.seed_ids.endswith("incremental/labelled.csv") and cfg.select.seed_ids is None
