@@ -346,18 +346,20 @@ _NON_NEGATIVE = ">=0"
 _SIMILARITY = "[-1,1)"  # a cosine similarity used as a threshold
 _SHARE = "[0,1]"
 _OPEN_SHARE = "(0,1)"
+_FRACTION = "(0,1]"
 _RANGES: dict[str, tuple[str, ...]] = {
     _POSITIVE: (
         "manifest.shard_size", "encoder.epochs", "encoder.capacity", "encoder.latent_dim", "encoder.batch_size",
         "encoder.learning_rate", "encoder.temperature", "encoder.contrastive_batch_size", "encoder.image_size",
         "embed.pixel_size", "embed.batch_size", "embed.num_actors", "embed.decode_threads", "similarity.block_size",
         "similarity.top_k", "similarity.bins", "similarity.n_partitions", "similarity.nprobe", "similarity.sample_size",
-        "similarity.checkpoint_seconds", "select.replicates", "select.max_per_clip", "select.max_per_patient",
-        "select.checkpoint_seconds", "select.max_edges", "evaluate.image_size", "evaluate.width", "evaluate.replicates",
+        "select.replicates", "select.max_per_clip", "select.max_per_patient",
+        "select.max_edges", "evaluate.image_size", "evaluate.width", "evaluate.replicates",
         "evaluate.epochs", "evaluate.batch_size", "evaluate.learning_rate", "evaluate.seconds_per_image",
     ),
     _NON_NEGATIVE: (
         "encoder.beta", "encoder.gamma", "encoder.clip_window", "encoder.seed", "similarity.seed", "similarity.max_edges",
+        "similarity.checkpoint_seconds", "select.checkpoint_seconds",  # 0: a checkpoint after every unit of work
         "select.seed", "select.workers", "evaluate.min_steps", "evaluate.weight_decay", "evaluate.seed",
     ),
     _SIMILARITY: (
@@ -366,10 +368,11 @@ _RANGES: dict[str, tuple[str, ...]] = {
     ),
     _SHARE: ("encoder.kl_warmup", "encoder.clip_positives"),
     _OPEN_SHARE: ("evaluate.test_fraction", "evaluate.alpha"),
+    _FRACTION: ("evaluate.gpu_fraction",),
 }
 _IN_RANGE = {
     _POSITIVE: lambda v: v > 0, _NON_NEGATIVE: lambda v: v >= 0, _SIMILARITY: lambda v: -1 <= v < 1,
-    _SHARE: lambda v: 0 <= v <= 1, _OPEN_SHARE: lambda v: 0 < v < 1,
+    _SHARE: lambda v: 0 <= v <= 1, _OPEN_SHARE: lambda v: 0 < v < 1, _FRACTION: lambda v: 0 < v <= 1,
 }
 _RANGE_OF = {key: rule for rule, keys in _RANGES.items() for key in keys}
 _SIZES = {"encoder.sample", "select.seed_size", "select.batch_size", "select.budgets", "evaluate.budgets"}
@@ -446,6 +449,11 @@ def validate(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
                 f"similarity.duplicate_thresholds {low} lie below similarity.edge_threshold {sim.edge_threshold}: "
                 "the edge list holds only pairs above it; lower --edge-threshold or raise --duplicate-thresholds"
             )
+    ev = cfg.evaluate
+    if not problems and ev.task == "segmentation" and ev.model not in ("auto", "unet"):
+        problems.append(f"evaluate.model {ev.model!r} cannot learn masks: segmentation uses unet (or auto)")
+    if not problems and ev.task == "classification" and ev.model == "unet":
+        problems.append("evaluate.model 'unet' segments: classification uses auto, linear, cnn or resnet")
     if problems:
         raise ConfigError("; ".join(problems))
 

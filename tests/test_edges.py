@@ -167,8 +167,15 @@ def test_cli_edge_options() -> None:
                                       "--max-edge-pairs", "1000"])
     cfg = config_from_args(args).similarity
     assert (cfg.edge_threshold, cfg.max_edges) == (None, 1000)
-    args = build_parser().parse_args(["similarity", "--output", "r", "--edge-threshold", "0.95"])
+    args = build_parser().parse_args(["similarity", "--output", "r", "--edge-threshold", "0.95",
+                                      "--duplicate-thresholds", "0.98"])
     assert config_from_args(args).similarity.edge_threshold == 0.95
+    # the default duplicate threshold 0.9 would need pairs the edge list no longer keeps: refused at once
+    args = build_parser().parse_args(["similarity", "--output", "r", "--edge-threshold", "0.95"])
+    with pytest.raises(ValueError, match=r"duplicate_thresholds \[0.9\] lie below"):
+        config_from_args(args)
+    args = build_parser().parse_args(["similarity", "--output", "r", "--duplicate-thresholds", "none"])
+    assert config_from_args(args).similarity.duplicate_thresholds == ()
 
 
 def test_run_similarity_writes_duplicates_and_leakage(ray_local, run_dir) -> None:

@@ -272,7 +272,7 @@ def test_config_section_round_trips() -> None:
     cfg = RunConfig.from_dict({"evaluate": {"task": "segmentation", "budgets": [0.1, 0.5], "replicates": 3}})
     assert cfg.evaluate.budgets == (0.1, 0.5) and cfg.evaluate.replicates == 3
     assert RunConfig.from_dict(cfg.to_dict()).evaluate == cfg.evaluate
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key .epoch.*did you mean .epochs."):
         RunConfig.from_dict({"evaluate": {"epoch": 3}})
 
 
