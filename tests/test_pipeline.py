@@ -81,7 +81,7 @@ def test_demo_profile_reaches_the_archive(tmp_path, monkeypatch):
 
 
 def test_stage_without_inputs_names_the_command(ray_local, tmp_path, caplog):
-    assert main(["similarity", "--output", str(tmp_path / "empty")]) == 2
+    assert main(["similarity", "--output", str(tmp_path / "empty")]) == 3  # run-dir data
     assert "enrich embed" in caplog.text
 
 
