@@ -43,7 +43,7 @@ _OVERRIDES = {
     "embedder": ("embed", "embedder", str),
     "embeddings": ("embed", "embeddings", str),
     "pixel_size": ("embed", "pixel_size", int),
-    "device": ("embed", "device", str),
+    "embed_device": ("embed", "device", str),
     "block_size": ("similarity", "block_size", int),
     "top_k": ("similarity", "top_k", int),
     "thresholds": ("similarity", "thresholds", lambda v: tuple(parse_list(v))),
@@ -91,9 +91,12 @@ _OVERRIDES = {
 }
 
 
+# old option (its argparse dest after "deprecated_") -> the option that replaces it
+DEPRECATED = {"device": "embed_device", "eval_replicates": "eval_replicates", "eval_budgets": "eval_budgets",
+              "eval_epochs": "eval_epochs"}
+
 # config key -> the flag that sets it, so a validation error names both
 FLAGS = {f"{section}.{field}": "--" + opt.replace("_", "-") for opt, (section, field, _) in _OVERRIDES.items()}
-FLAGS.update({"select.replicates": "--replicates", "select.budgets": "--budgets", "encoder.epochs": "--epochs"})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -147,7 +150,9 @@ def _embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", help="bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy")
     p.add_argument("--pixel-size", help="side of the pixels embedder's grid (default 16: 256-d)")
     p.add_argument("--embed-batch-size", help="images per encoder batch (default 256)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="encoder device (default auto: GPU if Ray has one)")
+    p.add_argument("--embed-device", choices=["auto", "cpu", "cuda"],
+                   help="embedding device (default auto: GPU if Ray has one)")
+    p.add_argument("--device", dest="deprecated_device", choices=["auto", "cpu", "cuda"], help=argparse.SUPPRESS)
 
 
 def _similarity_opts(p: argparse.ArgumentParser) -> None:
@@ -192,19 +197,20 @@ def _select_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-workers", help="0: one process; k: k shard actors (default: by archive size)")
 
 
-def _evaluate_opts(p: argparse.ArgumentParser, full: bool) -> None:
+def _evaluate_opts(p: argparse.ArgumentParser, old_spellings: bool) -> None:
     p.add_argument("--task", choices=["classification", "segmentation"], help="what the models learn (default classification)")
     p.add_argument("--model", choices=["auto", "linear", "cnn", "resnet", "unet"], help="model per subset (default auto)")
-    if not full:
-        return
-    p.add_argument("--replicates", dest="eval_replicates", help="selection replicates to evaluate (default: all)")
-    p.add_argument("--budgets", dest="eval_budgets", help="budgets to evaluate (default: the selection's)")
-    p.add_argument("--epochs", dest="eval_epochs", help="training epochs per model (default 5)")
+    p.add_argument("--eval-replicates", help="selection replicates to evaluate (default: all)")
+    p.add_argument("--eval-budgets", help="budgets to evaluate (default: the selection's)")
+    p.add_argument("--eval-epochs", help="training epochs per model (default 5)")
     p.add_argument("--image-size", help="model input size (default: the model's)")
     p.add_argument("--test-fraction", help="test share when the tool makes a patient-disjoint split (default 0.2)")
     p.add_argument("--seconds-per-image", help="expert labelling time per image (default 1 s classification, 300 s segmentation)")
     p.add_argument("--gpu-fraction", help="GPU share per training task when the cluster has GPUs (default 0.25)")
     p.add_argument("--alpha", help="significance level of the Mann-Whitney U tests (default 0.05)")
+    if old_spellings:  # `enrich evaluate` of earlier releases; in `run` these names set other stages' settings
+        for old in ("replicates", "budgets", "epochs"):
+            p.add_argument(f"--{old}", dest=f"deprecated_eval_{old}", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("similarity", help="all-pairs cosine similarity statistics")
     sel = sub.add_parser("select", help="rank images from least to most redundant")
     evl = sub.add_parser("evaluate", help="train models on ENRICH vs random subsets and compare them")
-    _evaluate_opts(evl, full=True)
+    _evaluate_opts(evl, old_spellings=True)
     for p in (demo, run):
-        _evaluate_opts(p, full=False)
+        _evaluate_opts(p, old_spellings=False)
     rep = sub.add_parser("report", help="write report/index.html")
     exp = sub.add_parser("export", help="the images to label first: csv, parquet, Label Studio tasks or a folder of links")
     exp.add_argument("--output", required=True, help="the run dir (local path or s3://...)")
@@ -290,6 +296,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.num_cpus = args.num_cpus or cfg.num_cpus
     if getattr(args, "embeddings", None) and not getattr(args, "embedder", None):
         args.embedder = "byo"
+    for old, new in DEPRECATED.items():
+        value = getattr(args, f"deprecated_{old}", None)
+        if value is not None:
+            old_flag, new_flag = "--" + old.removeprefix("eval_").replace("_", "-"), "--" + new.replace("_", "-")
+            log.warning("%s is deprecated and will be removed in the next release: use %s", old_flag, new_flag)
+            if getattr(args, new, None) is None:
+                setattr(args, new, value)
     for opt, (section, field, parse) in _OVERRIDES.items():
         value = getattr(args, opt, None)
         if value is not None:

@@ -70,7 +70,7 @@ def entrypoint(values: dict, profile: str) -> str:
     p = values["pipeline"]
     device = values["profiles"][profile]["device"]
     head = shlex.join(["python", "-m", "enrich_dist", "run", "--input", p["input"]])
-    tail = shlex.join(["--device", device, *p["args"]])
+    tail = shlex.join(["--embed-device", device, *p["args"]])
     if not p["datedOutput"]:
         return f"{head} --output {shlex.quote(p['output'])} {tail}"
     if set(p["output"]) & set('"$`\\') or not p["output"]:

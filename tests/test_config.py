@@ -187,3 +187,27 @@ def test_a_defect_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "run_stages", broken)
     with pytest.raises(KeyError):
         cli.main(["report", "--output", str(tmp_path)])
+
+
+def test_one_option_name_per_setting_and_old_spellings_warn(caplog):
+    """--embed-device and --eval-* name their settings in every command; the old spellings still work, with a
+    warning; every stage option of `enrich run` means the same setting as in its own stage command."""
+    from enrich_dist.cli import _OVERRIDES, build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args([*argv, "--output", "r"]))
+
+    assert cfg("embed", "--embed-device", "cpu").embed.device == "cpu"
+    assert cfg("run", "--input", "x", "--embed-device", "cpu", "--eval-epochs", "3").evaluate.epochs == 3
+    new = cfg("evaluate", "--eval-replicates", "2", "--eval-budgets", "0.1,0.2", "--eval-epochs", "4").evaluate
+    caplog.clear()
+    old = cfg("evaluate", "--replicates", "2", "--budgets", "0.1,0.2", "--epochs", "4").evaluate
+    assert old == new and "--epochs is deprecated" in caplog.text and "use --eval-epochs" in caplog.text
+    caplog.clear()
+    assert cfg("embed", "--device", "cuda").embed.device == "cuda" and "use --embed-device" in caplog.text
+    # in `run`, --epochs/--replicates/--budgets stay the encoder's and the selection's settings
+    run = cfg("run", "--input", "x", "--epochs", "7", "--replicates", "3", "--budgets", "0.5,1.0")
+    assert (run.encoder.epochs, run.select.replicates, run.evaluate.epochs) == (7, 3, 5)
+    # one flag per setting: no two options write the same config field
+    fields = [(section, field) for section, field, _ in _OVERRIDES.values()]
+    assert len(fields) == len(set(fields))

@@ -184,7 +184,7 @@ def test_submit_helper_forwards_settings_never_credentials():
     }
     assert "do-not-ship" not in " ".join(cmd) and "AKIAEXAMPLE" not in " ".join(cmd)
     assert cmd[cmd.index("--") + 1 :] == [
-        "python", "enrich_job.py", "run", "--input", "s3://a/i", "--output", "s3://r/n", "--device", "cuda",
+        "python", "enrich_job.py", "run", "--input", "s3://a/i", "--output", "s3://r/n", "--embed-device", "cuda",
     ]
     assert "--entrypoint-num-gpus" not in cmd  # every GPU goes to an embed actor
 

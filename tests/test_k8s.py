@@ -219,7 +219,7 @@ def test_one_source_for_image_entrypoint_and_schedule(profile):
     output = VALUES["pipeline"]["output"]
     assert re.fullmatch(re.escape(output) + r"/\d{4}-\d{2}-\d{2}", args.output) if VALUES["pipeline"]["datedOutput"] \
         else args.output == output
-    assert args.device == VALUES["profiles"][profile]["device"]
+    assert args.embed_device == VALUES["profiles"][profile]["device"]
 
 
 def test_entrypoint_quotes_what_it_must():
@@ -237,7 +237,7 @@ def test_gpu_profile_asks_for_gpus_and_cpu_profile_does_not():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == VALUES["profiles"]["gpu"]["workers"]["gpu"] >= 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"]["tolerations"]
     assert group["minReplicas"] == group["replicas"] == group["maxReplicas"]  # GPUs present when embed plans its actors
-    assert "--device cuda" in gpu["entrypoint"]
+    assert "--embed-device cuda" in gpu["entrypoint"]
     assert "entrypointNumGpus" not in gpu  # the driver holds no GPU: each one is an embed actor's
     assert gpu["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
     cpu = render.rayjob(VALUES, "cpu")["spec"]
