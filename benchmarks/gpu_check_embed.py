@@ -78,7 +78,7 @@ def label_agreement(vectors: np.ndarray, labels: np.ndarray, patients: np.ndarra
     """Share of images whose most similar image of ANOTHER patient has the same label (view).
 
     A check of what an embedding captures, using the synthetic archive's labels (the product never
-    uses labels to embed or select): frames of one clip are near-duplicates, so neighbours from the
+    uses labels to embed or select): frames of one clip are near-duplicates, so neighbors from the
     same patient are excluded.
     """
     x = torch.as_tensor(np.ascontiguousarray(vectors, np.float32), device=device)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "fp32_deterministic": bool(np.array_equal(embeddings["fp32_first"], ref)),
             **{f"fp32_vs_{p}": compare(ref, embeddings[p]) for p in precisions[1:]},
         }
-        # what the embeddings capture: same-view neighbour across patients (labels used only here)
+        # what the embeddings capture: same-view neighbor across patients (labels used only here)
         pixels = PixelEmbedder(16)(images)
         result["label_agreement"] = {
             "vae_" + cfg.objective: label_agreement(ref, labels, patients, device),

@@ -165,7 +165,7 @@ def stage_with_actors(x: np.ndarray, workers: int, seed_size: int, lists: tuple)
         )
         run.write_table("manifest/part-00000.parquet", pa.table(manifest, schema=MANIFEST))
         thresholds = (0.5, 0.7, 0.9)
-        neighbours = {
+        neighbors = {
             "image_id": pa.array(ids),
             "max_sim": pa.array(lists[1][:, 0]),
             "nn_ids": pa.FixedSizeListArray.from_arrays(lists[0].ravel(), lists[0].shape[1]).cast(
@@ -178,7 +178,7 @@ def stage_with_actors(x: np.ndarray, workers: int, seed_size: int, lists: tuple)
         }
         run.write_table(
             "similarity/neighbors/part-00000.parquet",
-            pa.Table.from_pydict(neighbours, schema=neighbors_schema(thresholds)),
+            pa.Table.from_pydict(neighbors, schema=neighbors_schema(thresholds)),
         )
         summary = {"n_images": n, "exact": True, "top_k": lists[0].shape[1]}
         run.write_json("similarity/summary.json", summary)
@@ -189,7 +189,7 @@ def stage_with_actors(x: np.ndarray, workers: int, seed_size: int, lists: tuple)
         ranking = run.read_table("selection/ranking.parquet")
     order = ranking["image_id"].to_numpy()
     seeds = order[ranking["is_seed"].to_numpy()]
-    single, single_s = timed(exact_greedy, x, seeds, neighbours=lists)
+    single, single_s = timed(exact_greedy, x, seeds, neighbors=lists)
     if not np.array_equal(order, single.order):
         raise AssertionError(
             f"actor ranking differs from one process at rank {first_difference(order, single.order)}"
@@ -229,7 +229,7 @@ def main() -> None:
     with limits:
         plain, plain_s = timed(exact_greedy, x, seeds, "max", pool=args.pool)
         log.info("exact greedy without pruning: %.2f s", plain_s)
-        exact, exact_s = timed(exact_greedy, x, seeds, "max", pool=args.pool, neighbours=lists)
+        exact, exact_s = timed(exact_greedy, x, seeds, "max", pool=args.pool, neighbors=lists)
         log.info("exact greedy with pruning: %.2f s", exact_s)
         floor_s = gemm_floor(x, plain.order, len(seeds), args.pool)
         log.info("bare GEMMs of an unpruned run: %.2f s", floor_s)
@@ -245,11 +245,11 @@ def main() -> None:
         batch_s = []
         for r in range(args.replicates):
             rep_seeds = choose_seeds(args.n, args.seed_size, np.random.default_rng([args.seed, r]))
-            ranking, seconds = timed(batch_greedy, x, rep_seeds, args.batch_size, neighbours=lists)
+            ranking, seconds = timed(batch_greedy, x, rep_seeds, args.batch_size, neighbors=lists)
             batch_s.append(seconds)
             log.info("batch replicate %d: %.2f s, %d rounds", r, seconds, ranking.round.max())
-    exact_mb = peak_mib(exact_greedy, x, seeds, "max", pool=args.pool, neighbours=lists)
-    batch_mb = peak_mib(batch_greedy, x, seeds, args.batch_size, neighbours=lists)
+    exact_mb = peak_mib(exact_greedy, x, seeds, "max", pool=args.pool, neighbors=lists)
+    batch_mb = peak_mib(batch_greedy, x, seeds, args.batch_size, neighbors=lists)
     log.info("peak traced memory: exact %.0f MiB, batch %.0f MiB", exact_mb, batch_mb)
 
     result = {

@@ -52,7 +52,7 @@ from enrich_dist.selection.coverage import (
     duplicate_groups,
     duplicate_guard,
     herding_ranking,
-    neighbour_graph,
+    neighbor_graph,
 )
 
 log = logging.getLogger("benchmarks.selection_quality")
@@ -160,7 +160,7 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     n = len(pool)
     start = time.perf_counter()
     delta, info = choose_delta(x, seed=args.seed)
-    graph = neighbour_graph(x, delta)
+    graph = neighbor_graph(x, delta)
     groups = duplicate_groups(x, args.duplicate_threshold)
     log.info(
         "%s: %d pool images (%d sources), %d test; delta %.2f (purity rule, passed %s), %d edges, %d duplicate groups (t %.2f); %.1f s",

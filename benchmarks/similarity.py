@@ -7,7 +7,7 @@ the ratio of the best stage to the best GEMM run, the median of each stage run o
 just before it (steadier on a shared machine), and the peak resident memory of the driver and of
 the Ray workers, and appends it to ``--out``. Wall times on a shared machine move with its load, so
 each run also records the CPU seconds spent by the driver and every Ray process it started (workers,
-raylet, GCS): their ratio, stage over GEMM, is the same work comparison without the neighbours'
+raylet, GCS): their ratio, stage over GEMM, is the same work comparison without the neighbors'
 load (it leaves out idle waits, which the wall-time ratio counts). ``--mode approx``
 times the approximate mode instead (no GEMM baseline) and reports its measured recall.
 

@@ -12,6 +12,7 @@ Every table joins the manifest's ``uri``, ``frame``, ``patient_id`` and ``clip_i
 from __future__ import annotations
 
 import posixpath
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 DATASETS = {
     "manifest": MANIFEST_DIR,
     "embeddings": EMBEDDINGS_DIR,
-    "neighbours": NEIGHBORS_DIR,
+    "neighbors": NEIGHBORS_DIR,
     "edges": EDGES_DIR,
 }
 JOINED = ["uri", "frame", "patient_id", "clip_id"]
@@ -100,10 +101,15 @@ class Run:
                 raise ValueError(f"no replicate {replicate} in {self.dir.uri_of(path)}")
         return self._joined(table).sort_values(["replicate", "rank"], ignore_index=True)
 
-    def neighbours(self) -> pd.DataFrame:
+    def neighbors(self) -> pd.DataFrame:
         """Each image's top-k most similar images (``nn_ids``, ``nn_sims``, best first) and threshold counts."""
         self.dir.require(SIMILARITY_DIR, "similarity")
         return self._joined(self.dir.read_table(NEIGHBORS_DIR)).sort_values("image_id", ignore_index=True)
+
+    def neighbours(self) -> pd.DataFrame:
+        """The earlier spelling of :meth:`neighbors`, kept for one release."""
+        warnings.warn("open_run(...).neighbours() is renamed neighbors()", DeprecationWarning, stacklevel=2)
+        return self.neighbors()
 
     def duplicates(self, t: float = 0.9, what: str = "groups", keep: str | None = None) -> pd.DataFrame:
         """Near-duplicates above ``t``: ``groups`` (connected components), ``remove`` (images to drop) or ``leakage``.
@@ -144,7 +150,7 @@ class Run:
         return self.dir.read_json(SIMILARITY_SUMMARY)
 
     def dataset(self, name: str) -> ray.data.Dataset:
-        """A stage's shards as a Ray Dataset (``manifest``, ``embeddings``, ``neighbours``, ``edges``)."""
+        """A stage's shards as a Ray Dataset (``manifest``, ``embeddings``, ``neighbors``, ``edges``)."""
         import ray.data
 
         if name not in DATASETS:

@@ -157,7 +157,7 @@ def _embed_opts(p: argparse.ArgumentParser) -> None:
 
 def _similarity_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", help="rows per similarity block (default: chosen from --max-memory)")
-    p.add_argument("--top-k", help="neighbours kept per image (default 10)")
+    p.add_argument("--top-k", help="neighbors kept per image (default 10)")
     p.add_argument("--thresholds", help="similarity thresholds (default 0.5,0.7,0.9)")
     p.add_argument("--max-memory", help="memory for the similarity stage's buffers, e.g. 4G, 512M (default 2G)")
     p.add_argument("--similarity-mode", choices=["exact", "approx"], help="all pairs (default) or k-means partitions")
@@ -181,7 +181,7 @@ def _select_opts(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--delta", help="coverage/herding: similarity above which two images cover each other "
                    "(default: ProbCover's label-free purity rule, recorded in selection.json)")
-    p.add_argument("--max-edges", help="coverage/herding: most stored neighbour pairs of the graph (default 50000000)")
+    p.add_argument("--max-edges", help="coverage/herding: most stored neighbor pairs of the graph (default 50000000)")
     p.add_argument("--duplicate-threshold", help="duplicate guard: no second image of a group of near-duplicates "
                    "(similarity above this) before every group has one (default: off)")
     p.add_argument("--seed-size", help="random seed set: count or fraction (default 0.022)")

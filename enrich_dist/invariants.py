@@ -72,7 +72,7 @@ def _duplicates(sorted_ids: np.ndarray) -> int:
 
 
 def _float_values(column) -> np.ndarray:
-    """The non-null values of a number or list-of-number column, flattened, as float64 (null: no neighbour)."""
+    """The non-null values of a number or list-of-number column, flattened, as float64 (null: no neighbor)."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     while pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) or pa.types.is_large_list(
         column.type
@@ -193,7 +193,7 @@ def check_embed(run: RunDir) -> tuple[dict, list[str]]:
 
 
 def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
-    """One neighbour row per embedding, no id twice, finite similarities, neighbours among the embedded ids."""
+    """One neighbor row per embedding, no id twice, finite similarities, neighbors among the embedded ids."""
     embedded = np.sort(_ids_of(run, EMBEDDINGS_DIR))
     rows = nan = stray = 0
     for path in run.shards(NEIGHBORS_DIR).values():
@@ -209,17 +209,17 @@ def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
     dup = _duplicates(ids)
     problems = []
     if rows != len(embedded) or not np.array_equal(np.unique(ids), embedded):
-        problems.append(f"{rows} neighbour rows for {len(embedded)} embeddings (or other image_ids)")
+        problems.append(f"{rows} neighbor rows for {len(embedded)} embeddings (or other image_ids)")
     if dup:
         problems.append(f"{dup} duplicate image_ids")
     if nan:
         problems.append(f"{nan} NaN similarities")
     if stray:
-        problems.append(f"{stray} neighbour ids that are not embedded images")
+        problems.append(f"{stray} neighbor ids that are not embedded images")
     summary_path = SIMILARITY_SUMMARY
     summary = run.read_json(summary_path) if run.exists(summary_path) else {}
     if summary.get("n_images") != rows:
-        problems.append(f"summary.json counts {summary.get('n_images')} images, the neighbour shards {rows}")
+        problems.append(f"summary.json counts {summary.get('n_images')} images, the neighbor shards {rows}")
     return {"rows": rows, "embeddings": int(len(embedded)), "duplicate_ids": dup, "nan": nan}, problems
 
 

@@ -73,7 +73,7 @@ EMBED_ERRORS = pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("erro
 
 
 def neighbors_schema(thresholds: tuple[float, ...] | list[float]) -> pa.Schema:
-    """Per-image nearest neighbours and threshold counts."""
+    """Per-image nearest neighbors and threshold counts."""
     fields = [
         ("image_id", pa.int64()),
         ("max_sim", pa.float32()),
@@ -85,7 +85,7 @@ def neighbors_schema(thresholds: tuple[float, ...] | list[float]) -> pa.Schema:
 
 
 def threshold_column(t: float) -> str:
-    """Column name of the count of neighbours strictly above ``t`` (``n_above_0.7``)."""
+    """Column name of the count of neighbors strictly above ``t`` (``n_above_0.7``)."""
     return f"n_above_{t:g}"
 
 

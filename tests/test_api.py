@@ -47,8 +47,10 @@ def test_readme_example_runs_and_tables_join_the_manifest(ray_local, tmp_path, m
     assert set(groups.columns) >= {"image_id", "group_id", "group_size", "uri"}
     summary = r.summary()
     assert summary["duplicates"]["thresholds"]["0.9"]["remove"] == len(drop)
-    neighbours = r.neighbours()
-    assert len(neighbours) == len(manifest) and "nn_ids" in neighbours
+    neighbors = r.neighbors()
+    assert len(neighbors) == len(manifest) and "nn_ids" in neighbors
+    with pytest.warns(DeprecationWarning, match="renamed neighbors"):
+        assert r.neighbours().equals(neighbors)  # the earlier spelling, for one release
     assert r.dataset("edges").count() == summary["edges"]["pairs"]
     import pandas as pd  # a stage folder reads whole: no side file among its shards
 

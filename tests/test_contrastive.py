@@ -121,7 +121,7 @@ def test_nt_xent_equals_its_definition():
 
 
 def test_training_makes_frames_of_a_clip_find_each_other():
-    """On jittered clips the trained encoder's nearest neighbours are siblings far more often than untrained."""
+    """On jittered clips the trained encoder's nearest neighbors are siblings far more often than untrained."""
     images, clip = jittered_clips(60, 4)
     cfg = dataclasses.replace(TINY, epochs=12, contrastive_batch_size=64, latent_dim=64)
     torch.manual_seed(cfg.seed)

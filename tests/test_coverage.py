@@ -1,4 +1,4 @@
-"""Coverage rules against dense brute-force loops: neighbour graph, delta rule, coverage, herding, duplicates."""
+"""Coverage rules against dense brute-force loops: neighbor graph, delta rule, coverage, herding, duplicates."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from enrich_dist.selection.coverage import (
     duplicate_groups,
     duplicate_guard,
     herding_ranking,
-    neighbour_graph,
+    neighbor_graph,
     pseudo_labels,
 )
 from enrich_dist.selection.sims import exact_sims
@@ -34,7 +34,7 @@ def make_points(kind: str, n: int, seed: int = 0) -> np.ndarray:
     elif kind == "clusters":
         centres = rng.standard_normal((max(1, n // 10), 6))
         x = centres[rng.integers(0, len(centres), n)] + 0.15 * rng.standard_normal((n, 6))
-        x[: max(1, n // 8)] = rng.standard_normal((max(1, n // 8), 6))  # outliers, often without neighbours
+        x[: max(1, n // 8)] = rng.standard_normal((max(1, n // 8), 6))  # outliers, often without neighbors
     else:
         x = rng.standard_normal((n, 6))
         if kind == "duplicates":
@@ -147,7 +147,7 @@ def brute_guard(order: np.ndarray, groups: np.ndarray, n_seeds: int) -> np.ndarr
 
 
 def point_graphs() -> list[tuple[str, np.ndarray, float]]:
-    """Points of every kind and size with a threshold giving few to many neighbours."""
+    """Points of every kind and size with a threshold giving few to many neighbors."""
     return [
         (f"{kind}-{n}-{delta}", make_points(kind, n), delta)
         for kind in KINDS
@@ -157,7 +157,7 @@ def point_graphs() -> list[tuple[str, np.ndarray, float]]:
 
 
 def hand_graphs() -> list[tuple[str, sp.csr_matrix]]:
-    """Small graphs with tied weights, rows without neighbours, cliques, a star and stored diagonals."""
+    """Small graphs with tied weights, rows without neighbors, cliques, a star and stored diagonals."""
     rng = np.random.default_rng(7)
     graphs = []
     for n in (1, 2, 7, 50, 123):
@@ -180,42 +180,42 @@ def hand_graphs() -> list[tuple[str, sp.csr_matrix]]:
 
 
 def all_graphs() -> list[tuple[str, sp.csr_matrix]]:
-    """Graphs built by :func:`neighbour_graph` and by hand."""
-    return [(name, neighbour_graph(x, delta)) for name, x, delta in point_graphs()] + hand_graphs()
+    """Graphs built by :func:`neighbor_graph` and by hand."""
+    return [(name, neighbor_graph(x, delta)) for name, x, delta in point_graphs()] + hand_graphs()
 
 
 GRAPHS = all_graphs()
 
 
-# ---------------------------------------------------------------- neighbour graph
+# ---------------------------------------------------------------- neighbor graph
 
 
 @pytest.mark.parametrize("name,x,delta", [pytest.param(*p, id=p[0]) for p in point_graphs()])
-def test_neighbour_graph_matches_dense_pairs(name, x, delta):
+def test_neighbor_graph_matches_dense_pairs(name, x, delta):
     want = brute_graph(x, delta)
     for block in (1, 3, 16, 4096):
-        graph = neighbour_graph(x, delta, block=block)
+        graph = neighbor_graph(x, delta, block=block)
         assert graph.dtype == np.float32 and graph.has_sorted_indices
         assert np.array_equal(graph.toarray(), want), (name, block)
         assert graph.nnz == np.count_nonzero(want)
 
 
-def test_neighbour_graph_edge_cases():
-    assert neighbour_graph(np.zeros((0, 4), np.float32), 0.5).shape == (0, 0)
-    assert neighbour_graph(make_points("gauss", 1), -2.0).nnz == 0
+def test_neighbor_graph_edge_cases():
+    assert neighbor_graph(np.zeros((0, 4), np.float32), 0.5).shape == (0, 0)
+    assert neighbor_graph(make_points("gauss", 1), -2.0).nnz == 0
     x = make_points("gauss", 9)
-    assert neighbour_graph(x, -2.0).nnz == 9 * 8  # every pair, never the diagonal
+    assert neighbor_graph(x, -2.0).nnz == 9 * 8  # every pair, never the diagonal
     with pytest.raises(ValueError, match="2-D"):
-        neighbour_graph(np.zeros(4), 0.5)
+        neighbor_graph(np.zeros(4), 0.5)
 
 
-def test_neighbour_graph_edge_limit_names_the_count_and_the_fix():
+def test_neighbor_graph_edge_limit_names_the_count_and_the_fix():
     x = np.repeat(make_points("gauss", 1), 40, axis=0)
     with pytest.raises(
         ValueError, match=r"max_edges=100 edges \(\d+ found in 1 of 4 row blocks\).*higher delta"
     ):
-        neighbour_graph(x, 0.5, block=10, max_edges=100)
-    assert neighbour_graph(x, 0.5, block=10, max_edges=40 * 39).nnz == 40 * 39
+        neighbor_graph(x, 0.5, block=10, max_edges=100)
+    assert neighbor_graph(x, 0.5, block=10, max_edges=40 * 39).nnz == 40 * 39
 
 
 # ---------------------------------------------------------------- delta rule
@@ -316,7 +316,7 @@ def test_herding_prefers_the_centre_and_restarts_only_when_saturated():
 
 
 def test_rankings_reject_bad_inputs():
-    graph = neighbour_graph(make_points("duplicates", 20), 0.5)
+    graph = neighbor_graph(make_points("duplicates", 20), 0.5)
     for rank in (coverage_ranking, herding_ranking):
         with pytest.raises(ValueError, match="distinct"):
             rank(graph, 20, [1, 1])
@@ -346,7 +346,7 @@ def test_prefixes_cover_more_than_random_and_farthest_first_on_a_skewed_archive(
     labels = np.repeat(np.arange(11), sizes)
     x = centres[labels] + np.where(labels == 0, 0.6, 0.25)[:, None] * rng.standard_normal((1000, 16))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    graph = neighbour_graph(x, 0.8)
+    graph = neighbor_graph(x, 0.8)
     seeds, budget = np.array([int(rng.integers(1000))]), 20
     randoms = [covered_share(graph, rng.choice(1000, budget, replace=False)) for _ in range(200)]
     farthest = covered_share(graph, exact_greedy(x, seeds).order[:budget])
@@ -371,7 +371,7 @@ def test_duplicate_groups_match_dense_components(kind):
     for t in (0.9, 0.999):
         want = brute_groups(x, t)
         assert np.array_equal(duplicate_groups(x, t), want)
-        assert np.array_equal(duplicate_groups(neighbour_graph(x, 0.5), t), want)
+        assert np.array_equal(duplicate_groups(neighbor_graph(x, 0.5), t), want)
 
 
 def test_duplicate_guard_matches_the_loop():
@@ -395,7 +395,7 @@ def test_duplicate_guard_on_a_coverage_ranking_keeps_seeds_and_spreads_duplicate
     x = make_points("duplicates", 50)
     groups = duplicate_groups(x, 0.999)
     seeds = np.array([3, 40])
-    ranking = coverage_ranking(neighbour_graph(x, 0.3), 50, seeds)
+    ranking = coverage_ranking(neighbor_graph(x, 0.3), 50, seeds)
     guarded = duplicate_guard(ranking.order, groups, len(seeds))
     assert np.array_equal(guarded[:2], seeds)
     new = len(np.setdiff1d(groups, groups[seeds]))

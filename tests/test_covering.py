@@ -13,7 +13,7 @@ from enrich_dist.selection.coverage import (
     duplicate_groups,
     duplicate_guard,
     herding_ranking,
-    neighbour_graph,
+    neighbor_graph,
 )
 from enrich_dist.selection.covering import constrained_positions
 from enrich_dist.selection.rules import Rules
@@ -80,7 +80,7 @@ def test_stage_coverage_modes_equal_the_rules(ray_local, run_dir, mode: str) -> 
         [r["embedding"] for r in sorted(run_dir.read_table("embeddings").to_pylist(), key=lambda r: r["image_id"])],
         np.float32,
     )
-    graph = neighbour_graph(x, 0.6)
+    graph = neighbor_graph(x, 0.6)
     rule = coverage_ranking if mode == "coverage" else herding_ranking
     ranking = run_dir.read_table("selection/ranking.parquet")
     for r in range(2):
@@ -156,7 +156,7 @@ def test_graph_from_the_edge_list_equals_the_blocked_pass(n: int, delta: float) 
     g = x @ x.T
     a, b = np.nonzero(np.triu(g > np.float32(0.5), 1))
     got = graph_from_pairs(x, a, b, 0.5, delta)
-    want = neighbour_graph(x, delta)
+    want = neighbor_graph(x, delta)
     assert (got != want).nnz == 0 and got.nnz == want.nnz
     np.testing.assert_array_equal(got.indptr, want.indptr)
     np.testing.assert_array_equal(got.indices, want.indices)

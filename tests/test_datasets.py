@@ -159,7 +159,7 @@ def test_redundancy_within_clip_then_patient_then_archive():
 
 
 def test_frames_at_64_pixels_are_near_but_not_duplicates():
-    """What the encoder sees: neighbouring frames close, frames a beat apart less so, never identical."""
+    """What the encoder sees: neighboring frames close, frames a beat apart less so, never identical."""
     near, far = [], []
     for plan in plan_archive(200, seed=1)[:10]:
         frames, _ = render_clip(plan.patient, plan.clip, 12, plan.rng_seed)

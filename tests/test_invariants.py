@@ -97,7 +97,7 @@ def _nan_embedding(table: pa.Table) -> pa.Table:
         ("embed", "embeddings/part-00000.parquet", _duplicate_first_id, "1 duplicate image_ids"),
         ("embed", "embeddings/part-00000.parquet", _nan_embedding, "1 embeddings with NaN"),
         ("embed", "embeddings/part-00000.parquet", lambda t: t.slice(1), "do not cover the manifest's 12 ok rows"),
-        ("similarity", "similarity/neighbors/part-00000.parquet", lambda t: t.slice(1), "11 neighbour rows for 12"),
+        ("similarity", "similarity/neighbors/part-00000.parquet", lambda t: t.slice(1), "11 neighbor rows for 12"),
         ("select", "selection/ranking.parquet", _duplicate_first_id, "replicate 0 is not a permutation"),
         ("select", "selection/random_ranking.parquet", lambda t: t.slice(2), "random_ranking.parquet replicate 0"),
     ],

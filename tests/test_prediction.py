@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_selection import write_inputs, write_neighbours
+from test_selection import write_inputs, write_neighbors
 
 from enrich_dist.config import SelectConfig
 from enrich_dist.report.prediction import observed, recommended_budget, repeat_shares
 from enrich_dist.report.stage import run_report
 from enrich_dist.selection import run_select
-from enrich_dist.selection.repeats import concentration, repeats_by_group, repeats_by_neighbours
+from enrich_dist.selection.repeats import concentration, repeats_by_group, repeats_by_neighbors
 from enrich_dist.storage import RunDir
 
 
@@ -24,13 +24,13 @@ def test_repeats_by_group_equal_brute_force():
         assert got.tolist() == want
 
 
-def test_repeats_by_neighbours_equal_brute_force():
+def test_repeats_by_neighbors_equal_brute_force():
     rng = np.random.default_rng(2)
     for n, k in ((1, 1), (5, 3), (40, 6)):
         rows = rng.integers(-1, n, (n, k))
         sims = rng.choice([0.5, 0.9, 0.9000001, 0.99], (n, k)).astype(np.float32)
         order = rng.permutation(n)
-        got = repeats_by_neighbours(order, rows, sims, 0.9)
+        got = repeats_by_neighbors(order, rows, sims, 0.9)
         position = {int(i): p for p, i in enumerate(order)}
         want = [
             any(rows[i, j] >= 0 and sims[i, j] > 0.9 and position[int(rows[i, j])] < position[int(i)] for j in range(k))
@@ -96,10 +96,10 @@ def test_select_counts_repeats_and_the_report_predicts(ray_local, tmp_path):
     assert "observed (evaluation)" in html and ">ahead<" in html
 
 
-def test_without_clips_repeats_come_from_the_neighbour_lists(ray_local, tmp_path):
+def test_without_clips_repeats_come_from_the_neighbor_lists(ray_local, tmp_path):
     run = RunDir(str(tmp_path / "run"))
     ids = write_inputs(run, 30, annotated=False)
-    write_neighbours(run, ids, 3)
+    write_neighbors(run, ids, 3)
     stats = run_select(run, SelectConfig(seed_size=2, budgets=(0.5, 1.0), replicates=1))
     assert stats["repeats_measured_by"] == "similarity > 0.9"
     assert stats["redundancy_concentration"]["measure"] == "similarity > 0.9"

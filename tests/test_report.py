@@ -317,9 +317,9 @@ def test_sibling_recall_in_words(tmp_path: Path, recall: dict | None, words: lis
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), summary))
     for w in words:
         assert w in text
-    assert "approximate neighbour lists" not in text
+    assert "approximate neighbor lists" not in text
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), {**summary, "exact": False}))
-    assert ("Measured on the approximate neighbour lists." in text) == (recall is not None)
+    assert ("Measured on the approximate neighbor lists." in text) == (recall is not None)
     old = {k: v for k, v in summary.items() if not k.startswith("sibling")}  # written before sibling recall
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(RunDir(str(tmp_path))), old))
     assert "Sibling recall: not measured (similarity/summary.json does not record it)." in text

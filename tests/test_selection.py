@@ -332,15 +332,15 @@ def test_pruning_leaves_rankings_unchanged(kind: str, n: int, k) -> None:
     x, seeds = make_data(kind, n)
     lists = brute_topk(x, n - 1 if k == "all" else min(k, n - 1))
     for pool in (1, 7, 1024):
-        assert_matches(exact_greedy(x, seeds, pool=pool, neighbours=lists), reference(kind, n, 1, "max"), n)
-    assert_matches(batch_greedy(x, seeds, 3, neighbours=lists), reference(kind, n, 3, "max"), n)
+        assert_matches(exact_greedy(x, seeds, pool=pool, neighbors=lists), reference(kind, n, 1, "max"), n)
+    assert_matches(batch_greedy(x, seeds, 3, neighbors=lists), reference(kind, n, 3, "max"), n)
 
 
 def test_pruning_rejects_stale_lists() -> None:
     x, seeds = make_data("gauss", 50)
     rows, sims = brute_topk(x, 3)
     with pytest.raises(ValueError, match="do not match"):
-        exact_greedy(x, seeds, neighbours=(rows, sims - 0.01))
+        exact_greedy(x, seeds, neighbors=(rows, sims - 0.01))
 
 
 def test_pruning_skips_most_dense_updates() -> None:
@@ -469,9 +469,9 @@ def test_rules_match_naive(monkeypatch, case: str, n: int, mode: str, batch: int
     )
     lists = brute_topk(x, 3) if aggregate == "max" else None
     if mode == "exact":
-        got = exact_greedy(x, seeds, aggregate, pool=5, rules=rules, neighbours=lists)
+        got = exact_greedy(x, seeds, aggregate, pool=5, rules=rules, neighbors=lists)
     else:
-        got = batch_greedy(x, seeds, batch, aggregate, rules=rules, neighbours=lists)
+        got = batch_greedy(x, seeds, batch, aggregate, rules=rules, neighbors=lists)
     assert_matches(got, expected, n)
 
 
@@ -582,7 +582,7 @@ def test_resume_matches_uninterrupted(run_dir, monkeypatch, mode: str, aggregate
 # ---------------------------------------------------------------- the stage: seeds, actors, resume
 
 
-def write_neighbours(run, ids: np.ndarray, k: int) -> None:
+def write_neighbors(run, ids: np.ndarray, k: int) -> None:
     """A finished similarity stage: brute-force top-k lists of the embeddings in ``run``, in two shards."""
     from enrich_dist.schema import neighbors_schema
 
@@ -613,14 +613,14 @@ def rankings_of(run) -> tuple[pa.Table, pa.Table]:
 
 def test_actor_shards_match_one_process(ray_local, run_dir) -> None:
     from enrich_dist.selection.actors import start_actors
-    from enrich_dist.selection.inputs import embedding_ids, neighbour_parts, read_neighbours
+    from enrich_dist.selection.inputs import embedding_ids, neighbor_parts, read_neighbors
 
     n = 101
     ids = write_inputs(run_dir, n, dim=5)
-    write_neighbours(run_dir, ids, 4)
+    write_neighbors(run_dir, ids, 4)
     parts, read_ids, _ = embedding_ids(run_dir)
     assert np.array_equal(read_ids, ids)
-    lists = neighbour_parts(run_dir, n)
+    lists = neighbor_parts(run_dir, n)
     x = np.array([r["embedding"] for r in run_dir.read_table("embeddings").sort_by("image_id").to_pylist()])
     x = x.astype(np.float32)
     data = rules_data(n, seed=1)
@@ -643,7 +643,7 @@ def test_actor_shards_match_one_process(ray_local, run_dir) -> None:
             for settings, case in runs:
                 local = Shard(np.arange(n), x, aggregate, data["labels"], 4)
                 if aggregate == "max":
-                    assert local.enable_pruning(*read_neighbours(run_dir, lists, ids, ids), local.max_norm, n)
+                    assert local.enable_pruning(*read_neighbors(run_dir, lists, ids, ids), local.max_norm, n)
                 expected = rank(local, n, seeds, settings, make_rules(data, RULE_CASES[case]))
                 got = rank(store, n, seeds, settings, make_rules(data, RULE_CASES[case]))
                 assert_matches(got, (expected.order, expected.round, expected.score), n)
@@ -651,9 +651,9 @@ def test_actor_shards_match_one_process(ray_local, run_dir) -> None:
             store.close()
 
 
-def test_stale_neighbours_turn_pruning_off(ray_local, run_dir, caplog) -> None:
+def test_stale_neighbors_turn_pruning_off(ray_local, run_dir, caplog) -> None:
     ids = write_inputs(run_dir, 40)
-    write_neighbours(run_dir, ids, 3)
+    write_neighbors(run_dir, ids, 3)
     table = run_dir.read_table("similarity/neighbors/part-00000.parquet")
     sims = pa.array([[v - 0.05 for v in row] for row in table["nn_sims"].to_pylist()], pa.list_(pa.float32()))
     run_dir.write_table("similarity/neighbors/part-00000.parquet", table.set_column(3, "nn_sims", sims))
@@ -724,14 +724,14 @@ def test_stage_resumes_after_a_crash(ray_local, tmp_path, monkeypatch, caplog) -
     )
     whole = RunDir(str(tmp_path / "whole"))
     ids = write_inputs(whole, 90)
-    write_neighbours(whole, ids, 3)
+    write_neighbors(whole, ids, 3)
     stats = run_select(whole, dataclasses.replace(cfg, workers=0))
     assert stats["pruning"] and stats["workers"] == 0
     assert not whole.exists("selection/checkpoints"), "checkpoints are removed once the stage is done"
 
     crashed = RunDir(str(tmp_path / "crashed"))
     write_inputs(crashed, 90)
-    write_neighbours(crashed, ids, 3)
+    write_neighbors(crashed, ids, 3)
     save = Checkpoint.save
     calls = []
 

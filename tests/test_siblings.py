@@ -33,7 +33,7 @@ def grid_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def brute_force(x: np.ndarray, clips: list, k: int) -> tuple[float, float, int, int] | None:
-    """The definitions, literally: neighbours sorted by (-similarity, index), clip sizes counted by hand."""
+    """The definitions, literally: neighbors sorted by (-similarity, index), clip sizes counted by hand."""
     n = len(x)
     s = x.astype(np.float64) @ x.astype(np.float64).T
     size = {c: clips.count(c) for c in clips if c is not None}
@@ -135,7 +135,7 @@ def test_bad_inputs_say_what_is_wrong() -> None:
         sibling_recall(np.array([1, 1]), np.zeros((2, 1), np.int64), ["a", "a"], 1)
     with pytest.raises(ValueError, match="one clip id per image"):
         sibling_recall(np.arange(2), np.zeros((2, 1), np.int64), ["a"], 1)
-    with pytest.raises(ValueError, match="one neighbour list per image"):
+    with pytest.raises(ValueError, match="one neighbor list per image"):
         sibling_recall(np.arange(2), np.zeros((3, 1), np.int64), ["a", "a"], 1)
 
 
@@ -168,8 +168,8 @@ def write_neighbors(run, ids: np.ndarray, nn: np.ndarray) -> None:
         run.write_table(f"{NEIGHBORS_DIR}/{shard_name(shard)}", table.slice(start, 10))
 
 
-def test_from_run_reads_manifest_and_neighbours(run_dir) -> None:
-    """Images with errors have no neighbour row: they neither count nor make their clip a multi-image one."""
+def test_from_run_reads_manifest_and_neighbors(run_dir) -> None:
+    """Images with errors have no neighbor row: they neither count nor make their clip a multi-image one."""
     n, k = 30, 4
     clips = awkward_clips(n, seed=3)
     errors = {2, 5, 17}
@@ -209,7 +209,7 @@ def test_from_run_says_why_not_measured(tmp_path) -> None:
 
 
 def test_from_run_reads_ragged_and_null_lists(run_dir) -> None:
-    """Neighbour lists of unequal length (or null) are read row by row; the longest one sets k."""
+    """Neighbor lists of unequal length (or null) are read row by row; the longest one sets k."""
     write_manifest(run_dir, ["a", "a", "a", "b"], errors=set())
     table = pa.table(
         {

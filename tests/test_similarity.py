@@ -180,7 +180,7 @@ def test_torch_kernel_off_diagonal_ties_across_chunks(chunk_elements: int, monke
 
 
 def test_torch_kernel_half_precision_is_close() -> None:
-    """bf16 products are approximate: same histogram mass, neighbours mostly the same."""
+    """bf16 products are approximate: same histogram mass, neighbors mostly the same."""
     x = exact_unit_vectors(60, 16, seed=2)
     st = tile_stats_torch(x, x, True, 5, THRESHOLDS, histogram_edges(20), device="cpu", precision="bf16")
     hist, counts, vals, idx = oracle(x, 5, THRESHOLDS, 20)
@@ -363,7 +363,7 @@ def check_stage(x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig) -> tuple[
 
 @pytest.fixture
 def one_tile_per_task(monkeypatch):
-    """One Ray task per tile, so later tiles get the driver's neighbour floors."""
+    """One Ray task per tile, so later tiles get the driver's neighbor floors."""
     from enrich_dist.similarity import stage
 
     monkeypatch.setattr(stage, "MIN_TASK_PAIRS", 1)
@@ -451,7 +451,7 @@ def test_run_similarity_without_clips_writes_null(ray_local, run_dir) -> None:
     assert summary["sibling_recall"] is None and summary["sibling_recall_not_measured"] == siblings.NO_CLIPS
 
 
-def test_approx_lists_pad_unfound_neighbours_with_minus_one(ray_local, one_tile_per_task) -> None:
+def test_approx_lists_pad_unfound_neighbors_with_minus_one(ray_local, one_tile_per_task) -> None:
     """Tiny partitions leave top-k slots empty: they read -1 (never another image) with similarity -inf."""
     x = clustered(60, 8, 20, 0.3, seed=2)
     cfg = SimilarityConfig(mode="approx", n_partitions=20, nprobe=1, top_k=10, block_size=8, sample_size=10)

@@ -2,7 +2,7 @@
 
 Consecutive frames of an ultrasound clip differ by a few pixels of probe drift, cardiac motion, gain
 and fresh speckle; a reconstruction objective (the beta-VAE) spends its capacity on exactly those
-pixels, so frames of one clip need not be each other's nearest neighbours. Here the network is
+pixels, so frames of one clip need not be each other's nearest neighbors. Here the network is
 trained instead to map two random *views* of one image close together and away from every other
 image of the batch (SimCLR's NT-Xent loss, Chen et al. 2020), where a view applies the nuisance of
 frame-to-frame change: a small translation, rotation and scale, a gain and contrast change,

@@ -1,4 +1,4 @@
-"""Reading the run directory for the report: manifest counts, neighbour extremes, JSON artifacts."""
+"""Reading the run directory for the report: manifest counts, neighbor extremes, JSON artifacts."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def read_json(run: RunDir, rel: str) -> Any:
 
 
 def redundant_groups(rows: Sequence[dict], n_groups: int, n_neighbors: int) -> list[Group]:
-    """The first ``n_groups`` rows (most redundant first) with their top neighbours, skipping shown images."""
+    """The first ``n_groups`` rows (most redundant first) with their top neighbors, skipping shown images."""
     shown: set[int] = set()
     groups = []
     for row in rows:

@@ -73,9 +73,9 @@ def duplicate_gallery(
 def galleries(
     out: ReportPage, have_neighbors: bool, groups: list[Group], unique: list[dict], manifest: Manifest | None
 ) -> list[Markup]:
-    """Most redundant groups (image + top neighbours) and the most unique images, as thumbnails."""
+    """Most redundant groups (image + top neighbors) and the most unique images, as thumbnails."""
     if not have_neighbors:
-        return [out.absent("nearest neighbours (similarity/neighbors/part-*.parquet)", "enrich similarity")]
+        return [out.absent("nearest neighbors (similarity/neighbors/part-*.parquet)", "enrich similarity")]
     if out.private:
         return [note("Galleries left out: this report was made with --report-images none (no image, no path).")]
     thumbs = thumbnails(out, gallery_ids(groups, unique), manifest)
@@ -91,7 +91,7 @@ def galleries(
         tag("h3", "Most redundant groups"),
         note(
             "Each row: an image with the highest similarity to any other image (outlined), "
-            "then its nearest neighbours with their similarity."
+            "then its nearest neighbors with their similarity."
         ),
     ]
     for row, nbrs in groups:
@@ -100,7 +100,7 @@ def galleries(
         parts.append(tag("div", join(cells), cls="group"))
     parts += [
         tag("h3", "Most unique images"),
-        note("Images whose nearest neighbour is least similar (max similarity shown)."),
+        note("Images whose nearest neighbor is least similar (max similarity shown)."),
     ]
     parts.append(
         tag(

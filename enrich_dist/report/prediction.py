@@ -6,7 +6,7 @@ unequal. The prediction therefore rests on the redundancy *concentration* the se
 (the share of images held by the largest fifth of the groups: 0.2 when all groups are equal): at or
 above ``UNEVEN`` the ranking is expected to beat random. The recommended budget is the first one
 after which at least half of the images the ranking adds repeat an image it already holds (same
-clip, or a neighbour above 0.9): past it, new labels mostly repeat labelled content. When the
+clip, or a neighbor above 0.9): past it, new labels mostly repeat labelled content. When the
 evaluation stage has run, each budget shows whether the prediction held.
 
 Calibration (``benchmarks/selection_quality.py``, 2026-12-03; concentration by clip): farthest-first
@@ -71,7 +71,7 @@ def prediction(out: ReportPage) -> list[Markup]:
     measure = stats.get("repeats_measured_by")
     if not shares or conc.get("largest_fifth_share") is None:
         return [note(
-            "Not measured: the archive has no clip ids and the similarity stage made no exact neighbour lists with "
+            "Not measured: the archive has no clip ids and the similarity stage made no exact neighbor lists with "
             "counts above 0.9, so nothing label-free tells repeats apart (run the exact similarity stage)."
         )]
     share = conc["largest_fifth_share"]

@@ -121,7 +121,7 @@ def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
         )
         for t, v in thresholds
     ]
-    headers = ["similarity", "pairs above", "% of pairs", "images with a neighbour above", "% of images"]
+    headers = ["similarity", "pairs above", "% of pairs", "images with a neighbor above", "% of images"]
     parts.append(table(headers, rows))
     parts.append(sibling_recall(summary))
     parts.extend(near_duplicates(summary))
@@ -189,7 +189,7 @@ def sibling_recall(summary: dict) -> Markup:
             "The embedding largely does not recognise near-duplicate frames, so the redundancy above understates the "
             "archive's; consider --embedder contrastive or --embedder pixels."
         )
-    lists = "" if summary.get("exact", True) else " Measured on the approximate neighbour lists."
+    lists = "" if summary.get("exact", True) else " Measured on the approximate neighbor lists."
     return tag(
         "p",
         f"Sibling recall: for {fmt_pct(at_1)} of the {fmt_int(recall['n_eligible'])} images that have another "

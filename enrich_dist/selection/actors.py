@@ -11,7 +11,7 @@ import ray
 
 from ..runtime import cluster_resources
 from ..storage import RunDir
-from .inputs import Part, read_neighbours, read_vectors
+from .inputs import Part, read_neighbors, read_vectors
 from .shard import CandidateState, Fetch, Shard, merge_fetches
 
 
@@ -40,7 +40,7 @@ class ShardActor:
 
     def enable_pruning(self, run: RunDir, parts: list[Part], norm_bound: float) -> bool:
         """Read this shard's top-k lists and prune with them; False if unusable."""
-        lists = read_neighbours(run, parts, self.ids, self.ids[self.low : self.high])
+        lists = read_neighbors(run, parts, self.ids, self.ids[self.low : self.high])
         return lists is not None and self.shard.enable_pruning(*lists, norm_bound, len(self.ids))
 
     def disable_pruning(self) -> None:
@@ -137,7 +137,7 @@ def start_actors(
 ) -> tuple[ActorStore, bool, int]:
     """Shard actors over ``workers`` row ranges of ``ids``: the store, whether it prunes, the embeddings checksum.
 
-    ``groups`` (one balance group per row, or None) and ``lists`` (the neighbour shards, or None)
+    ``groups`` (one balance group per row, or None) and ``lists`` (the neighbor shards, or None)
     are read by each actor for its own rows.
     """
     n = len(ids)

@@ -1,10 +1,10 @@
-"""Coverage rules: rankings that are representative as well as diverse, on a sparse neighbour graph.
+"""Coverage rules: rankings that are representative as well as diverse, on a sparse neighbor graph.
 
 Farthest-first (``exact``) and least-similar (``batch``) rankings take outliers first and lose to
 random choice at small budgets (Hacohen et al. 2022, "Active learning on a budget"). The rules here
 prefer rows that stand for many others, on the graph of pairs whose similarity exceeds ``delta``
-(:func:`neighbour_graph`, exact similarities from ``sims.py``). The ball of a row is the row itself
-plus its graph neighbours.
+(:func:`neighbor_graph`, exact similarities from ``sims.py``). The ball of a row is the row itself
+plus its graph neighbors.
 
 - ``coverage`` (ProbCover, Yehuda et al. 2022): greedy maximum coverage. A row is covered once it lies
   in the ball of a chosen row (seeds included); each pick is the row whose ball holds the most rows not
@@ -20,7 +20,7 @@ stay upper bounds) picks exactly what the naive loop picks. Weights are fixed po
 ties and go to the lower row.
 
 After saturation no row adds anything: coverage has every row covered, herding has every row's best
-chosen neighbour as similar as its own ball allows (only exact duplicates get there before the end).
+chosen neighbor as similar as its own ball allows (only exact duplicates get there before the end).
 The greedy then restarts as ProbCover would on the rows not yet chosen: a new pass of the same rule in
 which the chosen rows count as covered (fully represented) and their balls no longer cover anyone else.
 Every pass takes at least one row, and a row is taken within |ball| passes, so the ranking is complete:
@@ -59,7 +59,7 @@ TRAIN_PER_CLUSTER = 256
 KMEANS_ITERATIONS = 20
 
 
-def neighbour_graph(
+def neighbor_graph(
     x: np.ndarray, delta: float, block: int = 4096, max_edges: int = 50_000_000
 ) -> sp.csr_matrix:
     """Symmetric CSR graph of all pairs i != j with similarity > ``delta``, weighted by that similarity.
@@ -95,7 +95,7 @@ def neighbour_graph(
             found += 2 * int(keep.sum())
             if found > max_edges:
                 raise ValueError(
-                    f"the neighbour graph at delta={delta} has more than max_edges={max_edges} edges "
+                    f"the neighbor graph at delta={delta} has more than max_edges={max_edges} edges "
                     f"({found} found in {done} of {len(starts)} row blocks): use a higher delta or a "
                     "larger max_edges"
                 )
@@ -105,12 +105,12 @@ def neighbour_graph(
 def graph_from_pairs(
     x: np.ndarray, a: np.ndarray, b: np.ndarray, found_above: float, delta: float, max_edges: int = 50_000_000
 ) -> sp.csr_matrix | None:
-    """:func:`neighbour_graph` at ``delta`` from a list of candidate pairs, or None when the list cannot give it.
+    """:func:`neighbor_graph` at ``delta`` from a list of candidate pairs, or None when the list cannot give it.
 
     ``a``, ``b`` must hold every pair whose float32 GEMM product exceeds ``found_above`` (the similarity
     stage's edge list). Every pair with exact similarity > ``delta`` is among them when ``delta`` less
     the float32 error bound still exceeds ``found_above``; the candidates are then rescored exactly, so
-    the graph equals :func:`neighbour_graph`'s.
+    the graph equals :func:`neighbor_graph`'s.
     """
     x = _matrix(x)
     n, dim = x.shape
@@ -123,7 +123,7 @@ def graph_from_pairs(
     keep = s > delta
     if 2 * int(keep.sum()) > max_edges:
         raise ValueError(
-            f"the neighbour graph at delta={delta} has more than max_edges={max_edges} edges "
+            f"the neighbor graph at delta={delta} has more than max_edges={max_edges} edges "
             f"({2 * int(keep.sum())}): use a higher delta or a larger max_edges"
         )
     return _symmetric(n, a[keep], b[keep], s[keep])
@@ -279,7 +279,7 @@ def herding_ranking(graph: sp.spmatrix, n: int, seeds: np.ndarray) -> Ranking:
 
 
 def _balls(graph: sp.spmatrix, n: int, weighted: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's ball (itself and its neighbours, ascending) as CSR arrays, with fixed-point weights."""
+    """Each row's ball (itself and its neighbors, ascending) as CSR arrays, with fixed-point weights."""
     graph = sp.csr_matrix(graph)
     if graph.shape != (n, n):
         raise ValueError(f"the graph must be {n} x {n}, got {graph.shape[0]} x {graph.shape[1]}")
@@ -449,7 +449,7 @@ def duplicate_groups(source: np.ndarray | sp.spmatrix, t: float, block: int = 40
         graph.data = (graph.data > t).astype(np.int8)
         graph.eliminate_zeros()
     else:
-        graph = neighbour_graph(source, t, block)
+        graph = neighbor_graph(source, t, block)
     _, labels = connected_components(graph, directed=False)
     _, first = np.unique(labels, return_index=True)
     rank = np.empty(len(first), dtype=np.int64)

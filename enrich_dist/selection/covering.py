@@ -1,7 +1,7 @@
 """The select stage's coverage rules (``--mode coverage`` / ``herding``) and the duplicate guard for every rule.
 
 The rules themselves live in ``coverage.py``; this module runs them for a stage run: delta (given, or
-ProbCover's purity rule, recorded with how it was chosen), the exact neighbour graph above delta
+ProbCover's purity rule, recorded with how it was chosen), the exact neighbor graph above delta
 (capped by ``max_edges``), one ranking per distinct seed list, and then the same constraints the
 greedy rules honour, applied to the finished order:
 
@@ -31,7 +31,7 @@ from .coverage import (
     duplicate_guard,
     graph_from_pairs,
     herding_ranking,
-    neighbour_graph,
+    neighbor_graph,
 )
 from .greedy import Ranking
 from .inputs import EdgeList
@@ -143,13 +143,13 @@ def cover_graph(x: np.ndarray, cfg: SelectConfig, edges: EdgeList | None = None)
         graph = _from_edges(x, edges, delta, cfg.max_edges)
         record["graph_from"] = "similarity/edges"
         if graph is None:
-            graph = neighbour_graph(x, delta, max_edges=cfg.max_edges)
+            graph = neighbor_graph(x, delta, max_edges=cfg.max_edges)
             record["graph_from"] = "a pass over the embeddings"
     except ValueError as exc:
         raise ValueError(f"select --mode {cfg.mode}: {exc} (options --delta, --max-edges)") from None
     record.update(edges=int(graph.nnz), seconds=round(time.perf_counter() - start, 3))
     log.info(
-        "%s: delta %.3f (%s), %d neighbour pairs, mean ball %.1f images, %.1f s",
+        "%s: delta %.3f (%s), %d neighbor pairs, mean ball %.1f images, %.1f s",
         cfg.mode, delta, record.get("how"), graph.nnz // 2, 1 + graph.nnz / max(1, len(x)), record["seconds"],
     )
     return graph, record

@@ -373,7 +373,7 @@ def batch_greedy(
     aggregate: str = "max",
     *,
     rules: Rules | None = None,
-    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Ranking:
     """Rank all rows of ``x``: seeds, then rounds of the ``batch_size`` lowest-scoring candidates (ties: lower row).
 
@@ -381,7 +381,7 @@ def batch_greedy(
     similar ones. Scores are those at the start of the round the row joined in.
     """
     settings = Settings("batch", aggregate, batch_size)
-    return rank(_local_store(x, aggregate, rules, neighbours), len(x), seed_idx, settings, rules)
+    return rank(_local_store(x, aggregate, rules, neighbors), len(x), seed_idx, settings, rules)
 
 
 def exact_greedy(
@@ -391,19 +391,19 @@ def exact_greedy(
     pool: int = DEFAULT_POOL,
     *,
     rules: Rules | None = None,
-    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    neighbors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Ranking:
     """Rank all rows of ``x`` one at a time, always taking the lowest-scoring candidate (ties: lower row).
 
-    Round ``k`` is the k-th pick. ``neighbours`` (top-k rows and similarities per row, best first)
+    Round ``k`` is the k-th pick. ``neighbors`` (top-k rows and similarities per row, best first)
     turn on pruning; the result is the same with or without it, and for every ``pool``.
     """
     settings = Settings("exact", aggregate, 1, pool)
-    return rank(_local_store(x, aggregate, rules, neighbours), len(x), seed_idx, settings, rules)
+    return rank(_local_store(x, aggregate, rules, neighbors), len(x), seed_idx, settings, rules)
 
 
 def _local_store(
-    x: np.ndarray, aggregate: str, rules: Rules | None, neighbours: tuple[np.ndarray, np.ndarray] | None
+    x: np.ndarray, aggregate: str, rules: Rules | None, neighbors: tuple[np.ndarray, np.ndarray] | None
 ) -> Shard:
     """One in-process shard over every row of ``x``."""
     x = np.asarray(x)
@@ -412,11 +412,11 @@ def _local_store(
     groups, n_groups = (rules.groups, rules.n_groups) if rules is not None and rules.balance else (None, 1)
     shard = Shard(np.arange(len(x)), x, aggregate, groups, n_groups)
     if (
-        neighbours is not None
+        neighbors is not None
         and aggregate == "max"
-        and not shard.enable_pruning(neighbours[0], neighbours[1], shard.max_norm, len(x))
+        and not shard.enable_pruning(neighbors[0], neighbors[1], shard.max_norm, len(x))
     ):
-        raise ValueError("the neighbour lists do not match the vectors")
+        raise ValueError("the neighbor lists do not match the vectors")
     return shard
 
 

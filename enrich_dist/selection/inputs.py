@@ -1,4 +1,4 @@
-"""What the select stage reads from the run dir: embedding ids and rows, top-k neighbours, the manifest, seed ids."""
+"""What the select stage reads from the run dir: embedding ids and rows, top-k neighbors, the manifest, seed ids."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def _matrix(column: pa.Array) -> np.ndarray:
         lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
         width = int(lengths[0]) if len(lengths) else 0
         if np.any(lengths != width):
-            raise ValueError("neighbour lists have different lengths")
+            raise ValueError("neighbor lists have different lengths")
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
 
 
@@ -141,10 +141,10 @@ def edge_list(run: RunDir, ids: np.ndarray) -> EdgeList | None:
     return EdgeList(np.searchsorted(ids, a[keep]), np.searchsorted(ids, b[keep]), float(edges["threshold"]))
 
 
-def neighbour_parts(run: RunDir, n: int) -> list[Part] | None:
-    """The neighbour shards when the similarity stage made exact top-k lists of these ``n`` images, else None."""
+def neighbor_parts(run: RunDir, n: int) -> list[Part] | None:
+    """The neighbor shards when the similarity stage made exact top-k lists of these ``n`` images, else None."""
     if not run.is_done(SIMILARITY_DIR) or not run.exists(SUMMARY_PATH):
-        log.info("no similarity stage in %s: selection runs without neighbour pruning", run.uri)
+        log.info("no similarity stage in %s: selection runs without neighbor pruning", run.uri)
         return None
     summary = run.read_json(SUMMARY_PATH)
     if not summary.get("exact") or summary.get("n_images") != n or not summary.get("top_k"):
@@ -153,14 +153,14 @@ def neighbour_parts(run: RunDir, n: int) -> list[Part] | None:
     return part_index(run, NEIGHBORS_DIR)[0] or None
 
 
-def read_neighbours(
+def read_neighbors(
     run: RunDir, parts: list[Part], ids: np.ndarray, want: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Top-k neighbour rows (-1 where unknown) and similarities of the images ``want``; None if unusable."""
+    """Top-k neighbor rows (-1 where unknown) and similarities of the images ``want``; None if unusable."""
     try:
         table = read_rows(run, parts, want, ["nn_ids", "nn_sims"])
     except ValueError as exc:
-        log.warning("neighbour lists unusable (%s): no pruning", exc)
+        log.warning("neighbor lists unusable (%s): no pruning", exc)
         return None
     nn_ids = table["nn_ids"].astype(np.int64)
     at = np.minimum(np.searchsorted(ids, nn_ids), len(ids) - 1)

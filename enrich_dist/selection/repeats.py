@@ -8,7 +8,7 @@ The report uses these counts to say, before anyone labels, whether ENRICH should
 
 The measure is the clip when the manifest has clip ids (an image repeats when its clip already
 appeared in the prefix), else the similarity stage's exact top-k lists (an image repeats when one of
-its listed neighbours above ``REPEAT_THRESHOLD`` appeared earlier), else none.
+its listed neighbors above ``REPEAT_THRESHOLD`` appeared earlier), else none.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..storage import RunDir
-from .inputs import neighbour_parts, read_neighbours
+from .inputs import neighbor_parts, read_neighbors
 
 log = logging.getLogger("enrich_dist.selection")
 
@@ -38,8 +38,8 @@ def repeats_by_group(order: np.ndarray, group: np.ndarray) -> np.ndarray:
     return flags
 
 
-def repeats_by_neighbours(order: np.ndarray, nn_rows: np.ndarray, nn_sims: np.ndarray, threshold: float) -> np.ndarray:
-    """Per position of ``order``: True when a listed neighbour above ``threshold`` (row >= 0) is ranked earlier."""
+def repeats_by_neighbors(order: np.ndarray, nn_rows: np.ndarray, nn_sims: np.ndarray, threshold: float) -> np.ndarray:
+    """Per position of ``order``: True when a listed neighbor above ``threshold`` (row >= 0) is ranked earlier."""
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
     known = (nn_rows >= 0) & (nn_sims > threshold)
@@ -53,15 +53,15 @@ def repeat_measure(
     """(description, order -> repeat flags) for this run's images, or (None, None) when nothing can tell."""
     if (clip_codes >= 0).any():
         return "clip", lambda order: repeats_by_group(order, clip_codes)
-    parts = neighbour_parts(run, len(ids))
-    lists = read_neighbours(run, parts, ids, ids) if parts else None
+    parts = neighbor_parts(run, len(ids))
+    lists = read_neighbors(run, parts, ids, ids) if parts else None
     if lists is None:
-        log.info("no clip ids and no exact neighbour lists: repeats in the subsets are not measured")
+        log.info("no clip ids and no exact neighbor lists: repeats in the subsets are not measured")
         return None, None
     rows, sims = lists
     return (
         f"similarity > {REPEAT_THRESHOLD:g}",
-        lambda order: repeats_by_neighbours(order, rows, sims, REPEAT_THRESHOLD),
+        lambda order: repeats_by_neighbors(order, rows, sims, REPEAT_THRESHOLD),
     )
 
 
@@ -90,7 +90,7 @@ def redundancy_concentration(run: RunDir, ids: np.ndarray, clip_codes: np.ndarra
         counts = np.bincount(clip_codes[clip_codes >= 0])
         size = np.where(clip_codes >= 0, counts[np.maximum(clip_codes, 0)], 1)
         return {"measure": "clip", **concentration(size)}
-    parts = neighbour_parts(run, len(ids))
+    parts = neighbor_parts(run, len(ids))
     column = f"n_above_{REPEAT_THRESHOLD:g}"
     if not parts:
         return None

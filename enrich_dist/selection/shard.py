@@ -7,7 +7,7 @@ indices into the id-sorted embeddings; ties between equal scores go to the lower
 
 Max scores are folded in with float32 GEMMs whose few decisive entries are recomputed exactly
 (``sims.py``). With the similarity stage's top-k lists, a candidate whose score has reached its k-th
-neighbour similarity (plus the float32 error bound) can only be raised by its listed neighbours, so
+neighbor similarity (plus the float32 error bound) can only be raised by its listed neighbors, so
 it leaves the GEMM and its updates become O(k) (pruning).
 """
 
@@ -237,7 +237,7 @@ class Shard:
         return CandidateState(self.rows[pos], self.scores[pos], sums)
 
     def _fold_max(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Raise max scores: pruned candidates from their listed neighbours, the others by GEMM."""
+        """Raise max scores: pruned candidates from their listed neighbors, the others by GEMM."""
         if self.reverse is not None:
             pos, pick = self._listing(rows)
             keep = self.alive[pos] & self.pruned[pos]

@@ -50,9 +50,9 @@ from .inputs import (
     codes,
     edge_list,
     embedding_ids,
-    neighbour_parts,
+    neighbor_parts,
     read_manifest,
-    read_neighbours,
+    read_neighbors,
     read_seed_ids,
     read_vectors,
 )
@@ -104,7 +104,7 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     settings = Settings("exact" if covering else cfg.mode, cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
     rules_args = _rules_args(cfg, groups, n)
     workers = 0 if covering else _workers(cfg, n, dim)
-    lists = neighbour_parts(run, n) if cfg.aggregate == "max" else None
+    lists = neighbor_parts(run, n) if cfg.aggregate == "max" else None
     log.info(
         "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
         n,
@@ -285,7 +285,7 @@ def _rank_in_tasks(
     )
     pruning = False
     if lists is not None:
-        nn = read_neighbours(run, lists, ids, ids)
+        nn = read_neighbors(run, lists, ids, ids)
         pruning = nn is not None and shard.enable_pruning(*nn, shard.max_norm, n)
         _log_pruning(pruning, nn is not None)
     fingerprint = _fingerprint(settings, cfg, n, x.shape[1], shard.checksum())

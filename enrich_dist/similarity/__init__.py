@@ -1,4 +1,4 @@
-"""Blocked all-pairs cosine similarity: histogram, threshold counts and top-k neighbours per image.
+"""Blocked all-pairs cosine similarity: histogram, threshold counts and top-k neighbors per image.
 
 Names are imported on first use, so the kernels load without Ray (the GPU check runs where only
 torch and numba are installed).

@@ -87,7 +87,7 @@ def keep_order(n: int, a: np.ndarray, b: np.ndarray, policy: str) -> np.ndarray:
 
 @njit(cache=True)
 def _independent(order, indptr, indices):  # pragma: no cover - compiled
-    """Greedy maximal independent set in ``order``: an image is kept when no kept image is its neighbour."""
+    """Greedy maximal independent set in ``order``: an image is kept when no kept image is its neighbor."""
     kept = np.zeros(order.shape[0], np.bool_)
     for q in range(order.shape[0]):
         i = order[q]

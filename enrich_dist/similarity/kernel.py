@@ -1,7 +1,7 @@
 """One similarity tile on the CPU: ``S = X_i X_j^T`` by BLAS in row chunks, each chunk swept once, compiled.
 
 The sweep (numba) bins every entry with exact float64 arithmetic, counts entries above each threshold
-per row and per column, and keeps the best k neighbours per row and per column as heaps of int64
+per row and per column, and keeps the best k neighbors per row and per column as heaps of int64
 keys (value descending, then index ascending, so ties go to the smaller index). One vectorised loop
 per row bins the entries and flags each entry that reaches the lowest threshold or its row's or
 column's heap gate; the scalar work then visits only the 8-entry words that hold a flag, so it
@@ -210,7 +210,7 @@ def _scatter(bins_buf, m, hist, nbins):  # pragma: no cover - compiled
     """Count ``bins_buf[:m]`` into ``hist``'s four copies, consecutive entries into different copies.
 
     Unrolled by four with one view per copy: no index arithmetic per entry, and no chain of
-    increments on one counter when neighbouring entries share a bin.
+    increments on one counter when neighboring entries share a bin.
     """
     h0, h1, h2, h3 = hist[:nbins], hist[nbins : 2 * nbins], hist[2 * nbins : 3 * nbins], hist[3 * nbins :]
     m4 = m // 4 * 4

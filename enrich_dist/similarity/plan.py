@@ -62,7 +62,7 @@ def tile_pairs(tile: Tile) -> int:
 
 
 def schedule(tiles: list[Tile]) -> list[Tile]:
-    """Tiles in submission order: diagonal tiles first, so later tiles get neighbour floors early."""
+    """Tiles in submission order: diagonal tiles first, so later tiles get neighbor floors early."""
     return sorted(tiles, key=lambda t: (t[0] != t[2], t[2] - t[0], t[0]))
 
 

@@ -105,7 +105,7 @@ class Reduction:
     def _floor(self, images: slice | np.ndarray, first_position: int) -> np.ndarray:
         first = first_position if self.perm is None else int(self.perm[first_position])
         kth_vals, kth_idx = self.vals[images, -1], self.idx[images, -1]
-        # every neighbour in the tile comes after a k-th neighbour below it, so ties lose
+        # every neighbor in the tile comes after a k-th neighbor below it, so ties lose
         strict = (kth_idx >= 0) & (kth_idx < first)
         return np.where(strict, np.nextafter(kth_vals, np.float32(np.inf)), kth_vals)
 

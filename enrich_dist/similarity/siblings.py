@@ -1,4 +1,4 @@
-"""Sibling recall: how often an image's nearest neighbours are other frames of its own clip.
+"""Sibling recall: how often an image's nearest neighbors are other frames of its own clip.
 
 Frames of one clip are the archive's own known redundancy, so this measures, without labels, whether
 the embedding sees it. An image is eligible when it has a clip id and its clip has at least two
@@ -27,7 +27,7 @@ DEFINITION = (
 NO_MANIFEST = "the run dir has no manifest"
 NO_CLIPS = "the manifest has no clip ids"
 NO_SIBLINGS = "no clip has 2 or more embedded images"
-NO_LISTS = "the similarity stage kept no neighbour lists (top-k 0)"
+NO_LISTS = "the similarity stage kept no neighbor lists (top-k 0)"
 EXACT_ROWS = 2048  # rows per brute-force block: a 2048 x 8192 float32 chunk of similarities at a time
 
 ClipOf = Mapping[int, Hashable | None] | Sequence[Hashable | None] | np.ndarray | pa.Array | pa.ChunkedArray
@@ -46,8 +46,8 @@ def _clip_codes(ids: np.ndarray, clip_of: ClipOf) -> np.ndarray:
     return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _neighbour_matrix(nn_ids: np.ndarray | Sequence[np.ndarray], n: int, k: int) -> np.ndarray:
-    """The first k neighbour ids of each image as an (n, width) matrix, ``-1`` where a list is shorter."""
+def _neighbor_matrix(nn_ids: np.ndarray | Sequence[np.ndarray], n: int, k: int) -> np.ndarray:
+    """The first k neighbor ids of each image as an (n, width) matrix, ``-1`` where a list is shorter."""
     if isinstance(nn_ids, np.ndarray) and nn_ids.ndim == 2:
         nn = nn_ids[:, :k].astype(np.int64)
     else:
@@ -57,7 +57,7 @@ def _neighbour_matrix(nn_ids: np.ndarray | Sequence[np.ndarray], n: int, k: int)
             head = np.asarray(row, np.int64)[:width]
             nn[i, : len(head)] = head
     if len(nn) != n:
-        raise ValueError(f"need one neighbour list per image: {len(nn)} lists for {n} images")
+        raise ValueError(f"need one neighbor list per image: {len(nn)} lists for {n} images")
     return nn
 
 
@@ -74,7 +74,7 @@ def sibling_recall(
     if len(np.unique(ids)) != len(ids):
         raise ValueError("image ids must be unique")
     codes = _clip_codes(ids, clip_of)
-    nn = _neighbour_matrix(nn_ids, len(ids), max(k, 0))
+    nn = _neighbor_matrix(nn_ids, len(ids), max(k, 0))
     sizes = np.bincount(codes[codes >= 0], minlength=1)
     size_of = np.where(codes >= 0, sizes[np.maximum(codes, 0)], 0)
     eligible = np.flatnonzero(size_of >= 2)
@@ -120,7 +120,7 @@ def _lists(column: pa.ChunkedArray) -> np.ndarray | list[np.ndarray]:
 
 
 def sibling_recall_from_run(run: RunDir, k: int) -> tuple[dict | None, str | None]:
-    """Sibling recall of the run's neighbour lists against its manifest's clip ids, or None and why it is not measured."""
+    """Sibling recall of the run's neighbor lists against its manifest's clip ids, or None and why it is not measured."""
     if not run.shards(MANIFEST_DIR):
         return None, NO_MANIFEST
     manifest = run.read_table(MANIFEST_DIR, columns=["image_id", "clip_id"])

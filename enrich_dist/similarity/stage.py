@@ -295,7 +295,7 @@ def inexact_reasons(mode: str, precision: str) -> list[str]:
 def _neighbors_table(
     ids: np.ndarray, reduction: Reduction, cfg: SimilarityConfig, thresholds: list[float]
 ) -> pa.Table:
-    """One row per image, sorted by ``image_id``, neighbours best first; ``-1`` pads lists of unfound neighbours."""
+    """One row per image, sorted by ``image_id``, neighbors best first; ``-1`` pads lists of unfound neighbors."""
     n, k = reduction.idx.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
     columns = {
