@@ -1,6 +1,6 @@
 """The bad-input catalogue: each input is handled, and the message names the file and the fix.
 
-Entries already proven elsewhere are not repeated here (see the README's table): budgets out of
+Entries already proven elsewhere are not repeated here (see docs/reliability.md): budgets out of
 range (test_selection.py::test_run_select_rejects_bad_config, test_pipeline.py::test_bad_option_value_is_named),
 seed ids not in the archive (test_selection.py::test_seed_ids_unknown_are_named), bring-your-own
 embeddings of the wrong shape (test_embed.py::test_bring_your_own_bad_files_are_named) and embedding
