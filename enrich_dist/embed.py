@@ -12,10 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import imaging, schema
-from .config import EmbedConfig
+from . import imaging, schema, stages
+from .config import EmbedConfig, RunConfig
+from .executor import Context, execute
+from .invariants import NORM_TOLERANCE, count_duplicates, ids_of, manifest_ok_ids
 from .runtime import Resources, cluster_resources  # runtime imports ray only inside its functions
-from .storage import DONE_NAME, RunDir, read_uri, shard_name
+from .storage import RunDir, read_uri, shard_name
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = schema.EMBED_ERRORS_DIR
@@ -352,7 +354,8 @@ def pending_shards(run: RunDir) -> list[dict]:
 
 def _check_trained_model(run: RunDir, embedder: str) -> None:
     """Refuse to embed with an encoder other than the one ``encoder/`` holds."""
-    held = run.read_json(f"{schema.ENCODER_DIR}/{DONE_NAME}").get("model", "vae")
+    stats = run.read_json(schema.ENCODER_TRAIN_STATS) if run.exists(schema.ENCODER_TRAIN_STATS) else {}
+    held = stats.get("model", "vae")
     if held != embedder:
         raise ValueError(
             f"{run.uri_of(schema.ENCODER_DIR)} holds a trained {held} encoder, not {embedder}: use --embedder {held}, "
@@ -360,7 +363,8 @@ def _check_trained_model(run: RunDir, embedder: str) -> None:
         )
 
 
-def _embedder_identity(cfg: EmbedConfig) -> dict:
+def embedder_identity(cfg: EmbedConfig) -> dict:
+    """What makes two runs' embeddings comparable: the embedder (and the pixel grid, or the imported file)."""
     ident = {"embedder": cfg.embedder}
     if cfg.embedder == "pixels":
         ident["pixel_size"] = cfg.pixel_size
@@ -371,7 +375,7 @@ def _embedder_identity(cfg: EmbedConfig) -> dict:
 
 def _claim(run: RunDir, cfg: EmbedConfig) -> None:
     """Record which embedder fills this run dir; refuse to mix embedders' shards in one run."""
-    ident, rel = _embedder_identity(cfg), schema.located(run, schema.EMBEDDER_IDENTITY)
+    ident, rel = embedder_identity(cfg), schema.located(run, schema.EMBEDDER_IDENTITY)
     held = run.read_json(rel) if run.exists(rel) else None
     if held == ident:
         return
@@ -385,14 +389,20 @@ def _claim(run: RunDir, cfg: EmbedConfig) -> None:
 
 def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
     """Embed every ok manifest row into ``embeddings/part-NNNNN.parquet``; committed shards are skipped."""
+    return execute(stages.EMBED, run, Context(RunConfig(embed=cfg), run.storage_options)).stats
+
+
+def embeddings_match(run: RunDir, ctx: Context, stats: dict) -> None:
+    """Completed embeddings are of this run's embedder, or the run is refused."""
+    _claim(run, ctx.config.embed)
+
+
+def compute_embeddings(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): every shard embedded, errors listed."""
+    cfg = ctx.config.embed
     if cfg.embedder not in EMBEDDERS:
         raise ValueError(f"unknown embedder {cfg.embedder!r}: use {', '.join(EMBEDDERS)}")
     run.require(schema.MANIFEST_DIR, "manifest --input SRC")
-    if run.is_done(schema.EMBEDDINGS_DIR):
-        _claim(run, cfg)
-        stats = run.read_json(f"{schema.EMBEDDINGS_DIR}/_SUCCESS")
-        log.info("embed: already complete (%d embeddings), skipping", stats["n_embedded"])
-        return stats
     if cfg.embedder in ("vae", "contrastive"):
         run.require(schema.ENCODER_DIR, f"train-encoder --embedder {cfg.embedder}")
         _check_trained_model(run, cfg.embedder)
@@ -413,7 +423,6 @@ def run_embed(run: RunDir, cfg: EmbedConfig) -> dict:
         raise RuntimeError(f"embed: only {len(run.shards(schema.EMBEDDINGS_DIR))} of {n_shards} shards committed")
     if emb.num_rows == 0:
         raise ValueError(f"embed: no image of {run.uri} could be embedded; see {run.uri_of(ERRORS_DIR)}")
-    run.mark_done(schema.EMBEDDINGS_DIR, stats)
     log.info("embed: %d embeddings, %d errors in %.1fs", stats["n_embedded"], errors, stats["seconds"])
     return stats
 
@@ -465,3 +474,53 @@ def _cpus_per_gpu(ray) -> int | None:
         if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) >= 1
     ]
     return min(shares) if shares else None
+
+
+def check_embed(run: RunDir) -> tuple[dict, list[str]]:
+    """Embedded + failed = manifest ok rows, no id twice, every vector finite, unit-norm, one dimension."""
+    rows = nan = not_unit = 0
+    dims: set[int] = set()
+    for path in run.shards(schema.EMBEDDINGS_DIR).values():
+        column = run.read_table(path, columns=["embedding"])["embedding"].combine_chunks()
+        dims.add(column.type.list_size if hasattr(column.type, "list_size") else -1)
+        if len(column) == 0:
+            continue
+        width = column.type.list_size
+        x = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width).astype(np.float64)
+        finite = np.isfinite(x).all(axis=1)
+        nan += int(np.count_nonzero(~finite))
+        not_unit += int(np.count_nonzero(np.abs(np.linalg.norm(x[finite], axis=1) - 1.0) > NORM_TOLERANCE))
+        rows += len(column)
+    ids = np.sort(ids_of(run, schema.EMBEDDINGS_DIR))
+    failed = np.sort(ids_of(run, schema.located(run, schema.EMBED_ERRORS_DIR)))
+    ok_ids = manifest_ok_ids(run)
+    problems = []
+    dup = count_duplicates(ids)
+    if dup:
+        problems.append(f"{dup} duplicate image_ids")
+    if nan:
+        problems.append(f"{nan} embeddings with NaN or infinite values")
+    if not_unit:
+        problems.append(f"{not_unit} embeddings are not L2-normalised")
+    if len(dims) > 1:
+        problems.append(f"shards of different embedding dimensions {sorted(dims)}")
+    unknown = int(np.count_nonzero(~np.isin(ids, ok_ids)))
+    if unknown:
+        problems.append(f"{unknown} embedded image_ids are not ok rows of the manifest")
+    both = int(np.count_nonzero(np.isin(ids, failed)))
+    if both:
+        problems.append(f"{both} image_ids are both embedded and listed as embed errors")
+    accounted = len(np.union1d(ids, failed[np.isin(failed, ok_ids)]))
+    if accounted != len(ok_ids):
+        problems.append(
+            f"{rows} embeddings + {len(failed)} embed errors do not cover the manifest's {len(ok_ids)} ok rows"
+        )
+    record = {
+        "rows": rows,
+        "manifest_ok_rows": int(len(ok_ids)),
+        "errors": int(len(failed)),
+        "dim": next(iter(dims)) if len(dims) == 1 else sorted(dims),
+        "duplicate_ids": dup,
+        "nan": nan,
+    }
+    return record, problems

@@ -41,9 +41,9 @@ class ImageError(ValueError):
 
 def manifest_nifti_axis(run: RunDir) -> int:
     """The axis along which the run's manifest sliced NIfTI volumes (pass it to decode with the frames)."""
-    marker = f"{schema.MANIFEST_DIR}/_SUCCESS"
-    stats = run.read_json(marker) if run.exists(marker) else {}
-    return int(stats.get("nifti_axis", DEFAULT_NIFTI_AXIS))
+    from .executor import done_record  # the manifest stage's record (imported here: executor loads config)
+
+    return int(done_record(run, schema.MANIFEST_DIR).get("nifti_axis", DEFAULT_NIFTI_AXIS))
 
 
 def _ext(name: str) -> str:

@@ -9,7 +9,7 @@ The nightly use case: ``enrich run --input SRC --output NEW --previous-run OLD [
   Unchanged images that the previous run embedded are **reused**; **changed** files (same uri, other
   fingerprint) and **new** files are embedded fresh; images of files no longer in the archive are
   **removed** (they drop out). Unchanged images the previous run could not embed are **retried**.
-* The previous run's encoder is copied (``encoder/_SUCCESS`` records ``reused_from``), so the
+* The previous run's encoder is copied (its done record gains ``reused_from``), so the
   embeddings stay comparable; with ``retrain_encoder`` a new encoder is trained and nothing is reused.
 * The reused vectors are copied byte for byte: whole embedding shards are written here, shards that
   mix reused and fresh rows get ``embeddings_meta/reused/part-NNNNN.parquet`` and the embed stage embeds
@@ -22,7 +22,7 @@ The labelled set is ``--labelled FILE`` (uris, or image ids *of the previous run
 run's first selected subset: replicate 0 of its ranking up to its smallest budget (and at least all
 its seeds, so that a chain of incremental runs never forgets what was labelled; a previous incremental
 run that had nothing new to rank passes its own labelled set on). Labelled images whose
-file changed or was removed are no longer seeds. Everything is recorded in ``incremental/_SUCCESS``
+file changed or was removed are no longer seeds. Everything is recorded in the stage's done record
 and in ``run.json`` under ``stages.incremental``.
 """
 
@@ -39,12 +39,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import schema
+from . import schema, stages
 from .config import EncoderConfig, RunConfig
 from .embed import REUSED_DIR  # the embed stage merges the rows copied there
 from .errors import ConfigError
+from .executor import Context, adopt, done_record, execute, is_marker
 from .fingerprints import read_fingerprints
-from .storage import DONE_NAME, RunDir, filesystem, split_uri, with_retries
+from .storage import RunDir, filesystem, split_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
             "incremental runs reuse embeddings the tool computed; with --embedder byo import the grown "
             f"embeddings file in a fresh run instead ({fresh})"
         )
-    prev_axis = prev.read_json(f"{schema.MANIFEST_DIR}/{DONE_NAME}").get("nifti_axis", cfg.manifest.nifti_axis)
+    prev_axis = done_record(prev, schema.MANIFEST_DIR).get("nifti_axis", cfg.manifest.nifti_axis)
     if prev_axis != cfg.manifest.nifti_axis:
         raise ConfigError(
             f"--previous-run {prev.uri} sliced NIfTI volumes along axis {prev_axis}, this run asks for "
@@ -250,11 +251,9 @@ def copy_encoder(run: RunDir, prev: RunDir) -> dict:
     """Copy ``encoder/`` from the previous run (done marker last, with ``reused_from``)."""
     run.remove(schema.ENCODER_DIR)
     for rel in prev.listdir(schema.ENCODER_DIR):
-        if posixpath.basename(rel) != DONE_NAME:
+        if not is_marker(rel):
             run.write_bytes(rel, prev.read_bytes(rel))
-    done = prev.read_json(f"{schema.ENCODER_DIR}/{DONE_NAME}")
-    done = {**done, "reused_from": prev.uri}
-    run.mark_done(schema.ENCODER_DIR, done)
+    adopt(stages.TRAIN_ENCODER, run, {**done_record(prev, schema.ENCODER_DIR), "reused_from": prev.uri})
     return {"encoder": "reused", "encoder_from": prev.uri}
 
 
@@ -402,7 +401,7 @@ def write_scope(run: RunDir, images: pa.Table, labelled: list[int]) -> dict:
     return {"n_to_rank": len(set(fresh) - set(labelled)), "n_scope": len(scope)}
 
 
-def check_incremental(run: RunDir) -> dict:
+def check_incremental(run: RunDir) -> tuple[dict, list[str]]:
     """Invariants of the stage's artifacts: scope and seeds are ok manifest rows, seeds inside the scope."""
     ok = run.read_table(schema.MANIFEST_DIR, columns=["image_id", "status"])
     ok_ids = set(ok.filter(pc.equal(ok["status"], "ok"))["image_id"].to_pylist())
@@ -415,13 +414,7 @@ def check_incremental(run: RunDir) -> dict:
         problems.append("labelled.csv lists images outside scope.parquet")
     if len(set(scope)) != len(scope):
         problems.append("scope.parquet repeats image ids")
-    if problems:
-        run.clear_done(INCREMENTAL_DIR)
-        raise ValueError(
-            f"stage incremental: invariant violated in {run.uri_of(INCREMENTAL_DIR)}: {'; '.join(problems)}. "
-            f"Delete {run.uri_of(INCREMENTAL_DIR)} and rerun the incremental `enrich run`"
-        )
-    return {"rows": len(scope), "seeds": len(seeds), "ok": True}
+    return {"rows": len(scope), "seeds": len(seeds)}, problems
 
 
 def resolve_previous(run: RunDir, value: str) -> str | None:
@@ -503,16 +496,23 @@ def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]
 
 def run_incremental(run: RunDir, cfg: RunConfig, storage_options: dict | None = None) -> dict:
     """Compare with the previous run, copy what stays valid, write the selection's scope and seeds."""
-    prev = RunDir(cfg.incremental.previous_run, storage_options)
-    if run.is_done(INCREMENTAL_DIR):
-        stats = run.read_json(f"{INCREMENTAL_DIR}/{DONE_NAME}")
-        if stats.get("previous_run") != prev.uri:
-            raise ValueError(
-                f"{run.uri} was made incrementally from {stats.get('previous_run')!r}, not {prev.uri!r}: "
-                "use a new --output folder"
-            )
-        log.info("incremental: already complete, skipping")
-        return stats
+    return execute(stages.INCREMENTAL, run, Context(cfg, storage_options)).stats
+
+
+def incremental_matches(run: RunDir, ctx: Context, stats: dict) -> None:
+    """A completed incremental stage was made from this run's previous run, or the run is refused."""
+    prev = RunDir(ctx.config.incremental.previous_run, ctx.storage_options)
+    if stats.get("previous_run") != prev.uri:
+        raise ConfigError(
+            f"{run.uri} was made incrementally from {stats.get('previous_run')!r}, not {prev.uri!r}: "
+            "use a new --output folder"
+        )
+
+
+def compute_incremental(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): what changed, what is reused, what to rank."""
+    cfg = ctx.config
+    prev = RunDir(cfg.incremental.previous_run, ctx.storage_options)
     run.require(schema.MANIFEST_DIR, "manifest --input SRC")
     check_previous(prev, cfg)
     start = time.monotonic()
@@ -543,7 +543,6 @@ def run_incremental(run: RunDir, cfg: RunConfig, storage_options: dict | None = 
     stats.update(lab_stats)
     stats.update(write_scope(run, images, labelled))
     stats["seconds"] = round(time.monotonic() - start, 3)
-    run.mark_done(INCREMENTAL_DIR, stats)
     log.info(
         "incremental: %d images reused, %d new, %d changed, %d retried, %d removed; ranking %d against %d labelled",
         stats["n_reused"], stats["n_new"], stats["n_changed"], stats["n_retried"], stats["n_removed"],

@@ -23,10 +23,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
-from . import formats, imaging, schema
-from .config import ManifestConfig
+from . import formats, imaging, schema, stages
+from .config import ManifestConfig, RunConfig
+from .errors import ConfigError
+from .executor import Context, done_record, execute
 from .fingerprints import fingerprint_files
 from .formats.pseudonym import identifier_mapper, key_from_env
+from .invariants import count_duplicates, ids_of
 from .runtime import as_completed
 from .storage import RunDir, filesystem, join_uri, read_uri, redact_uri, shard_name, split_uri, walk_files
 
@@ -342,15 +345,24 @@ def build_manifest(src: str, cfg: ManifestConfig, storage_options: dict | None =
 
 def run_manifest(run: RunDir, src: str, cfg: ManifestConfig, storage_options: dict | None = None) -> dict:
     """Write ``manifest/part-NNNNN.parquet`` for the archive ``src``; skips when already done."""
-    if run.is_done(schema.MANIFEST_DIR):
-        stats = run.read_json(f"{schema.MANIFEST_DIR}/_SUCCESS")
-        if stats.get("input") != src:
-            raise ValueError(
-                f"{run.uri} already holds a manifest of {stats.get('input')!r}, not {src!r}: "
-                "use a new --output folder for a different archive"
-            )
-        log.info("manifest: already complete (%d images), skipping", stats["n_images"])
-        return stats
+    ctx = Context(RunConfig(input=src, manifest=cfg), storage_options)
+    return execute(stages.MANIFEST, run, ctx).stats
+
+
+def manifest_matches(run: RunDir, ctx: Context, stats: dict) -> None:
+    """A completed manifest is of this run's archive, or the run is refused."""
+    if stats.get("input") != ctx.config.input:
+        raise ConfigError(
+            f"{run.uri} already holds a manifest of {stats.get('input')!r}, not {ctx.config.input!r}: "
+            "use a new --output folder for a different archive"
+        )
+
+
+def compute_manifest(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): shards and file identities of the archive."""
+    src, cfg, storage_options = ctx.config.input, ctx.config.manifest, ctx.storage_options
+    if not src:
+        raise ConfigError("the manifest stage needs --input (a folder, URI prefix or table of URIs)")
     start = time.monotonic()
     manifest, stats = build_manifest(src, cfg, storage_options)
     run.remove(schema.MANIFEST_DIR)
@@ -364,7 +376,6 @@ def run_manifest(run: RunDir, src: str, cfg: ManifestConfig, storage_options: di
     )
     stats["n_shards"] = -(-manifest.num_rows // cfg.shard_size)
     stats["seconds"] = round(time.monotonic() - start, 3)
-    run.mark_done(schema.MANIFEST_DIR, stats)
     if stats["n_error"]:
         bad = manifest.filter(pc.equal(manifest.column("status"), "error")).slice(0, 3).to_pylist()
         log.warning(
@@ -378,3 +389,37 @@ def run_manifest(run: RunDir, src: str, cfg: ManifestConfig, storage_options: di
     )
     return stats
 
+
+def check_manifest(run: RunDir) -> tuple[dict, list[str]]:
+    """Dense ids 0..N-1 in shard order, statuses ok/error with a reason for every error, counts as recorded."""
+    rows = dup = bad_status = missing_reason = n_ok = 0
+    problems: list[str] = []
+    out_of_order = 0
+    for path in run.shards(schema.MANIFEST_DIR).values():
+        table = run.read_table(path, columns=["image_id", "status", "error"])
+        ids = table["image_id"].to_numpy()
+        out_of_order += int(np.count_nonzero(ids != np.arange(rows, rows + len(ids))))
+        rows += len(ids)
+        status = table["status"]
+        is_ok, is_error = pc.equal(status, "ok").fill_null(False), pc.equal(status, "error").fill_null(False)
+        n_ok += int(pc.sum(is_ok).as_py() or 0)
+        bad_status += int(pc.sum(pc.invert(pc.or_(is_ok, is_error))).as_py() or 0)
+        missing_reason += int(pc.sum(pc.and_(is_error, pc.is_null(table["error"]))).as_py() or 0)
+    all_ids = np.sort(ids_of(run, schema.MANIFEST_DIR))
+    dup = count_duplicates(all_ids)
+    if rows == 0:
+        problems.append("no rows")
+    if dup:
+        problems.append(f"{dup} duplicate image_ids")
+    if out_of_order and not dup:
+        problems.append(f"{out_of_order} image_ids are not the dense sequence 0..{rows - 1} in shard order")
+    if bad_status:
+        problems.append(f"{bad_status} rows with a status other than 'ok' or 'error'")
+    if missing_reason:
+        problems.append(f"{missing_reason} error rows without an error message")
+    done = done_record(run, schema.MANIFEST_DIR)
+    if done and (done.get("n_images"), done.get("n_ok")) != (rows, n_ok):
+        problems.append(
+            f"{rows} rows ({n_ok} ok) but its done marker records {done.get('n_images')} ({done.get('n_ok')} ok)"
+        )
+    return {"rows": rows, "ok_rows": n_ok, "duplicate_ids": dup, "nan": 0}, problems

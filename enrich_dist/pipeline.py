@@ -8,32 +8,26 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from . import schema
 from .config import RunConfig, validate
 from .errors import ConfigError
-from .invariants import InvariantError, check_stage
+from .executor import Context, execute, is_done, verify
+from .invariants import InvariantError
 from .runtime import ray_session
+from .stages import PIPELINE, REGISTRY
+from .stages import stage as stage_record
 from .storage import RunDir, redact_uri
 
 log = logging.getLogger(__name__)
 
-STAGES = ("manifest", "train-encoder", "embed", "similarity", "select", "evaluate", "report")
-# the run-dir folder whose _SUCCESS marks each stage complete (the report is always rewritten)
-STAGE_DIRS = {
-    "manifest": "manifest", "train-encoder": "encoder", "embed": "embeddings", "similarity": "similarity",
-    "select": "selection", "evaluate": "evaluation",
-}
-RUN_JSON = "run.json"
+STAGES = tuple(s.name for s in PIPELINE)
+# derived from the registry (stages.py), kept under these names for callers
+STAGE_DIRS = {s.name: s.folder for s in PIPELINE if s.folder is not None}  # folder whose _SUCCESS marks it done
+STAGE_CONFIG = {s.name: s.section for s in PIPELINE if s.section is not None}  # settings that decide its artifacts
+RUN_JSON = schema.RUN_JSON
 RUN_FORMAT = 1  # layout of the run dir; a run dir of another format is refused, never mixed
-# config sections whose settings decide each completed stage's artifacts (operational knobs left out):
-# rerunning a completed stage with other settings is refused rather than silently mixing two configs
-STAGE_CONFIG = {"manifest": "manifest", "train-encoder": "encoder", "embed": "embed", "similarity": "similarity",
-                "select": "select"}
-_OPERATIONAL = {
-    "manifest": {"shard_size"}, "encoder": {"device"}, "embed": {"batch_size", "num_actors", "decode_threads", "device"},
-    "similarity": {"block_size", "max_memory", "device", "checkpoint_seconds"}, "select": {"workers", "checkpoint_seconds"},
-}
 _URI_KEYS = ("input", "output", "seed_ids", "embeddings", "previous_run", "labelled")
 _PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
 
@@ -51,46 +45,6 @@ def versions() -> dict[str, str]:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _stage_fn(name: str, cfg: RunConfig, storage_options: dict | None) -> Callable[[RunDir], dict]:
-    if name == "manifest":
-        from .manifest import run_manifest
-
-        if not cfg.input:
-            raise ValueError("the manifest stage needs --input (a folder, URI prefix or table of URIs)")
-        return lambda run: run_manifest(run, cfg.input, cfg.manifest, storage_options)
-    if name == "train-encoder":
-        from .encoder import ENCODER_MODELS, run_train_encoder
-
-        if cfg.embed.embedder not in ENCODER_MODELS:
-            return lambda run: {"skipped": f"embedder {cfg.embed.embedder!r} needs no encoder"}
-        return lambda run: run_train_encoder(run, cfg.encoder, model=cfg.embed.embedder)
-    if name == "embed":
-        from .embed import run_embed
-
-        return lambda run: run_embed(run, cfg.embed)
-    if name == "similarity":
-        from .similarity import run_similarity
-
-        return lambda run: run_similarity(run, cfg.similarity)
-    if name == "select":
-        from .selection import run_select
-
-        return lambda run: run_select(run, cfg.select)
-    if name == "incremental":  # only in runs with --previous-run (enrich_dist/incremental.py)
-        from .incremental import run_incremental
-
-        return lambda run: run_incremental(run, cfg, storage_options)
-    if name == "evaluate":
-        from .evaluation import run_evaluate
-
-        return lambda run: run_evaluate(run, cfg.evaluate)
-    if name == "report":
-        from .report import run_report
-
-        return lambda run: run_report(run, images=cfg.report.images)
-    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
 _TARGETS = {"classification": "label", "segmentation": "mask_uri"}
@@ -113,13 +67,13 @@ def public_config(cfg: RunConfig) -> dict:
     return out
 
 
-def _stage_settings(cfg: RunConfig, stage: str) -> dict | None:
-    section = STAGE_CONFIG.get(stage)
-    if section is None:
+def _stage_settings(cfg: RunConfig, name: str) -> dict | None:
+    record = REGISTRY.get(name)
+    if record is None or record.section is None:
         return None
-    values = public_config(cfg)[section]
+    values = public_config(cfg)[record.section]
     # as JSON stores it (tuples become lists), so settings read back from run.json compare equal
-    return json.loads(json.dumps({k: v for k, v in values.items() if k not in _OPERATIONAL[section]}))
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in record.operational}))
 
 
 def _read_state(run: RunDir) -> dict | None:
@@ -136,11 +90,6 @@ def _read_state(run: RunDir) -> dict | None:
     return state
 
 
-# what each stage reads: the stage that must be complete (or run before it in the same command)
-_NEEDS = {"train-encoder": ("manifest",), "embed": ("manifest",), "similarity": ("embed",), "select": ("embed",),
-          "evaluate": ("select",)}
-
-
 def preflight(run: RunDir, cfg: RunConfig, stages: Sequence[str], storage_options: dict | None) -> None:
     """Fail in a second, before Ray starts: a missing input, or a stage whose inputs no earlier stage made."""
     if "manifest" in stages and not run.is_done(STAGE_DIRS["manifest"]):
@@ -152,7 +101,7 @@ def preflight(run: RunDir, cfg: RunConfig, stages: Sequence[str], storage_option
         if "://" not in cfg.input and not fs.exists(path):
             raise FileNotFoundError(f"--input {cfg.input} does not exist: point --input at the archive")
     for i, stage in enumerate(stages):
-        needs = list(_NEEDS.get(stage, ()))
+        needs = list(REGISTRY[stage].needs) if stage in REGISTRY else []
         if stage == "embed" and cfg.embed.embedder in ("vae", "contrastive"):
             needs.append("train-encoder")
         for need in needs:
@@ -185,7 +134,7 @@ def check_compatible(run: RunDir, cfg: RunConfig, stages: Sequence[str]) -> None
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ConfigError(
-                f"{run.uri_of(STAGE_DIRS[stage])} was computed with other {STAGE_CONFIG[stage]} settings ({shown}): "
+                f"{run.uri_of(STAGE_DIRS[stage])} was computed with other {REGISTRY[stage].section} settings ({shown}): "
                 f"refusing to mix them in one run dir. Start fresh with a new --output folder, or delete "
                 f"{run.uri_of(STAGE_DIRS[stage])} and the stages after it to recompute"
             )
@@ -203,8 +152,18 @@ def _record(run: RunDir, cfg: RunConfig, stage: str, entry: dict) -> None:
     run.write_json(RUN_JSON, state)
 
 
+def check_stage(run: RunDir, name: str) -> dict:
+    """The read-back invariants record of stage ``name`` (``ok`` true), or :class:`InvariantError`."""
+    return verify(stage_record(name), run)
+
+
 def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: dict | None = None) -> dict:
-    """Run ``stages`` in order on ``cfg.output`` inside one Ray session; returns stats per stage."""
+    """Run ``stages`` in order on ``cfg.output`` inside one Ray session; returns stats per stage.
+
+    Each stage goes through the executor (skip / compute / commit / read back); this loop adds only what
+    concerns the whole run: the incremental plan, checks before Ray starts, the stages an archive cannot
+    use (no encoder to train, no labels to evaluate, nothing new to rank), and the ``run.json`` record.
+    """
     validate(cfg)  # every setting, before anything is read or started
     run = RunDir(cfg.output, storage_options)
     if cfg.incremental.previous_run:  # an incremental run: see enrich_dist/incremental.py
@@ -213,51 +172,55 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
         stages, cfg = plan_stages(run, cfg, stages)  # a new config: cfg itself is left as it was
     elif cfg.incremental.labelled or cfg.incremental.retrain_encoder:
         raise ConfigError("--labelled and --retrain-encoder belong to an incremental run: add --previous-run OLD_RUN")
+    records = [stage_record(name) for name in stages]
     check_compatible(run, cfg, stages)
     preflight(run, cfg, stages, storage_options)
-    fns = [(name, _stage_fn(name, cfg, storage_options)) for name in stages]  # imports torch: after the checks
+    ctx = Context(cfg, storage_options)
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
-        for name, fn in fns:
-            if name == "select" and results.get("incremental", {}).get("n_to_rank") == 0:
-                log.info("stage select: skipped, the incremental run found no new or changed image to rank")
-                results[name] = {"skipped": "incremental run: no new or changed images to rank"}
+        for record in records:
+            name = record.name
+            skipped = _not_applicable(run, cfg, name, results, len(records))
+            if skipped:
+                log.info("stage %s: skipped, %s", name, skipped)
+                results[name] = {"skipped": skipped}
+                if name not in (_read_state(run) or {}).get("stages", {}):  # say so once in run.json
+                    now = _now()
+                    _record(run, cfg, name, {"started": now, "ended": now, "seconds": 0.0, "stats": results[name],
+                                             "invariants": {"skipped": skipped, "ok": True}})
                 continue
-            if name == "evaluate" and len(fns) > 1 and not _has_targets(run, cfg.evaluate.task):
-                log.info("stage evaluate: skipped, the manifest has no %s", _TARGETS[cfg.evaluate.task])
-                results[name] = {"skipped": f"no {_TARGETS[cfg.evaluate.task]} in the manifest"}
-                continue
-            done_before = name in STAGE_DIRS and run.is_done(STAGE_DIRS[name])
-            log.info("stage %s: %s on %s", name, "already complete" if done_before else "starting", run.uri)
+            log.info("stage %s: %s on %s", name, "already complete" if is_done(record, run) else "starting", run.uri)
             started, t0 = _now(), time.monotonic()
             try:
-                stats = fn(run)
+                outcome = execute(record, run, ctx, verify_after=True)
+            except InvariantError:
+                raise
             except ValueError as exc:
-                if name != "evaluate" or len(fns) == 1:
+                if name != "evaluate" or len(records) == 1:
                     raise
                 # in a whole-pipeline run the evaluation is an extra: data it cannot use is reported, not fatal
                 log.warning("stage evaluate: skipped, %s", exc)
                 results[name] = {"skipped": str(exc)}
                 continue
-            seconds = round(time.monotonic() - t0, 3)
-            try:  # read back what the stage committed; a violation means the stage is not complete
-                if name == "incremental":
-                    from .incremental import check_incremental
-
-                    invariants = check_incremental(run)
-                else:
-                    invariants = check_stage(run, name)
-            except InvariantError:
-                if name in STAGE_DIRS:
-                    run.clear_done(STAGE_DIRS[name])
-                raise
-            if not done_before:  # a skipped stage keeps the record of the run that computed it
-                entry = {"started": started, "ended": _now(), "seconds": seconds, "stats": stats}
-                _record(run, cfg, name, {**entry, "invariants": invariants})
-                log.info("stage %s: finished in %.1fs", name, seconds)
-            results[name] = stats
+            if outcome.computed:  # a skipped stage keeps the record of the run that computed it
+                entry = {"started": started, "ended": _now(), "seconds": round(time.monotonic() - t0, 3),
+                         "stats": outcome.stats}
+                _record(run, cfg, name, {**entry, "invariants": outcome.invariants})
+                log.info("stage %s: finished in %.1fs", name, entry["seconds"])
+            results[name] = outcome.stats
             if name == "select" and cfg.incremental.previous_run:  # nightly runs: what to send to annotators
                 from .export import write_next_to_label
 
                 results["export"] = write_next_to_label(run)
     return results
+
+
+def _not_applicable(run: RunDir, cfg: RunConfig, name: str, results: dict, n_stages: int) -> str | None:
+    """Why this run leaves stage ``name`` out (None: it runs)."""
+    if name == "train-encoder" and cfg.embed.embedder not in ("vae", "contrastive"):
+        return f"embedder {cfg.embed.embedder!r} needs no encoder"
+    if name == "select" and results.get("incremental", {}).get("n_to_rank") == 0:
+        return "the incremental run found no new or changed image to rank"
+    if name == "evaluate" and n_stages > 1 and not _has_targets(run, cfg.evaluate.task):
+        return f"the manifest has no {_TARGETS[cfg.evaluate.task]}"
+    return None

@@ -35,7 +35,9 @@ SELECTION_DIR = "selection"
 EVALUATION_DIR = "evaluation"
 REPORT_DIR = "report"
 INCREMENTAL_DIR = "incremental"
+RUN_JSON = "run.json"  # the run record: config, versions, each stage's timings, stats and invariants
 # files inside the stage folders, spelled here only
+ENCODER_TRAIN_STATS = "encoder/train.json"  # the training record, with the encoder model
 SIMILARITY_SUMMARY = "similarity/summary.json"
 DUPLICATES_DIR = "duplicates"  # t=0.90/groups.parquet, t=0.90/remove.parquet (the similarity stage's)
 LEAKAGE_PATH = "duplicates/leakage.parquet"

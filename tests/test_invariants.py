@@ -17,8 +17,8 @@ from PIL import Image
 from enrich_dist import schema
 from enrich_dist.config import EncoderConfig, RunConfig
 from enrich_dist.encoder import BetaVAE, encoder_bytes
-from enrich_dist.invariants import InvariantError, check_stage
-from enrich_dist.pipeline import run_stages
+from enrich_dist.invariants import InvariantError
+from enrich_dist.pipeline import check_stage, run_stages
 from enrich_dist.storage import RunDir
 
 N_GOOD = 12

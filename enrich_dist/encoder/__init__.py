@@ -15,7 +15,6 @@ from .train import (
     run_train_encoder,
     train_contrastive,
     train_vae,
-    trained_model,
 )
 
 ENCODER_MODELS = tuple(CHECKPOINTS)  # the embedders that need a trained encoder
@@ -50,6 +49,5 @@ __all__ = [
     "train_contrastive",
     "train_encoder_model",
     "train_vae",
-    "trained_model",
     "vae_loss",
 ]

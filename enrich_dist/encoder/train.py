@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import imaging
-from ..config import EncoderConfig, resolve_size
-from ..schema import ENCODER_DIR, MANIFEST_DIR
-from ..storage import DONE_NAME, RunDir
+from .. import imaging, stages
+from ..config import EmbedConfig, EncoderConfig, RunConfig, resolve_size
+from ..errors import ConfigError
+from ..executor import Context, execute
+from ..schema import ENCODER_DIR, ENCODER_TRAIN_STATS, MANIFEST_DIR
+from ..storage import RunDir
 from . import contrastive
 from .contrastive import ContrastiveEncoder
 from .model import BetaVAE, vae_loss
@@ -32,7 +34,7 @@ log = logging.getLogger("enrich_dist.encoder")
 CHECKPOINT = posixpath.join(ENCODER_DIR, "vae.pt")
 CONTRASTIVE_CHECKPOINT = posixpath.join(ENCODER_DIR, "contrastive.pt")
 CHECKPOINTS = {"vae": CHECKPOINT, "contrastive": CONTRASTIVE_CHECKPOINT}  # encoder model -> its checkpoint
-TRAIN_STATS = posixpath.join(ENCODER_DIR, "train.json")
+TRAIN_STATS = ENCODER_TRAIN_STATS
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
 VIEWS = posixpath.join(ENCODER_DIR, "views.png")
 TRAIN_STATE = posixpath.join(ENCODER_DIR, "_partial", "contrastive.state")  # resumable state while training
@@ -532,28 +534,37 @@ def sample_manifest(run: RunDir, cfg: EncoderConfig) -> tuple[np.ndarray, list[s
     return ids[pick], uris[pick].tolist(), frames[pick].tolist()
 
 
-def trained_model(run: RunDir) -> str:
-    """The encoder model ("vae" or "contrastive") whose checkpoint a finished ``encoder/`` holds."""
-    return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME)).get("model", "vae")
-
-
 def run_train_encoder(run: RunDir, cfg: EncoderConfig, use_ray: bool | None = None, model: str = "vae") -> dict:
     """Stage: fit the ``model`` encoder on a sample of the archive and write ``encoder/``; skipped when already done.
 
     With a Ray attached (``use_ray`` None: whenever Ray is initialised) the work runs as one Ray task
     holding a GPU when the cluster has one (else the CPUs of the largest node); otherwise here.
     """
+    ctx = Context(RunConfig(encoder=cfg, embed=EmbedConfig(embedder=model)), run.storage_options, {"use_ray": use_ray})
+    return execute(stages.TRAIN_ENCODER, run, ctx).stats
+
+
+def encoder_matches(run: RunDir, ctx: Context, stats: dict) -> None:
+    """A trained encoder is of the model this run embeds with, or the run is refused."""
+    held, model = stats.get("model", "vae"), ctx.config.embed.embedder
+    if held != model:
+        raise ConfigError(
+            f"{run.uri_of(ENCODER_DIR)} holds a trained {held} encoder, this run asks for {model}: use "
+            f"--embedder {held}, or a new --output folder to compare encoders"
+        )
+
+
+def remove_train_state(run: RunDir) -> None:
+    """Once the encoder is committed, its resumable training state is scratch."""
+    if run.exists(TRAIN_STATE):
+        run.remove(TRAIN_STATE)
+
+
+def compute_encoder(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): train and write the encoder's files."""
+    cfg, model, use_ray = ctx.config.encoder, ctx.config.embed.embedder, ctx.extras.get("use_ray")
     if model not in CHECKPOINTS:
         raise ValueError(f"unknown encoder model {model!r}: use one of {sorted(CHECKPOINTS)}")
-    if run.is_done(ENCODER_DIR):
-        held = trained_model(run)
-        if held != model:
-            raise ValueError(
-                f"{run.uri_of(ENCODER_DIR)} holds a trained {held} encoder, this run asks for {model}: use "
-                f"--embedder {held}, or a new --output folder to compare encoders"
-            )
-        log.info("encoder already trained in %s: skipping", run.uri_of(ENCODER_DIR))
-        return run.read_json(posixpath.join(ENCODER_DIR, DONE_NAME))
     if use_ray is None:
         use_ray = _ray_initialized()
     if use_ray:
@@ -612,7 +623,7 @@ def _train_task(run: RunDir, cfg: EncoderConfig, device: str, threads: int, leve
 def train_encoder_stage(
     run: RunDir, cfg: EncoderConfig, device: str, threads: int = 1, ray_task: bool = False, model: str = "vae"
 ) -> dict:
-    """Decode the seeded sample, train, and write the checkpoint, a picture, train.json and _SUCCESS.
+    """Decode the seeded sample, train, and write the checkpoint, a picture and train.json (the executor commits).
 
     The picture is ``reconstructions.png`` (beta-VAE) or ``views.png`` (contrastive: images over one
     training view each).
@@ -681,9 +692,6 @@ def train_encoder_stage(
             "history": history,
         },
     )
-    run.mark_done(ENCODER_DIR, stats)
-    if run.exists(TRAIN_STATE):
-        run.remove(TRAIN_STATE)
     return stats
 
 
@@ -726,3 +734,19 @@ def _resumable(run: RunDir, cfg: EncoderConfig, ids: np.ndarray):
         run.write_bytes(TRAIN_STATE, buffer.getvalue())
 
     return resume, save
+
+
+def check_encoder(run: RunDir) -> tuple[dict, list[str]]:
+    """The checkpoint loads (``weights_only``) and holds no NaN or infinite weight."""
+    present = [path for path in CHECKPOINTS.values() if run.exists(path)]
+    if not present:
+        return {"skipped": "no encoder (embedder needs none)"}, []
+    checkpoint = present[0]
+    model = load_encoder(run.read_bytes(checkpoint), name=checkpoint)
+    n_params = nan = 0
+    for tensor in model.state_dict().values():
+        values = tensor.detach().float().numpy()
+        n_params += values.size
+        nan += int(np.count_nonzero(~np.isfinite(values)))
+    problems = [f"{nan} NaN or infinite weights in {run.uri_of(checkpoint)}"] if nan else []
+    return {"parameters": n_params, "nan": nan}, problems

@@ -1,16 +1,20 @@
 """The evaluate stage: one Ray task per (method, budget, replicate) model, each committed as its own
-Parquet file under ``evaluation/runs/``; then ``results.parquet``, ``stats.json`` and ``_SUCCESS``."""
+Parquet file under ``evaluation/runs/``; then ``results.parquet`` and ``stats.json`` (the executor commits the stage)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import EvaluateConfig
+from .. import stages
+from ..config import EvaluateConfig, RunConfig
+from ..executor import Context, execute
 from ..runtime import cluster_resources
 from ..schema import EVALUATION_DIR, EVALUATION_RESULTS, EVALUATION_STATS, MANIFEST_DIR, RESULT, SELECTION_DIR
 from ..storage import RunDir
@@ -25,6 +29,18 @@ log = logging.getLogger("enrich_dist.evaluation")
 
 def run_evaluate(run: RunDir, cfg: EvaluateConfig) -> dict:
     """Train and score every model of ``cfg.task`` not yet committed, then write results and stats."""
+    return execute(stages.EVALUATE, run, Context(RunConfig(evaluate=cfg), run.storage_options)).stats
+
+
+def evaluation_marker(run: RunDir, stats: dict) -> dict:
+    """The done marker's content: the tasks evaluated so far and their model counts."""
+    all_stats = _read_stats(run)
+    return {"tasks": sorted(all_stats), "models": {t: s["models_trained"] + s["models_reused"] for t, s in all_stats.items()}}
+
+
+def compute_evaluation(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor commits and checks; committed models are reused, never retrained)."""
+    cfg = ctx.config.evaluate
     started = time.perf_counter()
     if cfg.task not in TASKS:
         raise ValueError(f"evaluate task must be one of {sorted(TASKS)}, got {cfg.task!r}")
@@ -52,7 +68,7 @@ def run_evaluate(run: RunDir, cfg: EvaluateConfig) -> dict:
     previous = _read_stats(run).get(cfg.task) or {}
     config = {**dataclasses.asdict(cfg), "budgets": None if cfg.budgets is None else list(cfg.budgets)}
     unchanged = previous.get("config_hash") == config_hash and previous.get("config") == config
-    if not pending and unchanged and run.is_done(EVALUATION_DIR):
+    if not pending and unchanged:
         log.info("evaluation of %s already complete in %s; skipping", cfg.task, run.uri_of(EVALUATION_DIR))
         total = previous["models_trained"] + previous["models_reused"]
         return _brief(previous) | {"models_trained": 0, "models_reused": total}
@@ -140,7 +156,7 @@ def _read_stats(run: RunDir) -> dict:
 
 
 def _write_outputs(run: RunDir, task: str, rows: list[dict], stats: dict) -> None:
-    """Replace ``task``'s rows in results.parquet and its entry in stats.json, then write ``_SUCCESS``."""
+    """Replace ``task``'s rows in results.parquet and its entry in stats.json."""
     table = pa.Table.from_pylist(rows, schema=RESULT)
     if run.exists(EVALUATION_RESULTS):
         old = run.read_table(EVALUATION_RESULTS)
@@ -148,8 +164,6 @@ def _write_outputs(run: RunDir, task: str, rows: list[dict], stats: dict) -> Non
     run.write_table(EVALUATION_RESULTS, table)
     all_stats = {**_read_stats(run), task: stats}
     run.write_json(EVALUATION_STATS, all_stats)
-    models = {t: s["models_trained"] + s["models_reused"] for t, s in all_stats.items()}
-    run.mark_done(EVALUATION_DIR, {"tasks": sorted(all_stats), "models": models})
 
 
 def _log_summary(stats: dict) -> None:
@@ -201,3 +215,17 @@ def _log_summary(stats: dict) -> None:
 
 def _fmt_p(p: float | None) -> str:
     return "-" if p is None else f"{p:.3g}"
+
+
+def check_evaluate(run: RunDir) -> tuple[dict, list[str]]:
+    """One result per (task, method, budget, replicate); NaN metrics (e.g. AUC of a one-class test set) counted."""
+    if not run.exists(EVALUATION_RESULTS):
+        return {"rows": 0}, [f"{EVALUATION_RESULTS} is missing"]
+    table = run.read_table(EVALUATION_RESULTS, columns=["task", "method", "budget", "replicate", "metric"])
+    keys = table.group_by(["task", "method", "budget", "replicate"]).aggregate([([], "count_all")])
+    dup = table.num_rows - keys.num_rows
+    undefined = int(np.count_nonzero(np.isnan(table["metric"].fill_null(math.nan).to_numpy(zero_copy_only=False))))
+    problems = [f"{dup} repeated (task, method, budget, replicate) results"] if dup else []
+    if table.num_rows == 0:
+        problems.append("no results")
+    return {"rows": table.num_rows, "duplicate_ids": dup, "undefined_metric": undefined, "nan": 0}, problems

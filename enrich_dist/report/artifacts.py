@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from ..schema import (
     ENCODER_DIR,
+    ENCODER_TRAIN_STATS,
     MANIFEST_DIR,
     NEIGHBORS_DIR,
     SIMILARITY_SUMMARY,
@@ -22,7 +23,7 @@ from ..storage import RunDir
 
 SUMMARY = SIMILARITY_SUMMARY
 SUBSETS = SUBSETS_PATH
-TRAIN_JSON = posixpath.join(ENCODER_DIR, "train.json")
+TRAIN_JSON = ENCODER_TRAIN_STATS
 RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
 VIEWS = posixpath.join(ENCODER_DIR, "views.png")
 N_GROUPS = 8

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..executor import done_record
+from ..schema import EMBEDDINGS_DIR
 from . import figures
 from .artifacts import RECONSTRUCTIONS, SUBSETS, TRAIN_JSON, VIEWS, Manifest, read_json
 from .html import Markup, figure, fmt_int, fmt_mean_std, fmt_pct, join, note, table, tag
@@ -82,7 +84,7 @@ def redundancy(out: ReportPage, summary: dict | None) -> list[Markup]:
     thresholds = sorted((summary.get("thresholds") or {}).items(), key=lambda kv: float(kv[0]))
     exact = summary.get("exact")
     mode = "exact (all pairs)" if exact else f"approximate ({_inexact_why(summary)})"
-    done = read_json(out.run, "embeddings/_SUCCESS") or {}
+    done = done_record(out.run, EMBEDDINGS_DIR)
     embedder = EMBEDDER_NAMES.get(done.get("embedder"), f"{done['embedder']!r}" if done.get("embedder") else "the")
     parts = [
         note(

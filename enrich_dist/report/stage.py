@@ -6,7 +6,10 @@ import logging
 import posixpath
 import time
 
-from ..schema import REPORT_DIR
+from .. import stages
+from ..config import ReportConfig, RunConfig
+from ..executor import Context, execute
+from ..schema import REPORT_DIR, RUN_JSON
 from ..storage import RunDir
 from . import sections
 from .artifacts import (
@@ -39,11 +42,18 @@ def run_report(run: RunDir, images: str = "thumbnails") -> dict:
 
     ``images`` "none" leaves out every archive image (galleries, encoder pictures) and every uri or path.
     """
+    ctx = Context(RunConfig(report=ReportConfig(images=images)), run.storage_options)
+    return execute(stages.REPORT, run, ctx).stats
+
+
+def compute_report(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (always rewritten; the executor checks the page is whole)."""
+    images = ctx.config.report.images
     if images not in REPORT_IMAGES:
         raise ValueError(f"--report-images must be one of {', '.join(REPORT_IMAGES)}, got {images!r}")
     start = time.perf_counter()
     out = ReportPage(run, images=images)
-    run_info = read_json(run, "run.json")
+    run_info = read_json(run, RUN_JSON)
     top, unique = load_neighbors(run)
     groups = redundant_groups(top or [], N_GROUPS, N_GROUP_NEIGHBORS)
     summary = read_json(run, SUMMARY)
@@ -85,3 +95,13 @@ def run_report(run: RunDir, images: str = "thumbnails") -> dict:
         ", ".join(out.missing) or "none",
     )
     return stats
+
+
+def check_report(run: RunDir) -> tuple[dict, list[str]]:
+    """The page exists and is a complete HTML document."""
+    index = INDEX
+    if not run.exists(index):
+        return {"bytes": 0}, [f"{index} is missing"]
+    data = run.read_bytes(index)
+    problems = [] if data.rstrip().endswith(b"</html>") else [f"{index} is not a complete HTML page"]
+    return {"bytes": len(data)}, problems

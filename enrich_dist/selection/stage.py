@@ -27,9 +27,13 @@ import pyarrow as pa
 import ray
 from threadpoolctl import threadpool_limits
 
-from ..config import SelectConfig, parse_size, resolve_size
+from .. import stages
+from ..config import RunConfig, SelectConfig, parse_size, resolve_size
+from ..executor import Context, execute
+from ..invariants import count_duplicates, ids_of
 from ..runtime import as_completed, cluster_resources
 from ..schema import (
+    EMBEDDINGS_DIR,
     RANDOM_RANKING_PATH,
     RANKED_REMOVAL_DIR,
     RANKING,
@@ -55,6 +59,7 @@ from .inputs import (
     read_neighbors,
     read_seed_ids,
     read_vectors,
+    scope_ids,
 )
 from .repeats import redundancy_concentration, repeat_measure
 from .rules import Rules
@@ -89,9 +94,12 @@ def _rank_task(
 
 def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     """Write ``selection/`` (rankings, subset coverage, stats) for ``cfg``; skip if already done."""
-    if run.is_done(SELECTION_DIR):
-        log.info("selection already done in %s; skipping", run.uri_of(SELECTION_DIR))
-        return run.read_json(STATS_PATH)
+    return execute(stages.SELECT, run, Context(RunConfig(select=cfg), run.storage_options)).stats
+
+
+def compute_selection(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): rankings, random baselines, subsets, stats."""
+    cfg = ctx.config.select
     _validate(cfg)
     started = time.perf_counter()
     parts, ids, dim = embedding_ids(run)
@@ -166,7 +174,6 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
     }
     run.write_json(STATS_PATH, stats)
     run.remove(CHECKPOINT_DIR)
-    run.mark_done(SELECTION_DIR, stats)
     log.info("selection written to %s in %.1f s", run.uri_of(SELECTION_DIR), stats["seconds"])
     return stats
 
@@ -453,3 +460,42 @@ def _subsets_table(
                     sorted((name, int(c)) for name, c in zip(label_names, tally, strict=True) if c > 0)
                 )
     return pa.table(rows, schema=SUBSETS)
+
+
+def check_select(run: RunDir) -> tuple[dict, list[str]]:
+    """Every replicate of each ranking is a permutation of the ranked ids, ranked 0..N-1; no NaN score.
+
+    The ranked ids are the embedded ones, within ``incremental/scope.parquet`` in an incremental run.
+    """
+    embedded = np.sort(ids_of(run, EMBEDDINGS_DIR))
+    scope = scope_ids(run)  # an incremental run ranks its labelled and new images only
+    if scope is not None:
+        embedded = embedded[np.isin(embedded, scope)]
+    problems, record = [], {"rows": int(len(embedded)), "duplicate_ids": 0, "nan": 0, "replicates": 0}
+    for rel in (RANKING_PATH, RANDOM_RANKING_PATH):
+        if not run.exists(rel):
+            problems.append(f"{rel} is missing")
+            continue
+        table = run.read_table(rel, columns=["replicate", "rank", "image_id", "score"])
+        replicate = table["replicate"].to_numpy()
+        image_id, rank = table["image_id"].to_numpy(), table["rank"].to_numpy()
+        scores = table["score"].fill_null(0.0).to_numpy(zero_copy_only=False)
+        record["nan"] += int(np.count_nonzero(np.isnan(scores)))
+        reps = np.unique(replicate)
+        record["replicates"] = max(record["replicates"], len(reps))
+        order = np.lexsort((image_id, replicate))
+        for r in reps:
+            mine = order[replicate[order] == r]
+            got = image_id[mine]
+            dup = count_duplicates(got)
+            record["duplicate_ids"] += dup
+            if dup or not np.array_equal(got, embedded):
+                problems.append(
+                    f"{rel} replicate {int(r)} is not a permutation of the {len(embedded)} embedded ids "
+                    f"({len(got)} rows, {dup} duplicates)"
+                )
+            if not np.array_equal(np.sort(rank[mine]), np.arange(len(mine))):
+                problems.append(f"{rel} replicate {int(r)} ranks are not 0..{len(mine) - 1}")
+    if record["nan"]:
+        problems.append(f"{record['nan']} NaN scores")
+    return record, problems

@@ -17,17 +17,19 @@ import pyarrow as pa
 import ray
 from threadpoolctl import threadpool_limits
 
-from ..config import SimilarityConfig
+from .. import stages
+from ..config import RunConfig, SimilarityConfig
+from ..executor import Context, execute
+from ..invariants import count_duplicates, float_values, ids_of
 from ..runtime import cluster_resources
 from ..schema import (
     EDGES_DIR,
     EMBEDDINGS_DIR,
     NEIGHBORS_DIR,
-    SIMILARITY_DIR,
     SIMILARITY_SUMMARY,
     neighbors_schema,
 )
-from ..storage import DONE_NAME, RunDir, shard_name
+from ..storage import RunDir, shard_name
 from . import approx, kernel
 from .duplicates import DUPLICATES_DIR, KEEP_POLICIES, write_duplicates
 from .plan import (
@@ -492,10 +494,18 @@ def _check_duplicate_settings(cfg: SimilarityConfig) -> None:
 
 
 def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
-    """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall), mark done."""
-    if run.is_done(SIMILARITY_DIR):
-        log.info("similarity: already done in %s, skipping", run.uri)
-        return run.read_json(posixpath.join(SIMILARITY_DIR, DONE_NAME))
+    """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall)."""
+    return execute(stages.SIMILARITY, run, Context(RunConfig(similarity=cfg), run.storage_options)).stats
+
+
+def remove_partials(run: RunDir) -> None:
+    """Once the stage is committed, its checkpoint is scratch."""
+    run.remove(PARTIALS_DIR)
+
+
+def compute_stage(run: RunDir, ctx: Context) -> dict:
+    """The stage's work (the executor skips, commits and checks): neighbor shards, edges, duplicates, summary."""
+    cfg = ctx.config.similarity
     _check_duplicate_settings(cfg)
     x, ids = _read_embeddings(run)
     try:
@@ -524,6 +534,35 @@ def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
             recall["at_1"], recall["k"], recall["at_k"], recall["n_eligible"],
         )
     run.write_json(SUMMARY, summary)
-    run.mark_done(SIMILARITY_DIR, summary)
-    run.remove(PARTIALS_DIR)
     return summary
+
+
+def check_similarity(run: RunDir) -> tuple[dict, list[str]]:
+    """One neighbor row per embedding, no id twice, finite similarities, neighbors among the embedded ids."""
+    embedded = np.sort(ids_of(run, EMBEDDINGS_DIR))
+    rows = nan = stray = 0
+    for path in run.shards(NEIGHBORS_DIR).values():
+        table = run.read_table(path, columns=["max_sim", "nn_ids", "nn_sims"])
+        rows += table.num_rows
+        for name in ("max_sim", "nn_sims"):
+            values = float_values(table[name])
+            nan += int(np.count_nonzero(np.isnan(values)))
+        nn = table["nn_ids"].combine_chunks().flatten().fill_null(-1).to_numpy(zero_copy_only=False)
+        nn = nn[nn >= 0]
+        stray += int(np.count_nonzero(~np.isin(nn, embedded)))
+    ids = np.sort(ids_of(run, NEIGHBORS_DIR))
+    dup = count_duplicates(ids)
+    problems = []
+    if rows != len(embedded) or not np.array_equal(np.unique(ids), embedded):
+        problems.append(f"{rows} neighbor rows for {len(embedded)} embeddings (or other image_ids)")
+    if dup:
+        problems.append(f"{dup} duplicate image_ids")
+    if nan:
+        problems.append(f"{nan} NaN similarities")
+    if stray:
+        problems.append(f"{stray} neighbor ids that are not embedded images")
+    summary_path = SIMILARITY_SUMMARY
+    summary = run.read_json(summary_path) if run.exists(summary_path) else {}
+    if summary.get("n_images") != rows:
+        problems.append(f"summary.json counts {summary.get('n_images')} images, the neighbor shards {rows}")
+    return {"rows": rows, "embeddings": int(len(embedded)), "duplicate_ids": dup, "nan": nan}, problems
