@@ -32,8 +32,8 @@ from .schema import (
     SELECTION_DIR,
     SIMILARITY_DIR,
     SIMILARITY_SUMMARY,
+    threshold_folder,
 )
-from .similarity.duplicates import threshold_folder
 from .storage import RunDir
 
 if TYPE_CHECKING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,24 @@ def resolve_size(value: Size, n: int) -> int:
     if isinstance(size, float):
         return min(n, max(1 if n > 0 else 0, int(round(size * n))))
     return min(n, size)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(value: str | int) -> int:
+    """Bytes from ``"4G"``, ``"512M"``, ``"1.5G"``, ``"300000"`` (binary units, optional ``B``/``iB``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"memory must be > 0 bytes, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value).upper())
+    if not match:
+        raise ValueError(f"memory {value!r} is not a size like 4G, 512M or 1.5G")
+    size = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"memory must be > 0 bytes, got {value!r}")
+    return size
 
 
 def parse_list(value: str | list | tuple, item=float) -> list:
@@ -138,6 +157,15 @@ class EmbedConfig:
     decode_threads: int | None = None
     device: str = "auto"
     precision: str = "auto"
+
+    def identity(self) -> dict:
+        """What makes two runs' embeddings comparable: the embedder (and the pixel grid, or the imported file)."""
+        ident: dict = {"embedder": self.embedder}
+        if self.embedder == "pixels":
+            ident["pixel_size"] = self.pixel_size
+        if self.embedder == "byo":
+            ident["embeddings"] = self.embeddings
+        return ident
 
 
 @dataclass
@@ -468,8 +496,6 @@ def _size_error(value: Any) -> str | None:
 
 
 def _memory_error(value: Any) -> str | None:
-    from .similarity.plan import parse_memory
-
     try:
         parse_memory(value)
     except (ValueError, TypeError) as exc:

@@ -363,19 +363,9 @@ def _check_trained_model(run: RunDir, embedder: str) -> None:
         )
 
 
-def embedder_identity(cfg: EmbedConfig) -> dict:
-    """What makes two runs' embeddings comparable: the embedder (and the pixel grid, or the imported file)."""
-    ident = {"embedder": cfg.embedder}
-    if cfg.embedder == "pixels":
-        ident["pixel_size"] = cfg.pixel_size
-    if cfg.embedder == "byo":
-        ident["embeddings"] = cfg.embeddings
-    return ident
-
-
 def _claim(run: RunDir, cfg: EmbedConfig) -> None:
     """Record which embedder fills this run dir; refuse to mix embedders' shards in one run."""
-    ident, rel = embedder_identity(cfg), schema.located(run, schema.EMBEDDER_IDENTITY)
+    ident, rel = cfg.identity(), schema.located(run, schema.EMBEDDER_IDENTITY)
     held = run.read_json(rel) if run.exists(rel) else None
     if held == ident:
         return

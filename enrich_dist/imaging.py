@@ -16,12 +16,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import formats, schema
+from .formats import MAX_PIXELS, ImageError  # defined with the formats, which decode below imaging
 from .storage import RunDir, read_uri
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPY_EXTENSIONS = (".npy",)
 CROP_LEVEL = 0.02  # pixels brighter than this (in [0, 1]) count as content when cropping
-MAX_PIXELS = 400_000_000  # larger images (above 20000 x 20000) are refused, never decoded
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Images with a longer side are shrunk right after decoding (JPEG: while decoding), before any copy is
 # made: a 20000 x 20000 8-bit PNG peaks at its decoded size (400 MB) instead of about three times that.
@@ -33,10 +33,6 @@ TOO_LARGE = "image too large ({w}x{h} pixels, limit {limit}): downscale it below
 UNKNOWN_FORMAT = "not a recognised image format (PNG, JPEG, TIFF, BMP, NPY, DICOM or NIfTI expected)"
 DEFAULT_NIFTI_AXIS = 2
 FrameSource = Callable[[int | None], np.ndarray]
-
-
-class ImageError(ValueError):
-    """An image that cannot be decoded; the message says why."""
 
 
 def manifest_nifti_axis(run: RunDir) -> int:

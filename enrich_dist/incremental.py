@@ -41,10 +41,10 @@ import pyarrow.compute as pc
 
 from . import schema, stages
 from .config import EncoderConfig, RunConfig
-from .embed import REUSED_DIR  # the embed stage merges the rows copied there
 from .errors import ConfigError
 from .executor import Context, adopt, done_record, execute, is_marker
 from .fingerprints import read_fingerprints
+from .idlists import read_id_list
 from .storage import RunDir, filesystem, split_uri, with_retries
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,6 @@ def inherit_encoder_settings(prev: RunDir, cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, encoder=inherited)
 
 
-def _embedder_identity(cfg: RunConfig) -> dict:
-    ident = {"embedder": cfg.embed.embedder}
-    if cfg.embed.embedder == "pixels":
-        ident["pixel_size"] = cfg.embed.pixel_size
-    return ident
-
-
 def _comparable(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -156,9 +149,9 @@ def check_previous(prev: RunDir, cfg: RunConfig) -> None:
     ident_path = schema.located(prev, schema.EMBEDDER_IDENTITY)
     held = prev.read_json(ident_path) if prev.exists(ident_path) else {"embedder": "vae"}
     held = {k: v for k, v in held.items() if k in ("embedder", "pixel_size")}
-    if held != _embedder_identity(cfg):
+    if held != cfg.embed.identity():
         raise ConfigError(
-            f"--previous-run {prev.uri} holds embeddings from {held}, this run asks for {_embedder_identity(cfg)}: "
+            f"--previous-run {prev.uri} holds embeddings from {held}, this run asks for {cfg.embed.identity()}: "
             "embeddings of different embedders are not comparable; use the previous run's embedder options, "
             "or pass --retrain-encoder to embed everything fresh"
         )
@@ -288,7 +281,7 @@ def copy_embeddings(run: RunDir, prev: RunDir, images: pa.Table) -> dict:
         shards = np.array([shard_of[i] for i in new_ids])
         for s in np.unique(shards):
             pieces[int(s)].append(rows.take(pa.array(np.flatnonzero(shards == s))))
-    run.remove(REUSED_DIR)
+    run.remove(schema.EMBED_REUSED_DIR)  # the embed stage merges the rows copied there
     whole = partial = 0
     for s, parts in sorted(pieces.items()):
         table = pa.concat_tables(parts).sort_by("image_id").cast(schema.embeddings_schema(dim))
@@ -296,7 +289,7 @@ def copy_embeddings(run: RunDir, prev: RunDir, images: pa.Table) -> dict:
             run.write_table(f"{schema.EMBEDDINGS_DIR}/part-{s:05d}.parquet", table)
             whole += 1
         else:
-            run.write_table(f"{REUSED_DIR}/part-{s:05d}.parquet", table)
+            run.write_table(f"{schema.EMBED_REUSED_DIR}/part-{s:05d}.parquet", table)
             partial += 1
     return {"n_reused_embeddings": reused.num_rows, "reused_whole_shards": whole, "reused_partial_shards": partial}
 
@@ -306,7 +299,6 @@ def copy_embeddings(run: RunDir, prev: RunDir, images: pa.Table) -> dict:
 
 
 def _seed_entries(path: str, storage_options: dict | None) -> list[int | str]:
-    from .selection.inputs import _seed_entries as entries
     from .storage import read_uri
 
     try:
@@ -314,14 +306,14 @@ def _seed_entries(path: str, storage_options: dict | None) -> list[int | str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"--labelled {path} not found: give a file of uris or previous-run image ids") from None
     try:
-        return entries(path, data)
+        return read_id_list(path, data)
     except ValueError as exc:
         raise ValueError(f"--labelled {path}: {exc}") from None
 
 
 def _default_labelled(prev: RunDir) -> tuple[list[int], str]:
     """Replicate 0 of the previous ranking up to its smallest budget (and at least all its seeds)."""
-    from .selection.stage import RANKING_PATH, STATS_PATH
+    RANKING_PATH, STATS_PATH = schema.RANKING_PATH, schema.SELECTION_STATS
 
     if not prev.is_done(schema.SELECTION_DIR) and prev.exists(LABELLED_PATH):
         # an incremental run that had nothing new to rank: its own labelled set carries over

@@ -48,6 +48,11 @@ SELECTION_STATS = "selection/selection.json"
 RANKED_REMOVAL_DIR = "selection/remove"  # t=0.90.parquet: near-duplicates to drop, keeping the ranking's first
 SCOPE_PATH = "incremental/scope.parquet"
 
+
+def threshold_folder(t: float) -> str:
+    """``duplicates/t=0.90``: the folder of one threshold's groups and removal list (the similarity stage's)."""
+    return f"duplicates/t={t:.2f}" if round(t, 2) == t else f"duplicates/t={t:g}"
+
 MANIFEST = pa.schema(
     [
         ("image_id", pa.int64()),
@@ -117,6 +122,8 @@ SUBSETS = pa.schema(
 
 EVALUATION_RESULTS = "evaluation/results.parquet"
 EVALUATION_STATS = "evaluation/stats.json"
+
+REMOVE_SCHEMA = pa.schema([("image_id", pa.int64()), ("kept_image_id", pa.int64()), ("sim", pa.float32())])  # a removal list: image dropped, the kept image above t, their similarity
 
 RESULT = pa.schema(
     [

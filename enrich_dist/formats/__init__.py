@@ -12,6 +12,13 @@ SNIFF_BYTES = DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)
 NIFTI_AXES = (0, 1, 2)
 
 
+MAX_PIXELS = 400_000_000  # larger images (above 20000 x 20000) are refused, never decoded
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded; the message says why."""
+
+
 class NotAnImage(Exception):
     """A readable file that holds no image (a DICOM report, a DICOMDIR); the manifest skips it."""
 

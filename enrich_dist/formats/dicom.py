@@ -22,8 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..imaging import MAX_PIXELS, ImageError
-from . import NotAnImage, has_dicom_magic
+from . import MAX_PIXELS, ImageError, NotAnImage, has_dicom_magic
 
 CODEC_HINT = "pip install 'enrich-dist[dicom-codecs]' (pylibjpeg) or python-gdcm"
 HEADER_DEFER = "256 KB"  # large non-pixel elements are left on disk by header-only reads

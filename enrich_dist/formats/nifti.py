@@ -21,8 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from ..imaging import ImageError
-from . import check_axis, extension
+from . import ImageError, check_axis, extension
 
 PERCENTILES = (0.5, 99.5)
 HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}

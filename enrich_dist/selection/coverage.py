@@ -44,8 +44,8 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
+from ..pairgraph import component_labels, symmetric
 from .greedy import Ranking
 from .sims import error_scale, exact_sims
 
@@ -99,7 +99,7 @@ def neighbor_graph(
                     f"({found} found in {done} of {len(starts)} row blocks): use a higher delta or a "
                     "larger max_edges"
                 )
-    return _symmetric(n, np.concatenate(rows), np.concatenate(cols), np.concatenate(sims))
+    return symmetric(n, np.concatenate(rows), np.concatenate(cols), np.concatenate(sims))
 
 
 def graph_from_pairs(
@@ -126,14 +126,7 @@ def graph_from_pairs(
             f"the neighbor graph at delta={delta} has more than max_edges={max_edges} edges "
             f"({2 * int(keep.sum())}): use a higher delta or a larger max_edges"
         )
-    return _symmetric(n, a[keep], b[keep], s[keep])
-
-
-def _symmetric(n: int, r: np.ndarray, c: np.ndarray, s: np.ndarray) -> sp.csr_matrix:
-    """The symmetric CSR graph of pairs (r, c) weighted by ``s``, indices sorted."""
-    graph = sp.csr_matrix((np.concatenate([s, s]), (np.concatenate([r, c]), np.concatenate([c, r]))), (n, n))
-    graph.sort_indices()
-    return graph
+    return symmetric(n, a[keep], b[keep], s[keep])
 
 
 def _pair_sims(x: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -450,11 +443,7 @@ def duplicate_groups(source: np.ndarray | sp.spmatrix, t: float, block: int = 40
         graph.eliminate_zeros()
     else:
         graph = neighbor_graph(source, t, block)
-    _, labels = connected_components(graph, directed=False)
-    _, first = np.unique(labels, return_index=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[labels]
+    return component_labels(graph)
 
 
 def duplicate_guard(order: np.ndarray, groups: np.ndarray, n_seeds: int = 0) -> np.ndarray:

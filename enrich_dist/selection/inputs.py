@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -10,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from ..idlists import read_id_list
 from ..schema import (
     EDGES_DIR,
     EMBEDDINGS_DIR,
@@ -215,7 +213,7 @@ def read_seed_ids(
         data = read_uri(path, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"seed id file {path} not found") from None
-    entries = _seed_entries(path, data)
+    entries = read_id_list(path, data)
     if not entries:
         raise ValueError(f"seed id file {path} lists no images")
     as_ids = all(isinstance(e, int) for e in entries)
@@ -242,24 +240,3 @@ def read_seed_ids(
     if not embedded.any():
         raise ValueError(f"seed id file {path}: none of its images has an embedding")
     return at[embedded].astype(np.int64)
-
-
-def _seed_entries(path: str, data: bytes) -> list[int | str]:
-    """Image ids (ints) or uris (strings) listed in a seed file."""
-    name = path.lower()
-    if name.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-    elif name.endswith(".csv"):
-        table = pacsv.read_csv(io.BytesIO(data))
-    else:
-        lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
-        if lines and lines[0] in ("image_id", "uri"):
-            lines = lines[1:]
-        return [int(v) if v.lstrip("-").isdigit() else v for v in lines]
-    for column in ("image_id", "uri"):
-        if column in table.column_names:
-            values = table[column].to_pylist()
-            if column == "image_id":
-                return [int(v) for v in values if v is not None]
-            return [str(v) for v in values if v is not None]
-    raise ValueError(f"seed id file {path} needs an image_id or uri column, has {table.column_names}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import posixpath
 import time
 
 import numpy as np
@@ -31,19 +32,24 @@ from .. import stages
 from ..config import RunConfig, SelectConfig, parse_size, resolve_size
 from ..executor import Context, execute
 from ..invariants import count_duplicates, ids_of
+from ..pairgraph import float32_below, removal
 from ..runtime import as_completed, cluster_resources
 from ..schema import (
+    EDGES_DIR,
     EMBEDDINGS_DIR,
     RANDOM_RANKING_PATH,
     RANKED_REMOVAL_DIR,
     RANKING,
     RANKING_PATH,
+    REMOVE_SCHEMA,
     SELECTION_DIR,
     SELECTION_STATS,
+    SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
     SUBSETS,
     SUBSETS_PATH,
+    threshold_folder,
 )
-from ..similarity.duplicates import write_ranked_removal
 from ..storage import RunDir
 from .actors import start_actors
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
@@ -499,3 +505,37 @@ def check_select(run: RunDir) -> tuple[dict, list[str]]:
     if record["nan"]:
         problems.append(f"{record['nan']} NaN scores")
     return record, problems
+
+
+def write_ranked_removal(run: RunDir, ids: np.ndarray, order: np.ndarray, folder: str) -> dict:
+    """Per duplicate threshold of the similarity stage, ``FOLDER/t=….parquet``: drop lists keeping the first in ``order``.
+
+    ``ids`` are the ranked images' ids (sorted), ``order`` a ranking of their positions. Returns
+    {threshold: images dropped}; {} when the similarity stage wrote no duplicates or no complete edge list.
+    """
+    summary_path = SIMILARITY_SUMMARY
+    if not run.is_done(SIMILARITY_DIR) or not run.exists(summary_path):
+        return {}
+    summary = run.read_json(summary_path)
+    dups, edges = summary.get("duplicates"), summary.get("edges") or {}
+    if not dups or not edges.get("complete") or not run.shards(EDGES_DIR):
+        return {}
+    table = run.read_table(EDGES_DIR, columns=["i", "j", "sim"])
+    i, j, sims = (table[c].to_numpy() for c in ("i", "j", "sim"))
+    inside = np.isin(i, ids) & np.isin(j, ids)  # an incremental run ranks only its new images
+    a, b, sims = np.searchsorted(ids, i[inside]), np.searchsorted(ids, j[inside]), sims[inside]
+    out = {}
+    run.remove(folder)
+    for key in sorted(dups.get("thresholds", {}), key=float):
+        t = float(key)
+        above = sims > float32_below(t)
+        kept_of, kept_sim = removal(len(ids), a[above], b[above], sims[above], "ranking", order=order)
+        drop = kept_of >= 0
+        name = threshold_folder(t).split("/", 1)[1]
+        run.write_table(
+            posixpath.join(folder, f"{name}.parquet"),
+            pa.table({"image_id": ids[drop], "kept_image_id": ids[kept_of[drop]], "sim": kept_sim[drop]},
+                     schema=REMOVE_SCHEMA),
+        )
+        out[key] = int(drop.sum())
+    return out

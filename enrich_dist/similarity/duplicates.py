@@ -25,12 +25,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import scipy.sparse as sp
-from numba import njit
-from scipy.sparse.csgraph import connected_components
 
-from ..schema import DUPLICATES_DIR, EDGES_DIR, LEAKAGE_PATH, MANIFEST_DIR, SIMILARITY_DIR, SIMILARITY_SUMMARY
-from .kernel import float32_below
+from ..pairgraph import KEEP_POLICIES, float32_below, groups, keep_order, removal  # noqa: F401 - re-exported for callers
+from ..schema import (  # noqa: F401 - threshold_folder re-exported
+    DUPLICATES_DIR,
+    EDGES_DIR,
+    LEAKAGE_PATH,
+    MANIFEST_DIR,
+    REMOVE_SCHEMA,
+    SIMILARITY_DIR,
+    SIMILARITY_SUMMARY,
+    threshold_folder,
+)
 
 if TYPE_CHECKING:
     from ..storage import RunDir
@@ -38,133 +44,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("enrich_dist.similarity")
 
 
-KEEP_POLICIES = ("lowest_id", "central")
 GROUPS_SCHEMA = pa.schema([("image_id", pa.int64()), ("group_id", pa.int64()), ("group_size", pa.int64())])
-REMOVE_SCHEMA = pa.schema([("image_id", pa.int64()), ("kept_image_id", pa.int64()), ("sim", pa.float32())])
 LEAKAGE_SCHEMA = pa.schema(
     [
         ("i", pa.int64()), ("j", pa.int64()), ("sim", pa.float32()), ("crosses", pa.string()),
         ("split_i", pa.string()), ("split_j", pa.string()), ("patient_i", pa.string()), ("patient_j", pa.string()),
     ]
 )
-
-
-def threshold_folder(t: float) -> str:
-    """``duplicates/t=0.90``: the folder of one threshold's groups and removal list."""
-    return f"duplicates/t={t:.2f}" if round(t, 2) == t else f"duplicates/t={t:g}"
-
-
-def _graph(n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray) -> sp.csr_matrix:
-    graph = sp.csr_matrix(
-        (np.concatenate([sims, sims]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n)
-    )
-    graph.sort_indices()
-    return graph
-
-
-def groups(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group id, group size) per image: connected components of the pairs (a, b); ids ascend with each group's lowest image."""
-    graph = _graph(n, a, b, np.ones(len(a), np.int8))
-    _, labels = connected_components(graph, directed=False)
-    _, first, sizes = np.unique(labels, return_index=True, return_counts=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    size_of = np.empty(len(first), np.int64)
-    size_of[rank] = sizes
-    group = rank[labels] if n else np.empty(0, np.int64)
-    return group, size_of[group]
-
-
-def keep_order(n: int, a: np.ndarray, b: np.ndarray, policy: str) -> np.ndarray:
-    """Images in the order the removal list considers them for keeping."""
-    if policy not in KEEP_POLICIES:
-        raise ValueError(f"keep policy must be one of {KEEP_POLICIES}, got {policy!r}")
-    if policy == "lowest_id":
-        return np.arange(n)
-    degree = np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
-    return np.lexsort((np.arange(n), -degree))
-
-
-@njit(cache=True)
-def _independent(order, indptr, indices):  # pragma: no cover - compiled
-    """Greedy maximal independent set in ``order``: an image is kept when no kept image is its neighbor."""
-    kept = np.zeros(order.shape[0], np.bool_)
-    for q in range(order.shape[0]):
-        i = order[q]
-        free = True
-        for p in range(indptr[i], indptr[i + 1]):
-            if kept[indices[p]]:
-                free = False
-                break
-        kept[i] = free
-    return kept
-
-
-def removal(
-    n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray, policy: str, order: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(most similar kept image per dropped image, -1 for kept ones; the similarity to it, NaN for kept ones).
-
-    ``order`` (a permutation of 0..n-1, e.g. an ENRICH ranking) replaces the ``policy`` order when given.
-    """
-    graph = _graph(n, a, b, np.asarray(sims, np.float32))
-    if order is None:
-        order = keep_order(n, a, b, policy)
-    elif len(order) != n or np.bincount(order, minlength=n).max(initial=1) != 1:
-        raise ValueError(f"a keep order must be a permutation of the {n} images")
-    kept = _independent(np.asarray(order, np.int64), graph.indptr, graph.indices)
-    best, sim = _most_similar_kept(kept, graph.indptr, graph.indices, graph.data)
-    return np.where(kept, -1, best), np.where(kept, np.float32(np.nan), sim)
-
-
-@njit(cache=True)
-def _most_similar_kept(kept, indptr, indices, data):  # pragma: no cover - compiled
-    n = kept.shape[0]
-    best = np.full(n, -1, np.int64)
-    sim = np.full(n, np.nan, np.float32)
-    for i in range(n):
-        top = np.float32(-np.inf)
-        for p in range(indptr[i], indptr[i + 1]):
-            j = indices[p]
-            if kept[j] and (data[p] > top or (data[p] == top and j < best[i])):
-                best[i], top = j, data[p]
-        if best[i] >= 0:
-            sim[i] = top
-    return best, sim
-
-
-def write_ranked_removal(run: RunDir, ids: np.ndarray, order: np.ndarray, folder: str) -> dict:
-    """Per duplicate threshold of the similarity stage, ``FOLDER/t=….parquet``: drop lists keeping the first in ``order``.
-
-    ``ids`` are the ranked images' ids (sorted), ``order`` a ranking of their positions. Returns
-    {threshold: images dropped}; {} when the similarity stage wrote no duplicates or no complete edge list.
-    """
-    summary_path = SIMILARITY_SUMMARY
-    if not run.is_done(SIMILARITY_DIR) or not run.exists(summary_path):
-        return {}
-    summary = run.read_json(summary_path)
-    dups, edges = summary.get("duplicates"), summary.get("edges") or {}
-    if not dups or not edges.get("complete") or not run.shards(EDGES_DIR):
-        return {}
-    table = run.read_table(EDGES_DIR, columns=["i", "j", "sim"])
-    i, j, sims = (table[c].to_numpy() for c in ("i", "j", "sim"))
-    inside = np.isin(i, ids) & np.isin(j, ids)  # an incremental run ranks only its new images
-    a, b, sims = np.searchsorted(ids, i[inside]), np.searchsorted(ids, j[inside]), sims[inside]
-    out = {}
-    run.remove(folder)
-    for key in sorted(dups.get("thresholds", {}), key=float):
-        t = float(key)
-        above = sims > float32_below(t)
-        kept_of, kept_sim = removal(len(ids), a[above], b[above], sims[above], "ranking", order=order)
-        drop = kept_of >= 0
-        name = threshold_folder(t).split("/", 1)[1]
-        run.write_table(
-            posixpath.join(folder, f"{name}.parquet"),
-            pa.table({"image_id": ids[drop], "kept_image_id": ids[kept_of[drop]], "sim": kept_sim[drop]},
-                     schema=REMOVE_SCHEMA),
-        )
-        out[key] = int(drop.sum())
-    return out
 
 
 def leakage(

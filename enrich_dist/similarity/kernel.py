@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
+from ..pairgraph import float32_below
+
 CHUNK_ROWS = 256
 WORD = 8
 HIST_COPIES = 4  # _scatter unrolls over exactly four copies
@@ -56,12 +58,6 @@ class TileStats:
     edge_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     edge_cols: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     edge_vals: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
-
-
-def float32_below(t: float) -> np.float32:
-    """Largest float32 <= ``t``: a float32 ``s`` is above it exactly when ``s > t``."""
-    f = np.float32(t)
-    return np.nextafter(f, -_INF) if float(f) > t else f
 
 
 def sorted_limits(thresholds: tuple[float, ...] | list[float]) -> tuple[np.ndarray, np.ndarray]:

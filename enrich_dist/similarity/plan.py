@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
+
+from ..config import parse_memory  # noqa: F401 - the stage and benchmarks read it from here too
 
 Tile = tuple[int, int, int, int]
 
@@ -13,7 +14,6 @@ MIN_BLOCK = 256
 MAX_BLOCK = 16384
 PANEL_BYTES = 2 << 20
 TILES_PER_WORKER = 16
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def tile_plan(n: int, block: int) -> list[Tile]:
@@ -87,21 +87,6 @@ def histogram_edges(bins: int) -> np.ndarray:
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     return np.linspace(-1.0, 1.0, bins + 1)
-
-
-def parse_memory(value: str | int) -> int:
-    """Bytes from ``"4G"``, ``"512M"``, ``"1.5G"``, ``"300000"`` (binary units, optional ``B``/``iB``)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"memory must be > 0 bytes, got {value}")
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value).upper())
-    if not match:
-        raise ValueError(f"memory {value!r} is not a size like 4G, 512M or 1.5G")
-    size = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if size <= 0:
-        raise ValueError(f"memory must be > 0 bytes, got {value!r}")
-    return size
 
 
 def task_bytes(block: int, k: int, n_thresholds: int, chunk_rows: int) -> int:
