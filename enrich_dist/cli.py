@@ -12,6 +12,7 @@ from . import __version__
 from .config import RunConfig, load_config, parse_list, parse_size, validate
 from .errors import EXIT_BUG, EXIT_CONFIG, EXIT_DATA, EXIT_INFRA, ConfigError, exit_code
 from .pipeline import STAGES, run_stages
+from .schema import REPORT_INDEX
 from .storage import join_uri
 
 log = logging.getLogger("enrich_dist")
@@ -376,5 +377,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # traceback only with --log-level DEBUG (or for a defect, exit 1)
         return _failed(exc)
     if "report" in results:
-        log.info("report: %s", join_uri(cfg.output, "report/index.html"))
+        log.info("report: %s", join_uri(cfg.output, REPORT_INDEX))
     return 0

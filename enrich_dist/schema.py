@@ -38,6 +38,9 @@ INCREMENTAL_DIR = "incremental"
 RUN_JSON = "run.json"  # the run record: config, versions, each stage's timings, stats and invariants
 # files inside the stage folders, spelled here only
 ENCODER_TRAIN_STATS = "encoder/train.json"  # the training record, with the encoder model
+ENCODER_RECONSTRUCTIONS = "encoder/reconstructions.png"  # beta-VAE: held-out images over their reconstructions
+ENCODER_VIEWS = "encoder/views.png"  # contrastive: held-out images over one training view each
+REPORT_INDEX = "report/index.html"
 SIMILARITY_SUMMARY = "similarity/summary.json"
 DUPLICATES_DIR = "duplicates"  # t=0.90/groups.parquet, t=0.90/remove.parquet (the similarity stage's)
 LEAKAGE_PATH = "duplicates/leakage.parquet"

@@ -23,7 +23,7 @@ from .. import imaging, stages
 from ..config import EmbedConfig, EncoderConfig, RunConfig, resolve_size
 from ..errors import ConfigError
 from ..executor import Context, execute
-from ..schema import ENCODER_DIR, ENCODER_TRAIN_STATS, MANIFEST_DIR
+from ..schema import ENCODER_DIR, ENCODER_RECONSTRUCTIONS, ENCODER_TRAIN_STATS, ENCODER_VIEWS, MANIFEST_DIR
 from ..storage import RunDir
 from . import contrastive
 from .contrastive import ContrastiveEncoder
@@ -35,8 +35,8 @@ CHECKPOINT = posixpath.join(ENCODER_DIR, "vae.pt")
 CONTRASTIVE_CHECKPOINT = posixpath.join(ENCODER_DIR, "contrastive.pt")
 CHECKPOINTS = {"vae": CHECKPOINT, "contrastive": CONTRASTIVE_CHECKPOINT}  # encoder model -> its checkpoint
 TRAIN_STATS = ENCODER_TRAIN_STATS
-RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
-VIEWS = posixpath.join(ENCODER_DIR, "views.png")
+RECONSTRUCTIONS = ENCODER_RECONSTRUCTIONS
+VIEWS = ENCODER_VIEWS
 TRAIN_STATE = posixpath.join(ENCODER_DIR, "_partial", "contrastive.state")  # resumable state while training
 CHECKPOINT_FORMAT = 2  # 2: input standardisation and the decoder's per-pixel offset (format 1 had neither)
 VAL_FRACTION = 0.1

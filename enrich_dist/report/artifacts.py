@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..schema import (
-    ENCODER_DIR,
+    ENCODER_RECONSTRUCTIONS,
     ENCODER_TRAIN_STATS,
+    ENCODER_VIEWS,
     MANIFEST_DIR,
     NEIGHBORS_DIR,
     SIMILARITY_SUMMARY,
@@ -24,8 +25,8 @@ from ..storage import RunDir
 SUMMARY = SIMILARITY_SUMMARY
 SUBSETS = SUBSETS_PATH
 TRAIN_JSON = ENCODER_TRAIN_STATS
-RECONSTRUCTIONS = posixpath.join(ENCODER_DIR, "reconstructions.png")
-VIEWS = posixpath.join(ENCODER_DIR, "views.png")
+RECONSTRUCTIONS = ENCODER_RECONSTRUCTIONS
+VIEWS = ENCODER_VIEWS
 N_GROUPS = 8
 N_GROUP_NEIGHBORS = 4
 N_UNIQUE = 12

@@ -9,7 +9,7 @@ import time
 from .. import stages
 from ..config import ReportConfig, RunConfig
 from ..executor import Context, execute
-from ..schema import REPORT_DIR, RUN_JSON
+from ..schema import REPORT_INDEX, RUN_JSON
 from ..storage import RunDir
 from . import sections
 from .artifacts import (
@@ -31,7 +31,7 @@ from .prediction import prediction
 
 logger = logging.getLogger("enrich_dist.report")
 
-INDEX = posixpath.join(REPORT_DIR, "index.html")
+INDEX = REPORT_INDEX
 
 
 REPORT_IMAGES = ("thumbnails", "none")

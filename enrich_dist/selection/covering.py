@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from ..config import SelectConfig
+from ..schema import EDGES_DIR
 from .coverage import (
     choose_delta,
     coverage_ranking,
@@ -141,7 +142,7 @@ def cover_graph(x: np.ndarray, cfg: SelectConfig, edges: EdgeList | None = None)
         record = {"delta": float(delta), **{k: v for k, v in info.items() if k != "delta"}}
     try:
         graph = _from_edges(x, edges, delta, cfg.max_edges)
-        record["graph_from"] = "similarity/edges"
+        record["graph_from"] = EDGES_DIR
         if graph is None:
             graph = neighbor_graph(x, delta, max_edges=cfg.max_edges)
             record["graph_from"] = "a pass over the embeddings"
