@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import RunConfig, load_config, parse_list, parse_size, validate
+from .config import (
+    CHOICES,
+    SECTION_TYPES,
+    SETTING_TYPES,
+    RunConfig,
+    load_config,
+    parse_list,
+    parse_size,
+    validate,
+)
 from .errors import EXIT_BUG, EXIT_CONFIG, EXIT_DATA, EXIT_INFRA, ConfigError, exit_code
 from .pipeline import STAGES, run_stages
 from .schema import REPORT_INDEX
@@ -24,80 +34,89 @@ DEMO_EPOCHS = 30  # beta-VAE only: 30 epochs of the 2,700 demo training images (
 # (saturated).
 DEMO_MODEL = ("cnn", 16, 2)  # model, image size, width
 
-# option -> (config section, field, parser)
-_OVERRIDES = {
-    "nifti_axis": ("manifest", "nifti_axis", int),
-    "pseudonymise": ("manifest", "pseudonymise", bool),
-    "archive_root": ("manifest", "root", str),
-    "sample": ("encoder", "sample", parse_size),
-    "epochs": ("encoder", "epochs", int),
-    "beta": ("encoder", "beta", float),
-    "objective": ("encoder", "objective", str),
-    "capacity": ("encoder", "capacity", float),
-    "learning_rate": ("encoder", "learning_rate", float),
-    "kl_warmup": ("encoder", "kl_warmup", float),
-    "latent_dim": ("encoder", "latent_dim", int),
-    "temperature": ("encoder", "temperature", float),
-    "clip_positives": ("encoder", "clip_positives", float),
-    "clip_window": ("encoder", "clip_window", int),
-    "embed_batch_size": ("embed", "batch_size", int),
-    "embedder": ("embed", "embedder", str),
-    "embeddings": ("embed", "embeddings", str),
-    "pixel_size": ("embed", "pixel_size", int),
-    "embed_device": ("embed", "device", str),
-    "block_size": ("similarity", "block_size", int),
-    "top_k": ("similarity", "top_k", int),
-    "thresholds": ("similarity", "thresholds", lambda v: tuple(parse_list(v))),
-    "max_memory": ("similarity", "max_memory", str),
-    "similarity_mode": ("similarity", "mode", str),
-    "n_partitions": ("similarity", "n_partitions", int),
-    "nprobe": ("similarity", "nprobe", int),
-    "similarity_device": ("similarity", "device", str),
-    "precision": ("similarity", "precision", str),
-    "edge_threshold": ("similarity", "edge_threshold", lambda v: None if str(v).lower() == "none" else float(v)),
-    "max_edge_pairs": ("similarity", "max_edges", int),
-    "duplicate_thresholds": (
-        "similarity", "duplicate_thresholds", lambda v: () if str(v).lower() == "none" else tuple(parse_list(v))
-    ),
-    "keep": ("similarity", "keep", str),
-    "mode": ("select", "mode", str),
-    "seed_size": ("select", "seed_size", parse_size),
-    "batch_size": ("select", "batch_size", parse_size),
-    "budgets": ("select", "budgets", lambda v: tuple(parse_size(b) for b in parse_list(v, str))),
-    "replicates": ("select", "replicates", int),
-    "aggregate": ("select", "aggregate", str),
-    "seed": ("select", "seed", int),
-    "seed_ids": ("select", "seed_ids", str),
-    "max_per_clip": ("select", "max_per_clip", int),
-    "max_per_patient": ("select", "max_per_patient", int),
-    "balance_labels": ("select", "balance_labels", bool),
-    "select_workers": ("select", "workers", int),
-    "delta": ("select", "delta", float),
-    "max_edges": ("select", "max_edges", int),
-    "duplicate_threshold": ("select", "duplicate_threshold", float),
-    "task": ("evaluate", "task", str),
-    "model": ("evaluate", "model", str),
-    "eval_replicates": ("evaluate", "replicates", int),
-    "eval_budgets": ("evaluate", "budgets", lambda v: tuple(parse_size(b) for b in parse_list(v, str))),
-    "eval_epochs": ("evaluate", "epochs", int),
-    "image_size": ("evaluate", "image_size", int),
-    "test_fraction": ("evaluate", "test_fraction", float),
-    "seconds_per_image": ("evaluate", "seconds_per_image", float),
-    "gpu_fraction": ("evaluate", "gpu_fraction", float),
-    "alpha": ("evaluate", "alpha", float),
-    "report_images": ("report", "images", str),
-    "previous_run": ("incremental", "previous_run", str),
-    "labelled": ("incremental", "labelled", str),
-    "retrain_encoder": ("incremental", "retrain_encoder", bool),
+# the config sections each command takes options of (run and demo: every stage's)
+SECTIONS = ("manifest", "encoder", "embed", "similarity", "select", "evaluate", "report", "incremental")
+COMMAND_SECTIONS = {
+    "demo": ("encoder", "embed", "similarity", "select", "evaluate", "report"),
+    "run": SECTIONS,
+    "manifest": ("manifest",),
+    "train-encoder": ("encoder",),
+    "embed": ("embed",),
+    "similarity": ("similarity",),
+    "select": ("select",),
+    "evaluate": ("evaluate",),
+    "report": ("report",),
+}
+# earlier spellings, accepted for one release with a warning: config key -> (old flag, the commands that take it)
+DEPRECATED = {
+    "embed.device": ("--device", ("demo", "run", "embed")),
+    "evaluate.replicates": ("--replicates", ("evaluate",)),
+    "evaluate.budgets": ("--budgets", ("evaluate",)),
+    "evaluate.epochs": ("--epochs", ("evaluate",)),
 }
 
 
-# old option (its argparse dest after "deprecated_") -> the option that replaces it
-DEPRECATED = {"device": "embed_device", "eval_replicates": "eval_replicates", "eval_budgets": "eval_budgets",
-              "eval_epochs": "eval_epochs"}
+def _settings(section: str) -> list[dataclasses.Field]:
+    """The settings of a config section that have a command-line option (``config.option``)."""
+    return [f for f in dataclasses.fields(SECTION_TYPES[section]) if "flag" in f.metadata]
 
-# config key -> the flag that sets it, so a validation error names both
-FLAGS = {f"{section}.{field}": "--" + opt.replace("_", "-") for opt, (section, field, _) in _OVERRIDES.items()}
+
+def _dest(section: str, name: str) -> str:
+    return f"{section}__{name}"
+
+
+# config key -> its option, for messages that name both
+FLAGS = {f"{section}.{f.name}": f.metadata["flag"] for section in SECTIONS for f in _settings(section)}
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _help(f: dataclasses.Field) -> str:
+    """The option's help: the field's, with its default appended unless the help words the default itself."""
+    text = f.metadata["help"]
+    if "default" in text or "action" in f.metadata or f.default is None:
+        return text
+    return f"{text} (default {_shown(f.default)})"
+
+
+def _add_section_options(p: argparse.ArgumentParser, section: str) -> None:
+    for f in _settings(section):
+        kwargs: dict = {"dest": _dest(section, f.name), "help": _help(f)}
+        if "action" in f.metadata:
+            kwargs.update(action=f.metadata["action"], default=None)
+        elif (section, f.name) in CHOICES:
+            kwargs["choices"] = [str(c) for c in CHOICES[section, f.name]]
+        else:
+            kwargs["metavar"] = f.metadata["flag"].lstrip("-").replace("-", "_").upper()
+        p.add_argument(f.metadata["flag"], **kwargs)
+
+
+def _type_name(hint) -> str:
+    """``int``, ``float | None``, ``tuple[float, ...]``: an annotation as written, without ``| None``."""
+    name = hint.__name__ if isinstance(hint, type) else str(hint)
+    return name.replace(" | None", "")
+
+
+def _parse(section: str, f: dataclasses.Field, value):
+    """A command-line value as the setting's type (from the dataclass annotation)."""
+    if isinstance(value, bool):
+        return value
+    hint = _type_name(SETTING_TYPES[section][f.name])
+    if f.metadata.get("none") and str(value).strip().lower() == "none":
+        return () if hint.startswith("tuple") else None
+    if hint.startswith("tuple[int | float | str"):
+        return tuple(parse_size(b) for b in parse_list(value, str))
+    if hint.startswith("tuple"):
+        return tuple(parse_list(value))
+    if hint == "int | float | str":
+        return parse_size(value)
+    if hint == "int":
+        return int(value)
+    if hint == "float":
+        return float(value)
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -112,106 +131,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def _manifest_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nifti-axis", choices=["0", "1", "2"], help="slice NIfTI volumes: 0 sagittal, 1 coronal, 2 axial (default)")
-    p.add_argument(
-        "--no-pseudonymise", dest="pseudonymise", action="store_false", default=None,
-        help="copy PatientID and DICOM UIDs as they are (default: keyed hashes, key from ENRICH_PSEUDONYM_KEY)",
-    )
-    p.add_argument(
-        "--archive-root",
-        help="every image and mask path must lie under this folder or prefix (.., file:// and symlinks resolved); "
-        "default: a folder input is its own root, a table's relative paths stay under the table's folder",
-    )
-
-
-def _encoder_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sample", help="images to train on: count (5000) or fraction (0.1); default 5000")
-    p.add_argument("--epochs", help="training epochs (default 20; the demo trains a beta-VAE for 30)")
-    p.add_argument("--objective", choices=["beta", "capacity"], help="plain beta-VAE loss with KL warm-up (default) or capacity-annealed")
-    p.add_argument("--learning-rate", help="Adam learning rate of the beta-VAE (default 0.001)")
-    p.add_argument("--beta", help="KL weight of the beta-VAE (default 0.1, reached after the warm-up)")
-    p.add_argument("--kl-warmup", help="share of the epochs over which beta rises from 0 (default 0.3; 0: none)")
-    p.add_argument("--capacity", help="final KL target in nats of the capacity objective (default 25)")
-    p.add_argument("--latent-dim", help="embedding size (default 128)")
-    p.add_argument("--temperature", help="NT-Xent temperature of the contrastive encoder (default 0.1)")
-    p.add_argument(
-        "--clip-positives", help="contrastive encoder: share of pairs taken from two nearby frames of one clip when the "
-        "manifest has clip_id and frame (default 0: images alone)",
-    )
-    p.add_argument("--clip-window", help="frames apart that still count as nearby for --clip-positives (default 2)")
-
-
-def _embed_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--embedder", choices=["vae", "contrastive", "pixels", "byo"],
-        help="contrastive (default): a self-supervised encoder trained on the archive to ignore frame-to-frame "
-        "change; vae: the paper's beta-VAE; pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
-    )
-    p.add_argument("--embeddings", help="bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy")
-    p.add_argument("--pixel-size", help="side of the pixels embedder's grid (default 16: 256-d)")
-    p.add_argument("--embed-batch-size", help="images per encoder batch (default 256)")
-    p.add_argument("--embed-device", choices=["auto", "cpu", "cuda"],
-                   help="embedding device (default auto: GPU if Ray has one)")
-    p.add_argument("--device", dest="deprecated_device", choices=["auto", "cpu", "cuda"], help=argparse.SUPPRESS)
-
-
-def _similarity_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", help="rows per similarity block (default: chosen from --max-memory)")
-    p.add_argument("--top-k", help="neighbors kept per image (default 10)")
-    p.add_argument("--thresholds", help="similarity thresholds (default 0.5,0.7,0.9)")
-    p.add_argument("--max-memory", help="memory for the similarity stage's buffers, e.g. 4G, 512M (default 2G)")
-    p.add_argument("--similarity-mode", choices=["exact", "approx"], help="all pairs (default) or k-means partitions")
-    p.add_argument("--n-partitions", help="approx mode: k-means partitions (default about sqrt(N))")
-    p.add_argument("--nprobe", help="approx mode: partitions compared with each partition, itself included (default 8)")
-    p.add_argument("--similarity-device", choices=["auto", "cpu", "cuda"], help="tile kernel device (default auto)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="GPU product precision (default fp32, exact)")
-    p.add_argument("--edge-threshold", help="keep every pair above this in similarity/edges/ (default 0.9; none: off)")
-    p.add_argument("--max-edge-pairs", help="most pairs similarity/edges/ may hold before the stage fails (default 50000000)")
-    p.add_argument("--duplicate-thresholds", help="near-duplicate groups and removal lists in duplicates/t=…/, "
-                   "each >= --edge-threshold (default 0.9,0.98)")
-    p.add_argument("--keep", choices=["lowest_id", "central"],
-                   help="removal list: which near-duplicate to keep first (default lowest_id; central: most near-duplicates)")
-
-
-def _select_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mode", choices=["batch", "exact", "coverage", "herding"],
-        help="exact farthest-first (the default: never behind random in the benchmarks), batch (the paper's rule), "
-        "coverage (ProbCover: greedy coverage of delta-balls) or herding (facility location on the same graph)",
-    )
-    p.add_argument("--delta", help="coverage/herding: similarity above which two images cover each other "
-                   "(default: ProbCover's label-free purity rule, recorded in selection.json)")
-    p.add_argument("--max-edges", help="coverage/herding: most stored neighbor pairs of the graph (default 50000000)")
-    p.add_argument("--duplicate-threshold", help="duplicate guard: no second image of a group of near-duplicates "
-                   "(similarity above this) before every group has one (default: off)")
-    p.add_argument("--seed-size", help="random seed set: count or fraction (default 0.022)")
-    p.add_argument("--batch-size", help="images added per round in batch mode: count or fraction (default 0.11)")
-    p.add_argument("--budgets", help="subset sizes to report, fractions or counts (default 0.07,...,1.0)")
-    p.add_argument("--replicates", help="independent rankings from different seeds (default 10)")
-    p.add_argument("--aggregate", choices=["max", "mean"], help="similarity to the chosen set (default max)")
-    p.add_argument("--seed", help="random seed of the selection (and, for demo, of the synthetic archive; default 0)")
-    p.add_argument("--seed-ids", help="file of already-labelled image ids or uris (CSV, Parquet or one per line) as the seed set")
-    p.add_argument("--max-per-clip", help="at most N images per clip until no other image is left (default: no cap)")
-    p.add_argument("--max-per-patient", help="at most N images per patient until no other image is left (default: no cap)")
-    p.add_argument("--balance-labels", action="store_true", default=None, help="take labels in turn (round-robin)")
-    p.add_argument("--select-workers", help="0: one process; k: k shard actors (default: by archive size)")
-
-
-def _evaluate_opts(p: argparse.ArgumentParser, old_spellings: bool) -> None:
-    p.add_argument("--task", choices=["classification", "segmentation"], help="what the models learn (default classification)")
-    p.add_argument("--model", choices=["auto", "linear", "cnn", "resnet", "unet"], help="model per subset (default auto)")
-    p.add_argument("--eval-replicates", help="selection replicates to evaluate (default: all)")
-    p.add_argument("--eval-budgets", help="budgets to evaluate (default: the selection's)")
-    p.add_argument("--eval-epochs", help="training epochs per model (default 5)")
-    p.add_argument("--image-size", help="model input size (default: the model's)")
-    p.add_argument("--test-fraction", help="test share when the tool makes a patient-disjoint split (default 0.2)")
-    p.add_argument("--seconds-per-image", help="expert labelling time per image (default 1 s classification, 300 s segmentation)")
-    p.add_argument("--gpu-fraction", help="GPU share per training task when the cluster has GPUs (default 0.25)")
-    p.add_argument("--alpha", help="significance level of the Mann-Whitney U tests (default 0.05)")
-    if old_spellings:  # `enrich evaluate` of earlier releases; in `run` these names set other stages' settings
-        for old in ("replicates", "budgets", "epochs"):
-            p.add_argument(f"--{old}", dest=f"deprecated_eval_{old}", help=argparse.SUPPRESS)
+def _deprecated_options(p: argparse.ArgumentParser, command: str) -> None:
+    for key, (old, commands) in DEPRECATED.items():
+        if command in commands:
+            p.add_argument(old, dest=f"deprecated__{_dest(*key.split('.'))}", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,33 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run = sub.add_parser("run", help="every stage in order")
     run.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
-    run.add_argument(
-        "--previous-run",
-        help="incremental run: reuse this run dir's encoder and the embeddings of unchanged images, rank only new "
-        "ones; 'latest': the newest finished run dir beside --output (dated run dirs; none: a fresh run)",
-    )
-    run.add_argument(
-        "--labelled",
-        help="with --previous-run: already-labelled images (uris, or image ids of the previous run) that seed the "
-        "ranking (default: the previous run's first selected subset)",
-    )
-    run.add_argument(
-        "--retrain-encoder", action="store_true", default=None,
-        help="with --previous-run: train a new encoder and embed every image fresh (nothing is reused)",
-    )
     man = sub.add_parser("manifest", help="list the archive's images")
     man.add_argument("--input", required=True, help="folder, URI prefix, or .csv/.parquet table with a uri column")
     enc = sub.add_parser("train-encoder", help="fit the encoder (beta-VAE or contrastive) on a sample")
     enc.add_argument(
-        "--embedder", choices=["vae", "contrastive"], help="which encoder to train (default: the embed stage's embedder)"
+        "--embedder", dest=_dest("embed", "embedder"), choices=["vae", "contrastive"],
+        help="which encoder to train (default: the embed stage's embedder)",
     )
     emb = sub.add_parser("embed", help="embed every image")
     sim = sub.add_parser("similarity", help="all-pairs cosine similarity statistics")
     sel = sub.add_parser("select", help="rank images from least to most redundant")
     evl = sub.add_parser("evaluate", help="train models on ENRICH vs random subsets and compare them")
-    _evaluate_opts(evl, old_spellings=True)
-    for p in (demo, run):
-        _evaluate_opts(p, old_spellings=False)
     rep = sub.add_parser("report", help="write report/index.html")
     exp = sub.add_parser("export", help="the images to label first: csv, parquet, Label Studio tasks or a folder of links")
     exp.add_argument("--output", required=True, help="the run dir (local path or s3://...)")
@@ -269,48 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--presign", help="object-store uris: add presigned read URLs valid this long, e.g. 7d, 12h")
     exp.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
     exp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    for p in (demo, run, man, enc, emb, sim, sel, evl, rep):
+    commands = {"demo": demo, "run": run, "manifest": man, "train-encoder": enc, "embed": emb, "similarity": sim,
+                "select": sel, "evaluate": evl, "report": rep}
+    for command, p in commands.items():
         _common(p)
-    for p in (run, man):
-        _manifest_opts(p)
-    for p in (demo, run, enc):
-        _encoder_opts(p)
-    for p in (demo, run, emb):
-        _embed_opts(p)
-    for p in (demo, run, sim):
-        _similarity_opts(p)
-    for p in (demo, run, sel):
-        _select_opts(p)
-    for p in (demo, run, rep):
-        p.add_argument("--report-images", choices=["thumbnails", "none"],
-                       help="thumbnails (default): archive images and their uris in the report; none: no image, "
-                       "no path (a report to share)")
+        for section in COMMAND_SECTIONS[command]:
+            _add_section_options(p, section)
+        _deprecated_options(p, command)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config: file (if any), then command-line overrides."""
+    """The run config: file (if any), then command-line options (generated from the config's settings)."""
     cfg = load_config(args.config)
     cfg.output = args.output
     cfg.input = getattr(args, "input", None) or cfg.input
     cfg.ray_address = args.ray_address or cfg.ray_address
     cfg.num_cpus = args.num_cpus or cfg.num_cpus
-    if getattr(args, "embeddings", None) and not getattr(args, "embedder", None):
-        args.embedder = "byo"
-    for old, new in DEPRECATED.items():
-        value = getattr(args, f"deprecated_{old}", None)
+    for key, (old, _) in DEPRECATED.items():
+        value = getattr(args, f"deprecated__{_dest(*key.split('.'))}", None)
         if value is not None:
-            old_flag, new_flag = "--" + old.removeprefix("eval_").replace("_", "-"), "--" + new.replace("_", "-")
-            log.warning("%s is deprecated and will be removed in the next release: use %s", old_flag, new_flag)
-            if getattr(args, new, None) is None:
-                setattr(args, new, value)
-    for opt, (section, field, parse) in _OVERRIDES.items():
-        value = getattr(args, opt, None)
-        if value is not None:
+            log.warning("%s is deprecated and will be removed in the next release: use %s", old, FLAGS[key])
+            if getattr(args, _dest(*key.split(".")), None) is None:
+                setattr(args, _dest(*key.split(".")), value)
+    if getattr(args, _dest("embed", "embeddings"), None) and not getattr(args, _dest("embed", "embedder"), None):
+        setattr(args, _dest("embed", "embedder"), "byo")
+    for section in SECTIONS:
+        for f in _settings(section):
+            value = getattr(args, _dest(section, f.name), None)
+            if value is None:
+                continue
             try:
-                setattr(getattr(cfg, section), field, parse(value))
+                setattr(getattr(cfg, section), f.name, _parse(section, f, value))
             except ValueError as exc:
-                raise ConfigError(f"--{opt.replace('_', '-')} {value!r}: {exc}") from None
+                raise ConfigError(f"{f.metadata['flag']} {value!r}: {exc}") from None
     validate(cfg, FLAGS)
     return cfg
 
@@ -361,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             archive = join_uri(cfg.output, "archive")
             if not RunDir(archive, args.storage_options).exists("manifest.csv"):
                 make_echo_archive(
-                    archive, args.images, int(args.seed or 0), profile=args.profile, storage_options=args.storage_options
+                    archive, args.images, int(getattr(args, _dest("select", "seed")) or 0), profile=args.profile, storage_options=args.storage_options
                 )
             cfg.input = join_uri(archive, "manifest.csv")
             if args.config is None:
-                if args.epochs is None and cfg.embed.embedder == "vae":
+                if getattr(args, _dest("encoder", "epochs")) is None and cfg.embed.embedder == "vae":
                     cfg.encoder.epochs = DEMO_EPOCHS
-                if args.model is None:
+                if getattr(args, _dest("evaluate", "model")) is None:
                     cfg.evaluate.model, size, width = DEMO_MODEL
                     cfg.evaluate.image_size = cfg.evaluate.image_size or size
                     cfg.evaluate.width = cfg.evaluate.width or width

@@ -15,6 +15,16 @@ from .errors import ConfigError
 Size = int | float | str
 
 
+def option(default: Any, flag: str, help: str, **extra: Any) -> Any:
+    """A setting with its command-line option, declared once: the CLI is generated from these (``cli.py``).
+
+    ``help`` leaves out the default (the CLI appends it from ``default``) unless it words the default
+    itself; ``extra``: ``action`` (``store_true``/``store_false`` for switches), ``none`` (the word
+    ``none`` sets None, or an empty list).
+    """
+    return field(default=default, metadata={"flag": flag, "help": help, **extra})
+
+
 def parse_size(value: Size) -> int | float:
     """A size written with a decimal point is a fraction of the archive, an integer is a count."""
     if isinstance(value, bool):
@@ -88,9 +98,18 @@ class ManifestConfig:
     )
     shard_size: int = 4096
     sniff_dicom: bool = True
-    nifti_axis: int = 2
-    pseudonymise: bool = True
-    root: str | None = None
+    nifti_axis: int = option(2, "--nifti-axis", "slice NIfTI volumes: 0 sagittal, 1 coronal, 2 axial")
+    pseudonymise: bool = option(
+        True, "--no-pseudonymise",
+        "copy PatientID and DICOM UIDs as they are (default: keyed hashes, key from ENRICH_PSEUDONYM_KEY)",
+        action="store_false",
+    )
+    root: str | None = option(
+        None, "--archive-root",
+        "every image and mask path must lie under this folder or prefix (.., file:// and symlinks "
+        "resolved); default: a folder input is its own root, a table's relative paths stay under the "
+        "table's folder",
+    )
 
 
 @dataclass
@@ -117,20 +136,33 @@ class EncoderConfig:
     0 trains on the images alone, as for loose frames.
     """
 
-    sample: Size = 5000
-    epochs: int = 20
-    objective: str = "beta"
-    beta: float = 0.1
-    capacity: float = 25.0
+    sample: Size = option(5000, "--sample", "images to train on: count (5000) or fraction (0.1)")
+    epochs: int = option(20, "--epochs", "training epochs (the demo trains a beta-VAE for 30)")
+    objective: str = option(
+        "beta", "--objective",
+        "plain beta-VAE loss with KL warm-up, or capacity-annealed",
+    )
+    beta: float = option(0.1, "--beta", "KL weight of the beta-VAE, reached after the warm-up")
+    capacity: float = option(25.0, "--capacity", "final KL target in nats of the capacity objective")
     gamma: float = 100.0
-    latent_dim: int = 128
+    latent_dim: int = option(128, "--latent-dim", "embedding size")
     batch_size: int = 64
-    learning_rate: float = 1e-3
-    kl_warmup: float = 0.3
-    temperature: float = 0.1
+    learning_rate: float = option(1e-3, "--learning-rate", "Adam learning rate of the encoder")
+    kl_warmup: float = option(
+        0.3, "--kl-warmup",
+        "share of the epochs over which beta rises from 0 (0: none)",
+    )
+    temperature: float = option(0.1, "--temperature", "NT-Xent temperature of the contrastive encoder")
     contrastive_batch_size: int = 256
-    clip_positives: float = 0.0
-    clip_window: int = 2
+    clip_positives: float = option(
+        0.0, "--clip-positives",
+        "contrastive encoder: share of pairs taken from two nearby frames of one clip when the manifest "
+        "has clip_id and frame (0: images alone)",
+    )
+    clip_window: int = option(
+        2, "--clip-window",
+        "frames apart that still count as nearby for --clip-positives",
+    )
     image_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -149,13 +181,20 @@ class EmbedConfig:
     with bf16 autocast on GPU and fp32 on CPU; "fp32", "bf16" or "fp16" force one (mixed ones on GPU only).
     """
 
-    embedder: str = "contrastive"
-    pixel_size: int = 16
-    embeddings: str | None = None
-    batch_size: int = 256
+    embedder: str = option(
+        "contrastive", "--embedder",
+        "contrastive: a self-supervised encoder trained on the archive to ignore frame-to-frame change; "
+        "vae: the paper's beta-VAE; pixels: downsampled pixels (a baseline); byo: --embeddings FILE",
+    )
+    pixel_size: int = option(16, "--pixel-size", "side of the pixels embedder's grid (16: 256-d)")
+    embeddings: str | None = option(
+        None, "--embeddings",
+        "bring-your-own embeddings: .parquet/.npz (embedding + image_id or uri) or .npy",
+    )
+    batch_size: int = option(256, "--embed-batch-size", "images per encoder batch")
     num_actors: int | None = None
     decode_threads: int | None = None
-    device: str = "auto"
+    device: str = option("auto", "--embed-device", "embedding device (auto: GPU if Ray has one)")
     precision: str = "auto"
 
     def identity(self) -> dict:
@@ -182,23 +221,49 @@ class SimilarityConfig:
     (each >= ``edge_threshold``; removal keeps images in ``keep`` order: "lowest_id" or "central").
     """
 
-    block_size: int | None = None
-    top_k: int = 10
-    thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
+    block_size: int | None = option(
+        None, "--block-size",
+        "rows per similarity block (default: chosen from --max-memory)",
+    )
+    top_k: int = option(10, "--top-k", "neighbors kept per image")
+    thresholds: tuple[float, ...] = option((0.5, 0.7, 0.9), "--thresholds", "similarity thresholds")
     bins: int = 200
-    max_memory: str | int = "2G"
-    mode: str = "exact"
-    n_partitions: int | None = None
-    nprobe: int = 8
+    max_memory: str | int = option(
+        "2G", "--max-memory",
+        "memory for the similarity stage's buffers, e.g. 4G, 512M",
+    )
+    mode: str = option("exact", "--similarity-mode", "all pairs (exact) or k-means partitions (approx)")
+    n_partitions: int | None = option(
+        None, "--n-partitions",
+        "approx mode: k-means partitions (default about sqrt(N))",
+    )
+    nprobe: int = option(
+        8, "--nprobe",
+        "approx mode: partitions compared with each partition, itself included",
+    )
     sample_size: int = 1000
-    device: str = "auto"
-    precision: str = "fp32"
+    device: str = option("auto", "--similarity-device", "tile kernel device")
+    precision: str = option("fp32", "--precision", "GPU product precision (fp32: exact)")
     checkpoint_seconds: float = 60.0
     seed: int = 0
-    edge_threshold: float | None = 0.9
-    max_edges: int = 50_000_000
-    duplicate_thresholds: tuple[float, ...] = (0.9, 0.98)
-    keep: str = "lowest_id"
+    edge_threshold: float | None = option(
+        0.9, "--edge-threshold",
+        "keep every pair above this in similarity/edges/ (none: off)",
+        none=True,
+    )
+    max_edges: int = option(
+        50_000_000, "--max-edge-pairs",
+        "most pairs similarity/edges/ may hold before the stage fails",
+    )
+    duplicate_thresholds: tuple[float, ...] = option(
+        (0.9, 0.98), "--duplicate-thresholds",
+        "near-duplicate groups and removal lists in duplicates/t=…/, each >= --edge-threshold (none: off)",
+        none=True,
+    )
+    keep: str = option(
+        "lowest_id", "--keep",
+        "removal list: which near-duplicate to keep first (central: most near-duplicates)",
+    )
 
 
 @dataclass
@@ -216,22 +281,56 @@ class SelectConfig:
     2e8 embedding floats and one shard actor per CPU above; 0 forces one process, k > 0 k actors.
     """
 
-    mode: str = "exact"
-    seed_size: Size = 0.022
-    batch_size: Size = 0.11
-    budgets: tuple[float, ...] = (0.07, 0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 1.0)
-    replicates: int = 10
-    aggregate: str = "max"
-    seed: int = 0
-    seed_ids: str | None = None
-    max_per_clip: int | None = None
-    max_per_patient: int | None = None
-    balance_labels: bool = False
-    workers: int | None = None
+    mode: str = option(
+        "exact", "--mode",
+        "exact farthest-first (never behind random in the benchmarks), batch (the paper's rule), coverage"
+        " (ProbCover: greedy coverage of delta-balls) or herding (facility location on the same graph)",
+    )
+    seed_size: Size = option(0.022, "--seed-size", "random seed set: count or fraction")
+    batch_size: Size = option(0.11, "--batch-size", "images added per round in batch mode: count or fraction")
+    budgets: tuple[Size, ...] = option(
+        (0.07, 0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 1.0), "--budgets",
+        "subset sizes to report, fractions or counts",
+    )
+    replicates: int = option(10, "--replicates", "independent rankings from different seeds")
+    aggregate: str = option("max", "--aggregate", "similarity to the chosen set")
+    seed: int = option(0, "--seed", "random seed of the selection (and, for demo, of the synthetic archive)")
+    seed_ids: str | None = option(
+        None, "--seed-ids",
+        "file of already-labelled image ids or uris (CSV, Parquet or one per line) as the seed set",
+    )
+    max_per_clip: int | None = option(
+        None, "--max-per-clip",
+        "at most N images per clip until no other image is left (default: no cap)",
+    )
+    max_per_patient: int | None = option(
+        None, "--max-per-patient",
+        "at most N images per patient until no other image is left (default: no cap)",
+    )
+    balance_labels: bool = option(
+        False, "--balance-labels",
+        "take labels in turn (round-robin)",
+        action="store_true",
+    )
+    workers: int | None = option(
+        None, "--select-workers",
+        "0: one process; k: k shard actors (default: by archive size)",
+    )
     checkpoint_seconds: float = 60.0
-    delta: float | None = None
-    max_edges: int = 50_000_000
-    duplicate_threshold: float | None = None
+    delta: float | None = option(
+        None, "--delta",
+        "coverage/herding: similarity above which two images cover each other (default: ProbCover's "
+        "label-free purity rule, recorded in selection.json)",
+    )
+    max_edges: int = option(
+        50_000_000, "--max-edges",
+        "coverage/herding: most stored neighbor pairs of the graph",
+    )
+    duplicate_threshold: float | None = option(
+        None, "--duplicate-threshold",
+        "duplicate guard: no second image of a group of near-duplicates (similarity above this) before "
+        "every group has one (default: off)",
+    )
 
 
 @dataclass
@@ -245,21 +344,39 @@ class EvaluateConfig:
     ``seconds_per_image`` None is 1 s (classification) or 300 s (segmentation) of expert labelling.
     """
 
-    task: str = "classification"
-    model: str = "auto"
-    image_size: int | None = None
+    task: str = option("classification", "--task", "what the models learn")
+    model: str = option(
+        "auto", "--model",
+        "model per subset (auto: ResNet-18 with GPUs, the small CNN without; U-Net for masks)",
+    )
+    image_size: int | None = option(None, "--image-size", "model input size (default: the model's)")
     width: int | None = None
-    budgets: tuple[Size, ...] | None = None
-    replicates: int | None = None
-    epochs: int = 5
+    budgets: tuple[Size, ...] | None = option(
+        None, "--eval-budgets",
+        "budgets to evaluate (default: the selection's)",
+    )
+    replicates: int | None = option(
+        None, "--eval-replicates",
+        "selection replicates to evaluate (default: all)",
+    )
+    epochs: int = option(5, "--eval-epochs", "training epochs per model")
     min_steps: int = 50
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    test_fraction: float = 0.2
-    alpha: float = 0.05
-    seconds_per_image: float | None = None
-    gpu_fraction: float = 0.25
+    test_fraction: float = option(
+        0.2, "--test-fraction",
+        "test share when the tool makes a patient-disjoint split",
+    )
+    alpha: float = option(0.05, "--alpha", "significance level of the Mann-Whitney U tests")
+    seconds_per_image: float | None = option(
+        None, "--seconds-per-image",
+        "expert labelling time per image (default 1 s classification, 300 s segmentation)",
+    )
+    gpu_fraction: float = option(
+        0.25, "--gpu-fraction",
+        "GPU share per training task when the cluster has GPUs",
+    )
     seed: int = 0
 
 
@@ -273,16 +390,33 @@ class IncrementalConfig:
     previous run's first selected subset. ``retrain_encoder`` trains a new encoder and reuses nothing.
     """
 
-    previous_run: str | None = None
-    labelled: str | None = None
-    retrain_encoder: bool = False
+    previous_run: str | None = option(
+        None, "--previous-run",
+        "incremental run: reuse this run dir's encoder and the embeddings of unchanged images, rank only "
+        "new ones; 'latest': the newest finished run dir beside --output (dated run dirs; none: a fresh "
+        "run)",
+    )
+    labelled: str | None = option(
+        None, "--labelled",
+        "with --previous-run: already-labelled images (uris, or image ids of the previous run) that seed "
+        "the ranking (default: the previous run's first selected subset)",
+    )
+    retrain_encoder: bool = option(
+        False, "--retrain-encoder",
+        "with --previous-run: train a new encoder and embed every image fresh (nothing is reused)",
+        action="store_true",
+    )
 
 
 @dataclass
 class ReportConfig:
     """``images`` "thumbnails" shows archive images and their uris; "none" leaves every pixel and path out (to share)."""
 
-    images: str = "thumbnails"
+    images: str = option(
+        "thumbnails", "--report-images",
+        "thumbnails: archive images and their uris in the report; none: no image, no path (a report to "
+        "share)",
+    )
 
 
 @dataclass
@@ -315,14 +449,14 @@ class RunConfig:
         for key, value in data.items():
             if key not in sections:
                 raise ConfigError(f"unknown config key {key!r}{_closest(key, sections)}; known: {sorted(sections)}")
-            sub = _SECTION_TYPES.get(key)
+            sub = SECTION_TYPES.get(key)
             kwargs[key] = _build(sub, value, key) if sub else value
         cfg = cls(**kwargs)
         validate(cfg)
         return cfg
 
 
-_SECTION_TYPES = {
+SECTION_TYPES = {
     "manifest": ManifestConfig,
     "encoder": EncoderConfig,
     "embed": EmbedConfig,
@@ -332,6 +466,11 @@ _SECTION_TYPES = {
     "incremental": IncrementalConfig,
     "report": ReportConfig,
 }
+
+
+# section -> setting -> its annotation (resolved), for the CLI's parsing
+SETTING_TYPES = {section: typing.get_type_hints(cls, globalns={**globals(), "Size": Size})
+                 for section, cls in SECTION_TYPES.items()}
 
 
 def _closest(key: str, known) -> str:
@@ -447,7 +586,7 @@ def validate(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
     flag from ``flags`` when given), so a wrong config fails in a second, before Ray starts.
     """
     problems: list[str] = []
-    for section, cls in _SECTION_TYPES.items():
+    for section, cls in SECTION_TYPES.items():
         obj = getattr(cfg, section)
         for name, hint in _hints(cls).items():
             key, value = f"{section}.{name}", getattr(obj, name)

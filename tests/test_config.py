@@ -192,7 +192,7 @@ def test_a_defect_keeps_its_traceback(tmp_path, monkeypatch):
 def test_one_option_name_per_setting_and_old_spellings_warn(caplog):
     """--embed-device and --eval-* name their settings in every command; the old spellings still work, with a
     warning; every stage option of `enrich run` means the same setting as in its own stage command."""
-    from enrich_dist.cli import _OVERRIDES, build_parser, config_from_args
+    from enrich_dist.cli import FLAGS, build_parser, config_from_args
 
     def cfg(*argv):
         return config_from_args(build_parser().parse_args([*argv, "--output", "r"]))
@@ -208,6 +208,37 @@ def test_one_option_name_per_setting_and_old_spellings_warn(caplog):
     # in `run`, --epochs/--replicates/--budgets stay the encoder's and the selection's settings
     run = cfg("run", "--input", "x", "--epochs", "7", "--replicates", "3", "--budgets", "0.5,1.0")
     assert (run.encoder.epochs, run.select.replicates, run.evaluate.epochs) == (7, 3, 5)
-    # one flag per setting: no two options write the same config field
-    fields = [(section, field) for section, field, _ in _OVERRIDES.values()]
-    assert len(fields) == len(set(fields))
+    # one option per setting and one setting per option, generated from the config's fields
+    assert len(set(FLAGS.values())) == len(FLAGS)
+
+
+def test_options_are_generated_from_the_settings():
+    """Every setting declared with an option appears in its stage's command and in `run`, with the field's default
+    in its help; a value given on the command line lands in that field with the field's type."""
+    import argparse
+    import dataclasses
+
+    from enrich_dist.cli import COMMAND_SECTIONS, SECTIONS, build_parser, config_from_args
+    from enrich_dist.config import SECTION_TYPES
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTION_TYPES[section]):
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            for command, sections in COMMAND_SECTIONS.items():
+                if (command, flag) == ("train-encoder", "--embedder"):
+                    continue  # the encoder to train: vae or contrastive only
+                options = {o for a in commands[command]._actions if a.help != argparse.SUPPRESS  # noqa: SLF001
+                           for o in a.option_strings}
+                assert (flag in options) == (section in sections), (command, flag)
+            helps = {a.help for a in commands["run"]._actions if flag in a.option_strings}  # noqa: SLF001
+            if f.default is not None and "action" not in f.metadata and "default" not in f.metadata["help"]:
+                shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+                assert any(f"(default {shown})" in h for h in helps), flag
+    cfg = config_from_args(parser.parse_args(["run", "--input", "x", "--output", "r", "--top-k", "7", "--sample", "0.5",
+                                              "--budgets", "0.1,20", "--no-pseudonymise", "--nifti-axis", "0"]))
+    assert (cfg.similarity.top_k, cfg.encoder.sample, cfg.select.budgets) == (7, 0.5, (0.1, 20))
+    assert cfg.manifest.pseudonymise is False and cfg.manifest.nifti_axis == 0

@@ -219,7 +219,7 @@ def test_one_source_for_image_entrypoint_and_schedule(profile):
     output = VALUES["pipeline"]["output"]
     assert re.fullmatch(re.escape(output) + r"/\d{4}-\d{2}-\d{2}", args.output) if VALUES["pipeline"]["datedOutput"] \
         else args.output == output
-    assert args.embed_device == VALUES["profiles"][profile]["device"]
+    assert args.embed__device == VALUES["profiles"][profile]["device"]
 
 
 def test_entrypoint_quotes_what_it_must():
