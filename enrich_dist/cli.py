@@ -163,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="rank images from least to most redundant")
     evl = sub.add_parser("evaluate", help="train models on ENRICH vs random subsets and compare them")
     rep = sub.add_parser("report", help="write report/index.html")
+    pln = sub.add_parser("plan", help="the similarity stage's plan for N images on a cluster: tiles, memory, bytes, "
+                         "projected time (calibrated by a short run here)")
+    pln.add_argument("--images", type=int, required=True, help="archive size N")
+    pln.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
+    pln.add_argument("--similarity-mode", choices=["exact", "approx"], default="exact", help="default exact")
+    pln.add_argument("--nodes", type=int, default=1, help="worker nodes of the target cluster (default 1)")
+    pln.add_argument("--cpus", type=int, help="CPUs per node (default: this machine's)")
+    pln.add_argument("--gpus", type=int, default=0, help="GPUs per node (default 0)")
+    pln.add_argument("--memory", help="memory per node, e.g. 64G (default: not checked)")
+    pln.add_argument("--max-memory", default="2G", help="the similarity stage's --max-memory (default 2G)")
+    pln.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                     help="skip the short measured run (no CPU time projected)")
+    pln.add_argument("--ray-address", help="calibrate on this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pln.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     exp = sub.add_parser("export", help="the images to label first: csv, parquet, Label Studio tasks or a folder of links")
     exp.add_argument("--output", required=True, help="the run dir (local path or s3://...)")
     size = exp.add_mutually_exclusive_group(required=True)
@@ -243,6 +258,35 @@ def _failed(exc: Exception) -> int:
     return code
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """``enrich plan``: print the similarity plan; Ray starts only for the calibration run."""
+    from . import sizing
+    from .config import SimilarityConfig, parse_memory
+
+    try:
+        cluster = sizing.Cluster(nodes=args.nodes, cpus=args.cpus or sizing.Cluster().cpus, gpus=args.gpus,
+                                 memory=parse_memory(args.memory) if args.memory else 0)
+        cfg = SimilarityConfig(mode=args.similarity_mode, max_memory=args.max_memory)
+        if min(args.images, args.dim, args.nodes, cluster.cpus) < 1 or args.gpus < 0:
+            raise ConfigError("--images, --dim, --nodes and --cpus must be >= 1, --gpus >= 0")
+        plan = (sizing.exact_plan(args.images, args.dim, cluster, cfg) if args.similarity_mode == "exact"
+                else sizing.approx_plan(args.images, args.dim, cfg))
+        calibration = None
+        if args.calibrate:
+            from .runtime import ray_session
+
+            with ray_session(args.ray_address) as res:
+                calibration = sizing.calibrate(res.cpus, args.similarity_mode)
+        projection = sizing.project(plan, cluster, calibration)
+    except Exception as exc:  # noqa: BLE001 - every failure leaves with its documented exit status
+        return _failed(exc)
+    if args.json:
+        print(json.dumps({"plan": plan, "projection": projection}, indent=1))
+    else:
+        print(sizing.describe(plan, projection, cluster))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``enrich`` command."""
     args = build_parser().parse_args(argv)
@@ -251,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "export":
         return _export(args)
+    if args.command == "plan":
+        return _plan(args)
     try:
         cfg = config_from_args(args)
         if args.command == "demo":

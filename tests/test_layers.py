@@ -12,7 +12,7 @@ FOUNDATIONS = {"config", "errors", "schema", "storage", "runtime", "fingerprints
                "executor", "stages", "pairgraph", "imaging", "formats"}
 STAGES = {"manifest", "encoder", "embed", "similarity", "selection", "evaluation", "report", "incremental", "export",
           "datasets"}
-TOP = {"pipeline", "api", "cli", "__init__", "__main__"}
+TOP = {"pipeline", "api", "cli", "sizing", "__init__", "__main__"}
 # the embed stage runs the encoder package's networks (its model code is a library to embed with)
 ALLOWED_ACROSS_STAGES = {("embed", "encoder")}
 

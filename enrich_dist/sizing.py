@@ -1,0 +1,223 @@
+"""``enrich plan``: the similarity stage's plan for an archive size on a cluster, before anything runs.
+
+For N images of dimension D on ``nodes`` x (``cpus``, ``gpus``, ``memory``) it prints what the stage
+would do and need: exact mode's block size, tiles and pairs, the buffers of one tile task, the driver's
+reduction, the embeddings held in every node's object store, the bytes tiles read and return; approximate
+mode's partitions, probed pairs and the share of all pairs they are. Wall time is projected from a short
+run of the real stage on the cluster it is started on (``calibrate``): two sizes give a fixed cost and a
+cost per pair, scaled by the target's CPUs. GPU projections use the rate measured on one H200 on
+2026-11-30 (docs/performance.md), as no GPU run calibrates here; they are labelled so.
+
+A projection is a projection: the output says which numbers are computed from the plan (exact), which
+are measured now (calibration) and which are projected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SimilarityConfig, parse_memory
+from .similarity.kernel import CHUNK_ROWS
+from .similarity.plan import choose_block, driver_bytes, task_bytes
+
+log = logging.getLogger("enrich_dist.sizing")
+
+H200_PAIRS_PER_SECOND = 5.0e11 / 33.7  # all pairs of 10^6 images, fp32, fused pass incl. reduction (2026-11-30)
+CALIBRATION_SIZES = {"exact": (30_000, 60_000), "approx": (100_000, 200_000)}
+WARM_UP_SIZE = 3_000  # compiles the kernels and starts the workers before anything is timed
+CALIBRATION_DIM = 128
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The target: ``nodes`` alike, each with ``cpus``, ``gpus`` and ``memory`` bytes."""
+
+    nodes: int = 1
+    cpus: int = os.cpu_count() or 1
+    gpus: int = 0
+    memory: int = 0
+
+    @property
+    def total_cpus(self) -> int:
+        return self.nodes * self.cpus
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The stage's cost on the current cluster: ``fixed`` seconds plus ``per_unit_cpu`` CPU-seconds per unit of
+    work (exact mode: a pair; approximate mode: an image, as measured from 2 x 10^5 to 10^6 images)."""
+
+    mode: str
+    fixed: float
+    per_unit_cpu: float
+    cpus: int
+    runs: tuple[tuple[int, float], ...]  # (images, seconds) measured
+
+    def seconds(self, n: int, cpus: int) -> float:
+        return self.fixed + work(self.mode, n) * self.per_unit_cpu / max(1, cpus)
+
+
+def work(mode: str, n: int) -> float:
+    """The units of work the stage's time grows with: all pairs (exact); images (approx: measured on 2 cores,
+    14.3 s at 2 x 10^5 and 66.8 s at 10^6 clustered images, close to linear although its probed pairs grow as
+    N^1.5 in principle, so projections far past 10^6 are optimistic)."""
+    return n * (n - 1) / 2 if mode == "exact" else float(n)
+
+
+def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """Clustered unit vectors (archives are clustered), seeded."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(2, n // 50), dim))
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrate(
+    cpus: int, mode: str = "exact", sizes: tuple[int, int] | None = None, dim: int = CALIBRATION_DIM
+) -> Calibration:
+    """Time the real stage (inside the attached Ray, after a warm-up) at two sizes: fixed cost and cost per unit."""
+    from .similarity.stage import compute_similarity
+
+    cfg = SimilarityConfig(mode=mode, edge_threshold=None, duplicate_thresholds=())
+    compute_similarity(_vectors(WARM_UP_SIZE, dim, seed=99), np.arange(WARM_UP_SIZE), cfg, progress=False)
+    runs = []
+    for i, n in enumerate(sizes or CALIBRATION_SIZES[mode]):
+        x = _vectors(n, dim, seed=i)
+        start = time.perf_counter()
+        compute_similarity(x, np.arange(n), cfg, progress=False)
+        runs.append((n, time.perf_counter() - start))
+        log.info("calibration (%s): %d images in %.2f s", mode, n, runs[-1][1])
+    (n1, t1), (n2, t2) = runs
+    w1, w2 = work(mode, n1), work(mode, n2)
+    per_unit = max((t2 - t1) / (w2 - w1), 1e-15)
+    return Calibration(mode, max(0.0, t1 - w1 * per_unit), per_unit * cpus, cpus, tuple(runs))
+
+
+def exact_plan(n: int, dim: int, cluster: Cluster, cfg: SimilarityConfig) -> dict:
+    """Blocks, tiles, pairs and memory of the exact stage for ``n`` images on ``cluster`` (computed, not measured)."""
+    k, n_thr = cfg.top_k, len(cfg.thresholds)
+    budget = parse_memory(cfg.max_memory)
+    workers = cluster.total_cpus
+    block = cfg.block_size or choose_block(n, dim, k, n_thr, max(budget, _least_budget(n, dim, k, n_thr)), workers,
+                                           CHUNK_ROWS)
+    n_blocks = math.ceil(n / block)
+    tiles = n_blocks * (n_blocks + 1) // 2
+    per_task = task_bytes(block, k, n_thr, min(block, CHUNK_ROWS))
+    result_per_tile = 2 * block * (k * 12 + n_thr * 8)
+    return {
+        "mode": "exact",
+        "images": n,
+        "dim": dim,
+        "pairs": n * (n - 1) // 2,
+        "block": block,
+        "tiles": tiles,
+        "task_memory": per_task,
+        "tasks_in_flight": 2 * workers,
+        "driver_memory": driver_bytes(n, dim, k, n_thr),
+        "object_store_per_node": n * dim * 4,
+        "bytes_read_by_tiles": tiles * 2 * block * dim * 4,
+        "bytes_returned_to_driver": tiles * result_per_tile,
+        "edges_cap_bytes": cfg.max_edges * 20 if cfg.edge_threshold is not None else 0,
+    }
+
+
+def _least_budget(n: int, dim: int, k: int, n_thr: int) -> int:
+    """The memory the plan must assume at least: the driver's share (a budget below it is refused at run time)."""
+    return driver_bytes(n, dim, k, n_thr) + (1 << 30)
+
+
+def approx_plan(n: int, dim: int, cfg: SimilarityConfig) -> dict:
+    """Partitions and probed pairs of the approximate mode (each partition against its ``nprobe`` nearest)."""
+    partitions = cfg.n_partitions or max(1, round(math.sqrt(n)))
+    nprobe = min(cfg.nprobe, partitions)
+    per_partition = n / partitions
+    # each unordered pair of probed partitions once; a partition pair (p, q) is probed from p or from q
+    probed_pairs = partitions * per_partition * per_partition * (nprobe - 0.5)
+    probed_pairs = min(probed_pairs, n * (n - 1) / 2)
+    return {
+        "mode": "approx",
+        "images": n,
+        "dim": dim,
+        "partitions": partitions,
+        "nprobe": nprobe,
+        "pairs": n * (n - 1) // 2,
+        "pairs_compared": int(probed_pairs),
+        "share_compared": probed_pairs / max(1, n * (n - 1) / 2),
+        "driver_memory": driver_bytes(n, dim, cfg.top_k, len(cfg.thresholds)),
+        "object_store_per_node": n * dim * 4,
+    }
+
+
+def project(plan: dict, cluster: Cluster, calibration: Calibration | None) -> dict:
+    """Projected wall seconds on ``cluster``: CPU from the calibration, GPU from the H200 measurement."""
+    pairs = plan.get("pairs_compared", plan["pairs"])
+    out: dict = {}
+    if calibration is not None:
+        unit = "pair" if calibration.mode == "exact" else "image"
+        out["cpu_seconds"] = calibration.seconds(plan["images"], cluster.total_cpus)
+        out["cpu_basis"] = (
+            f"{calibration.mode} stage measured now on {calibration.cpus} CPUs: "
+            + ", ".join(f"{n:,} images {t:.2f} s" for n, t in calibration.runs)
+            + f"; fixed {calibration.fixed:.2f} s + {calibration.per_unit_cpu:.3g} CPU-s per {unit}"
+        )
+    if cluster.gpus:
+        out["gpu_seconds"] = pairs / (H200_PAIRS_PER_SECOND * cluster.gpus * cluster.nodes)
+        out["gpu_basis"] = "the fused pass measured on one H200 (2026-11-30), not calibrated on this cluster"
+    return out
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def describe(plan: dict, projection: dict, cluster: Cluster) -> str:
+    """The plan as lines for a terminal."""
+    lines = [
+        f"similarity, {plan['mode']} mode: {plan['images']:,} images x {plan['dim']} dims on {cluster.nodes} node(s) of "
+        f"{cluster.cpus} CPUs, {cluster.gpus} GPUs" + (f", {_size(cluster.memory)}" if cluster.memory else ""),
+        f"  pairs: {plan['pairs']:,}",
+    ]
+    if plan["mode"] == "exact":
+        lines += [
+            f"  tiles: {plan['tiles']:,} of {plan['block']:,} x {plan['block']:,} rows (computed)",
+            f"  memory: {_size(plan['task_memory'])} per tile task, {plan['tasks_in_flight']} in flight; driver "
+            f"{_size(plan['driver_memory'])}; object store {_size(plan['object_store_per_node'])} per node (computed)",
+            f"  bytes: tiles read {_size(plan['bytes_read_by_tiles'])} of row blocks, return "
+            f"{_size(plan['bytes_returned_to_driver'])} to the driver; the edge list up to "
+            f"{_size(plan['edges_cap_bytes'])} (computed)",
+        ]
+    else:
+        lines += [
+            f"  partitions: {plan['partitions']:,}, each compared with its {plan['nprobe']} nearest (computed)",
+            f"  pairs compared: about {plan['pairs_compared']:,} ({plan['share_compared']:.2%} of all; computed)",
+            f"  memory: driver {_size(plan['driver_memory'])}; object store {_size(plan['object_store_per_node'])} per "
+            "node (computed)",
+        ]
+    if cluster.memory and plan.get("object_store_per_node", 0) * 2 > cluster.memory:
+        lines.append("  warning: the embeddings take more than half of a node's memory; use more memory per node")
+    if "cpu_seconds" in projection:
+        lines.append(f"  projected wall time on the CPUs: {_duration(projection['cpu_seconds'])} "
+                     f"(projected; {projection['cpu_basis']})")
+    if "gpu_seconds" in projection:
+        lines.append(f"  projected wall time on the GPUs: {_duration(projection['gpu_seconds'])} "
+                     f"(projected; {projection['gpu_basis']})")
+    return "\n".join(lines)

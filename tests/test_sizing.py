@@ -1,0 +1,62 @@
+"""`enrich plan`: the computed plan equals the stage's own planning, projections say what they rest on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from enrich_dist import sizing
+from enrich_dist.config import SimilarityConfig
+from enrich_dist.similarity.plan import tile_pairs, tile_plan
+
+
+@pytest.mark.parametrize("n", [1, 300, 4097, 1_000_000])
+def test_exact_plan_counts_what_the_stage_would_run(n):
+    cluster = sizing.Cluster(nodes=2, cpus=3)
+    plan = sizing.exact_plan(n, 64, cluster, SimilarityConfig(max_memory="64G"))
+    assert plan["pairs"] == n * (n - 1) // 2
+    if n <= 5000:  # the stage's tile list at this block: same number of tiles, every pair once
+        tiles = tile_plan(n, plan["block"])
+        assert len(tiles) == plan["tiles"] and sum(tile_pairs(t) for t in tiles) == plan["pairs"]
+    assert plan["object_store_per_node"] == n * 64 * 4 and plan["tasks_in_flight"] == 12
+    assert plan["bytes_read_by_tiles"] == plan["tiles"] * 2 * plan["block"] * 64 * 4
+
+
+def test_approx_plan_compares_a_small_share():
+    plan = sizing.approx_plan(1_000_000, 128, SimilarityConfig(mode="approx"))
+    assert plan["partitions"] == 1000 and plan["nprobe"] == 8
+    assert 0.005 < plan["share_compared"] < 0.03  # measured: 0.96 % of the pairs at 10^6 (docs/performance.md)
+    tiny = sizing.approx_plan(50, 8, SimilarityConfig(mode="approx", n_partitions=2))
+    assert tiny["pairs_compared"] <= tiny["pairs"]
+
+
+def test_projection_scales_with_cpus_and_labels_its_basis():
+    cal = sizing.Calibration("exact", fixed=1.0, per_unit_cpu=6e-9, cpus=2, runs=((30_000, 2.0), (60_000, 6.0)))
+    plan = sizing.exact_plan(1_000_000, 128, sizing.Cluster(cpus=2), SimilarityConfig())
+    two = sizing.project(plan, sizing.Cluster(cpus=2), cal)["cpu_seconds"]
+    many = sizing.project(plan, sizing.Cluster(nodes=4, cpus=16, gpus=1), cal)
+    assert two == pytest.approx(1.0 + plan["pairs"] * 6e-9 / 2)
+    assert many["cpu_seconds"] == pytest.approx(1.0 + plan["pairs"] * 6e-9 / 64)
+    assert "H200" in many["gpu_basis"] and many["gpu_seconds"] == pytest.approx(plan["pairs"] / (4 * sizing.H200_PAIRS_PER_SECOND))
+    text = sizing.describe(plan, many, sizing.Cluster(nodes=4, cpus=16, gpus=1))
+    assert "(computed)" in text and "(projected; exact stage measured now on 2 CPUs" in text and "H200" in text
+
+
+def test_calibration_measures_the_real_stage(ray_local):
+    cal = sizing.calibrate(2, "exact", sizes=(1_500, 3_000))
+    assert [n for n, _ in cal.runs] == [1_500, 3_000] and all(t > 0 for _, t in cal.runs)
+    assert cal.per_unit_cpu > 0 and cal.seconds(10_000, 2) > 0
+
+
+def test_plan_command_without_calibration_starts_no_ray(capsys, monkeypatch):
+    from enrich_dist import runtime
+    from enrich_dist.cli import main
+
+    monkeypatch.setattr(runtime, "ray_session", lambda *a, **k: pytest.fail("no Ray without calibration"))
+    assert main(["plan", "--images", "10000000", "--nodes", "8", "--cpus", "32", "--gpus", "1", "--memory", "256G",
+                 "--no-calibrate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["pairs"] == 10_000_000 * 9_999_999 // 2 and "gpu_seconds" in out["projection"]
+    assert "cpu_seconds" not in out["projection"]  # nothing measured, nothing projected for the CPUs
+    assert main(["plan", "--images", "0", "--no-calibrate"]) == 2
