@@ -76,6 +76,7 @@ def test_stage_coverage_modes_equal_the_rules(ray_local, run_dir, mode: str) -> 
     cfg = SelectConfig(mode=mode, seed_size=3, budgets=(0.1, 0.5, 1.0), replicates=2, seed=5, delta=0.6)
     stats = run_select(run_dir, cfg)
     assert stats["coverage"]["delta"] == 0.6 and stats["coverage"]["how"] == "given (--delta)"
+    assert stats["coverage"]["parallel_replicates"] == 2  # the replicates ranked in parallel Ray tasks
     x = np.array(
         [r["embedding"] for r in sorted(run_dir.read_table("embeddings").to_pylist(), key=lambda r: r["image_id"])],
         np.float32,

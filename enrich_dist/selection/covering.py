@@ -156,21 +156,48 @@ def cover_graph(x: np.ndarray, cfg: SelectConfig, edges: EdgeList | None = None)
     return graph, record
 
 
+def _rank_one(graph, n: int, seed_rows: np.ndarray, mode: str, rules_args: dict, groups) -> tuple[Ranking, float]:
+    start = time.perf_counter()
+    rule = coverage_ranking if mode == "coverage" else herding_ranking
+    return finish(rule(graph, n, seed_rows), len(seed_rows), Rules(**rules_args), groups), time.perf_counter() - start
+
+
 def rank_covering(
     x: np.ndarray, seeds: list[np.ndarray], cfg: SelectConfig, rules_args: dict, edges: EdgeList | None = None
 ) -> tuple[list[Ranking], list[float], dict]:
-    """One coverage/herding ranking per replicate (shared when seeds are shared), constrained; plus the delta record."""
+    """One coverage/herding ranking per replicate (shared when seeds are shared), constrained; plus the delta record.
+
+    With a Ray attached and more than one distinct seed set, the replicates rank in parallel Ray tasks that
+    share the graph through the object store (put once); the rankings are those of the serial loop.
+    """
     graph, record = cover_graph(x, cfg, edges)
     groups = guard_groups(x, cfg, edges)
-    rule = coverage_ranking if cfg.mode == "coverage" else herding_ranking
-    done: dict[bytes, Ranking] = {}
+    distinct = list(dict.fromkeys(s.tobytes() for s in seeds))
+    first = {key: next(s for s in seeds if s.tobytes() == key) for key in distinct}
+    done: dict[bytes, tuple[Ranking, float]] = {}
+    if len(distinct) > 1 and _ray_ready():
+        import ray
+
+        task = ray.remote(num_cpus=1)(_rank_one)
+        shared = ray.put(graph)
+        refs = {key: task.remote(shared, len(x), first[key], cfg.mode, rules_args, groups) for key in distinct}
+        done = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+        record["parallel_replicates"] = len(distinct)
+    else:
+        for key in distinct:
+            done[key] = _rank_one(graph, len(x), first[key], cfg.mode, rules_args, groups)
     rankings, seconds = [], []
     for r, seed_rows in enumerate(seeds):
-        start = time.perf_counter()
-        key = seed_rows.tobytes()
-        if key not in done:
-            done[key] = finish(rule(graph, len(x), seed_rows), len(seed_rows), Rules(**rules_args), groups)
-        rankings.append(done[key])
-        seconds.append(time.perf_counter() - start)
-        log.info("replicate %d ranked %d images (%s) in %.2f s", r, len(x), cfg.mode, seconds[-1])
+        ranking, took = done[seed_rows.tobytes()]
+        rankings.append(ranking)
+        seconds.append(took)
+        log.info("replicate %d ranked %d images (%s) in %.2f s", r, len(x), cfg.mode, took)
     return rankings, seconds, record
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return ray.is_initialized()
