@@ -300,7 +300,7 @@ def test_driver_sigkilled_during_similarity_rerun_redoes_only_uncommitted_tiles(
 
     complete(args, log)
     summary = killed.read_json("similarity/summary.json")
-    assert summary["tiles"] == {"total": total, "computed": total - committed, "resumed": committed}
+    assert summary["tiles"] == {"total": total, "computed": total - committed, "resumed": committed, "nodes": 1}
     assert not killed.exists(PARTIALS_DIR) and not tmp_files(Path(killed.uri))
 
     run_similarity(clean, SimilarityConfig(block_size=block))

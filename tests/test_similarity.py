@@ -579,7 +579,7 @@ def test_run_similarity_resumes_only_uncommitted_tiles(ray_local, run_dir, one_t
     crash_after_tiles(monkeypatch, run_dir, cfg, 8)
     assert run_dir.exists(reduce.STATE) and not run_dir.is_done("similarity")
     summary = run_similarity(run_dir, cfg)
-    assert summary["tiles"] == {"total": n_tiles, "computed": n_tiles - 8, "resumed": 8}
+    assert summary["tiles"] == {"total": n_tiles, "computed": n_tiles - 8, "resumed": 8, "nodes": 1}
     assert not run_dir.exists(reduce.PARTIALS_DIR)
     want_table, want_summary = check_stage(x, ids, cfg)
     assert run_dir.read_table(NEIGHBORS_DIR).equals(want_table)

@@ -114,7 +114,12 @@ def _tile_group(
     ]
 
 
-_tile_task = ray.remote(num_cpus=1)(_tile_group)
+def _tile_group_on_node(x: np.ndarray, tiles: list[Tile], floors: list, spec: _Kernel) -> tuple[str, list]:
+    """A tile task: the node it ran on (the summary counts them), and the group's results."""
+    return ray.get_runtime_context().get_node_id(), _tile_group(x, tiles, floors, spec)
+
+
+_tile_task = ray.remote(num_cpus=1)(_tile_group_on_node)
 
 
 @ray.remote
@@ -186,8 +191,12 @@ def _run_tiles(
     checkpoint: tuple[RunDir, str, float] | None,
     done: np.ndarray,
     progress: bool,
-) -> int:
-    """Submit tile groups through a bounded window, reduce each result as it completes; returns tiles computed."""
+) -> tuple[int, int]:
+    """Submit tile groups through a bounded window, reduce each result as it completes.
+
+    Returns the tiles computed and the number of nodes they ran on. A task whose worker or node dies is
+    resubmitted by Ray (tasks are idempotent: a tile's result depends on its rows only).
+    """
     index = {tile: i for i, tile in enumerate(tiles)}
     todo = [tile for tile in tiles if not done[index[tile]]]
     groups: Iterator[list[Tile]] = iter(group_tiles(todo, MIN_TASK_PAIRS if spec.backend == "numba" else 1))
@@ -204,12 +213,14 @@ def _run_tiles(
     for _ in range(window):
         submit()
     start = last_save = time.perf_counter()
-    computed, logged = 0, 0
+    computed, logged, nodes = 0, 0, set()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             pending.pop(ref)
-            for tile, stats in ray.get(ref):
+            node, results = ray.get(ref)
+            nodes.add(node)
+            for tile, stats in results:
                 reduction.add(tile, stats)
                 done[index[tile]] = True
                 computed += 1
@@ -224,7 +235,7 @@ def _run_tiles(
                 "similarity: %d/%d tiles (%.0f%%), %.2f tiles/s",
                 computed, len(todo), 100 * computed / max(len(todo), 1), computed / max(elapsed, 1e-9),
             )
-    return computed
+    return computed, len(nodes)
 
 
 def _check_embeddings(x: np.ndarray, ids: np.ndarray) -> None:
@@ -409,7 +420,7 @@ def compute_similarity_edges(
         histogram_edges(cfg.bins), edge_t,
     )
     checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
-    computed = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
+    computed, n_nodes = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
     edges = histogram_edges(cfg.bins)
     n_pairs = n * (n - 1) // 2
     details: dict = {}
@@ -446,7 +457,7 @@ def compute_similarity_edges(
         device=device,
         precision=cfg.precision,
         block_size=block,
-        tiles={"total": len(tiles), "computed": computed, "resumed": len(tiles) - computed},
+        tiles={"total": len(tiles), "computed": computed, "resumed": len(tiles) - computed, "nodes": n_nodes},
         seconds=time.perf_counter() - start,
         **details,
     )
