@@ -74,7 +74,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
             # a local Ray reports no usage statistics unless the user asks for it (RAY_USAGE_STATS_ENABLED=1)
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            # "local": always a new instance, never one a `ray start` or another program left running here
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the run cannot start: exit 4
         where = f"attach to the Ray cluster at {address}" if address else "start a local Ray"
         fix = ("check that the cluster is up and the address (or RAY_ADDRESS) is right" if address else

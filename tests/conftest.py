@@ -20,7 +20,7 @@ def ray_local():
     from enrich_dist.runtime import _quiet_ray_data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     _quiet_ray_data()
     yield ray
     ray.shutdown()

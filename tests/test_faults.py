@@ -353,7 +353,7 @@ import resource, signal, sys
 limit, argv = int(sys.argv[1]), sys.argv[2:]
 if argv[0] != "-":
     import ray
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 if argv[0] == "-":  # one overwrite through the run dir

@@ -1,6 +1,7 @@
 """Several real Ray nodes on one machine (``ray.cluster_utils.Cluster``, in a subprocess so the suite's shared
-local Ray is untouched): the similarity stage's tile tasks spread over the nodes, and a worker node killed in
-the middle of the stage is survived with outputs equal to a clean run's."""
+local Ray is untouched): the similarity stage's tile tasks spread over the nodes, a worker node killed in the
+middle of the stage is survived with outputs equal to a clean run's, and a local run started beside the
+cluster starts its own Ray instead of joining it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ SCRIPT = textwrap.dedent(
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    # a local run started beside this cluster gets its own Ray, never this one (address "local")
+    import os, subprocess
+    probe = "from enrich_dist.runtime import ray_session\\nwith ray_session(num_cpus=1) as r: print('CPUS', r.cpus)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    own = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=240)
+    own_cpus = [int(l.split()[1]) for l in own.stdout.splitlines() if l.startswith("CPUS ")]
     rng = np.random.default_rng(7)
     x = rng.standard_normal((30000, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -57,6 +64,7 @@ SCRIPT = textwrap.dedent(
                          == {k: v for k, v in summary.items() if k not in ("seconds", "tiles")},
         "alive_workers": alive,
         "tiles": summary["tiles"],
+        "local_run_cpus": own_cpus,
         "killed_during_run": killed["at"] < ended,
         "run_seconds": ended - started,
     }), flush=True)
@@ -79,5 +87,6 @@ def test_tiles_spread_over_nodes_and_a_killed_node_is_survived(tmp_path):
     assert lines, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["clean_nodes"] == 2  # the tiles ran on both worker nodes
+    assert result["local_run_cpus"] == [1], result  # a local run beside a running cluster starts its own Ray
     assert result["alive_workers"] == 1 and result["killed_during_run"], result  # killed while tiles were running
     assert result["equal"] and result["summary_equal"], result  # and the stage's output did not change
