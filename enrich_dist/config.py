@@ -299,6 +299,7 @@ class SelectConfig:
         None, "--seed-ids",
         "file of already-labelled image ids or uris (CSV, Parquet or one per line) as the seed set",
     )
+    scope: str | None = None  # a file of the image ids to rank (the others are left out); incremental runs set it
     max_per_clip: int | None = option(
         None, "--max-per-clip",
         "at most N images per clip until no other image is left (default: no cap)",

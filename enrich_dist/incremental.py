@@ -459,7 +459,7 @@ def plan_stages(run: RunDir, cfg: RunConfig, stages: tuple[str, ...] | list[str]
     cfg = dataclasses.replace(
         cfg,
         incremental=dataclasses.replace(cfg.incremental, previous_run=previous),
-        select=dataclasses.replace(cfg.select, seed_ids=run.uri_of(LABELLED_PATH)),
+        select=dataclasses.replace(cfg.select, seed_ids=run.uri_of(LABELLED_PATH), scope=run.uri_of(SCOPE_PATH)),
     )
     prev = RunDir(previous, run.storage_options)
     if not cfg.incremental.retrain_encoder and cfg.embed.embedder in _TRAINED:

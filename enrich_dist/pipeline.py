@@ -28,7 +28,7 @@ STAGE_DIRS = {s.name: s.folder for s in PIPELINE if s.folder is not None}  # fol
 STAGE_CONFIG = {s.name: s.section for s in PIPELINE if s.section is not None}  # settings that decide its artifacts
 RUN_JSON = schema.RUN_JSON
 RUN_FORMAT = 1  # layout of the run dir; a run dir of another format is refused, never mixed
-_URI_KEYS = ("input", "output", "seed_ids", "embeddings", "previous_run", "labelled")
+_URI_KEYS = ("input", "output", "seed_ids", "scope", "embeddings", "previous_run", "labelled")
 _PACKAGES = ("enrich-dist", "ray", "torch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "fsspec", "s3fs", "pillow")
 
 

@@ -756,3 +756,22 @@ def test_stage_resumes_after_a_crash(ray_local, tmp_path, monkeypatch, caplog) -
     assert "2 shard actors" in caplog.text
     assert rankings_of(crashed)[0].equals(rankings_of(whole)[0]), "actors after a crash == one process"
     assert rankings_of(crashed)[1].equals(rankings_of(whole)[1])
+
+
+def test_scope_file_limits_the_ranked_images(ray_local, run_dir) -> None:
+    """``select.scope`` (set by incremental runs, usable by anyone) names the image ids to rank; the read-back check
+    holds the rankings to exactly those."""
+    import pyarrow as pa
+
+    from enrich_dist.pipeline import check_stage
+
+    ids = write_inputs(run_dir, 40, dim=4)
+    scope = sorted(ids[::3].tolist())
+    run_dir.write_table("lists/scope.parquet", pa.table({"image_id": pa.array(scope, pa.int64())}))
+    cfg = SelectConfig(seed_size=2, replicates=2, budgets=(0.5, 1.0), scope=run_dir.uri_of("lists/scope.parquet"))
+    run_select(run_dir, cfg)
+    ranking = run_dir.read_table("selection/ranking.parquet")
+    for r in (0, 1):
+        got = ranking.filter(pc.equal(ranking["replicate"], r))["image_id"].to_pylist()
+        assert sorted(got) == scope
+    assert check_stage(run_dir, "select")["rows"] == len(scope)

@@ -16,7 +16,6 @@ from ..schema import (
     EMBEDDINGS_DIR,
     MANIFEST_DIR,
     NEIGHBORS_DIR,
-    SCOPE_PATH,
     SIMILARITY_DIR,
     SIMILARITY_SUMMARY,
 )
@@ -47,8 +46,8 @@ def part_index(run: RunDir, folder: str) -> tuple[list[Part], np.ndarray]:
     return parts, np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
 
 
-def embedding_ids(run: RunDir) -> tuple[list[Part], np.ndarray, int]:
-    """Embedding shards, every embedded image id (sorted, unique) and the embedding size."""
+def embedding_ids(run: RunDir, scope: str | None = None) -> tuple[list[Part], np.ndarray, int]:
+    """Embedding shards, the embedded image ids to rank (sorted, unique; within ``scope`` when given), the size."""
     if not run.shards(EMBEDDINGS_DIR):
         raise FileNotFoundError(
             f"no embeddings in {run.uri_of(EMBEDDINGS_DIR)}: run `enrich embed --output {run.uri}` first"
@@ -58,22 +57,29 @@ def embedding_ids(run: RunDir) -> tuple[list[Part], np.ndarray, int]:
         raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} holds no embeddings: rerun `enrich embed`")
     if np.any(ids[1:] == ids[:-1]):
         raise ValueError(f"{run.uri_of(EMBEDDINGS_DIR)} repeats image ids: rerun `enrich embed`")
-    scope = scope_ids(run)
-    if scope is not None:
-        ids = ids[np.isin(ids, scope)]
-        log.info("incremental run: ranking %d images (labelled + new) of %s", len(ids), run.uri_of(SCOPE_PATH))
+    wanted = scope_ids(run, scope)
+    if wanted is not None:
+        ids = ids[np.isin(ids, wanted)]
+        log.info("ranking the %d embedded images listed in %s", len(ids), scope)
     dim = run.read_table(parts[0].path, columns=["embedding"]).schema.field("embedding").type.list_size
     return parts, ids, dim
 
 
-def scope_ids(run: RunDir) -> np.ndarray | None:
-    """The images an incremental run ranks (its labelled and new images), sorted; None in a fresh run.
+def scope_ids(run: RunDir, scope: str | None) -> np.ndarray | None:
+    """The image ids listed in the ``scope`` file (``select.scope``), sorted; None without one.
 
-    Written by ``enrich_dist/incremental.py``; the rankings of such a run cover these ids only.
+    An incremental run sets it to its ``incremental/scope.parquet`` (its labelled and new images).
     """
-    if not run.exists(SCOPE_PATH):
+    if scope is None:
         return None
-    return np.sort(run.read_table(SCOPE_PATH, columns=["image_id"])["image_id"].to_numpy())
+    try:
+        data = read_uri(scope, run.storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"select scope file {scope} not found") from None
+    entries = read_id_list(scope, data)
+    if not all(isinstance(e, int) for e in entries):
+        raise ValueError(f"select scope file {scope} must list image ids")
+    return np.sort(np.asarray(entries, np.int64))
 
 
 def read_rows(run: RunDir, parts: list[Part], want: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:

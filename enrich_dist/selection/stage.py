@@ -108,7 +108,7 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     cfg = ctx.config.select
     _validate(cfg)
     started = time.perf_counter()
-    parts, ids, dim = embedding_ids(run)
+    parts, ids, dim = embedding_ids(run, cfg.scope)
     n = len(ids)
     manifest_all, manifest = read_manifest(run, ids)
     groups = {name: codes(manifest, name) for name in ("patient_id", "clip_id", "label")}
@@ -474,7 +474,8 @@ def check_select(run: RunDir) -> tuple[dict, list[str]]:
     The ranked ids are the embedded ones, within ``incremental/scope.parquet`` in an incremental run.
     """
     embedded = np.sort(ids_of(run, EMBEDDINGS_DIR))
-    scope = scope_ids(run)  # an incremental run ranks its labelled and new images only
+    # an incremental run ranks its labelled and new images only (the scope its selection recorded)
+    scope = scope_ids(run, (run.read_json(SELECTION_STATS).get("config") or {}).get("scope"))
     if scope is not None:
         embedded = embedded[np.isin(embedded, scope)]
     problems, record = [], {"rows": int(len(embedded)), "duplicate_ids": 0, "nan": 0, "replicates": 0}
