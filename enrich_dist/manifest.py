@@ -23,12 +23,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
-from . import formats, imaging, schema, stages
+from . import imaging, schema, stages
 from .config import ManifestConfig, RunConfig
 from .errors import ConfigError
 from .executor import Context, done_record, execute
 from .fingerprints import fingerprint_files
-from .formats.pseudonym import identifier_mapper, key_from_env
+from .imaging import formats
+from .imaging.formats.pseudonym import identifier_mapper, key_from_env
 from .invariants import count_duplicates, ids_of
 from .runtime import as_completed
 from .storage import RunDir, filesystem, join_uri, read_uri, redact_uri, shard_name, split_uri, walk_files
@@ -179,7 +180,7 @@ def _probe_header(uri: str, storage_options: dict | None, nifti_axis: int, sniff
         return FileProbe(error="empty file (0 bytes)")
     with fs.open(path, "rb", block_size=HEADER_BLOCK) as fh:
         if formats.is_nifti(uri):
-            from .formats import nifti
+            from .imaging.formats import nifti
 
             return FileProbe(frames=nifti.read_header(fh, uri, nifti_axis), multi=True)
         head = fh.read(formats.SNIFF_BYTES)
@@ -188,7 +189,7 @@ def _probe_header(uri: str, storage_options: dict | None, nifti_axis: int, sniff
             if sniff_only:
                 return FileProbe(skipped="not an image (no known extension, no DICOM marker)")
             return FileProbe(error=imaging.probe(head + fh.read(), uri))
-        from .formats import dicom
+        from .imaging.formats import dicom
 
         try:
             header = dicom.read_header(fh, size)

@@ -20,8 +20,8 @@ from enrich_dist import imaging, schema
 from enrich_dist.config import EmbedConfig, EncoderConfig, ManifestConfig
 from enrich_dist.embed import run_embed
 from enrich_dist.encoder import train as train_module
-from enrich_dist.formats import NotAnImage, dicom
-from enrich_dist.formats.pseudonym import KEY_VARIABLE, identifier_mapper, key_from_env, pseudonym
+from enrich_dist.imaging.formats import NotAnImage, dicom
+from enrich_dist.imaging.formats.pseudonym import KEY_VARIABLE, identifier_mapper, key_from_env, pseudonym
 from enrich_dist.manifest import run_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about odd values in test files

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "enrich_dist"
 FOUNDATIONS = {"config", "errors", "schema", "storage", "runtime", "fingerprints", "idlists", "invariants",
-               "executor", "stages", "pairgraph", "imaging", "formats"}
+               "executor", "stages", "pairgraph", "imaging"}
 STAGES = {"manifest", "encoder", "embed", "similarity", "selection", "evaluation", "report", "incremental", "export",
           "datasets"}
 TOP = {"pipeline", "api", "cli", "sizing", "__init__", "__main__"}

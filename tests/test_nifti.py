@@ -10,7 +10,7 @@ import pytest
 
 from enrich_dist import imaging, schema
 from enrich_dist.config import ManifestConfig
-from enrich_dist.formats import nifti
+from enrich_dist.imaging.formats import nifti
 from enrich_dist.manifest import run_manifest
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")

@@ -136,7 +136,7 @@ def deid_cine_frames(size: int = 64) -> ClipSet:
     from deid_data.data import get_dataset
     from pydicom.data import get_testdata_file
 
-    from ..formats.dicom import DicomFrames
+    from ..imaging.formats.dicom import DicomFrames
 
     folder = get_dataset("ultrasounds")
     sources: list[tuple[str, bytes]] = []

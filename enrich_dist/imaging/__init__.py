@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import formats, schema
+from .. import schema
+from ..storage import RunDir, read_uri
+from . import formats
 from .formats import MAX_PIXELS, ImageError  # defined with the formats, which decode below imaging
-from .storage import RunDir, read_uri
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NPY_EXTENSIONS = (".npy",)
@@ -37,7 +38,7 @@ FrameSource = Callable[[int | None], np.ndarray]
 
 def manifest_nifti_axis(run: RunDir) -> int:
     """The axis along which the run's manifest sliced NIfTI volumes (pass it to decode with the frames)."""
-    from .executor import done_record  # the manifest stage's record (imported here: executor loads config)
+    from ..executor import done_record  # the manifest stage's record (imported here: executor loads config)
 
     return int(done_record(run, schema.MANIFEST_DIR).get("nifti_axis", DEFAULT_NIFTI_AXIS))
 
