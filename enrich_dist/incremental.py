@@ -313,8 +313,6 @@ def _seed_entries(path: str, storage_options: dict | None) -> list[int | str]:
 
 def _default_labelled(prev: RunDir) -> tuple[list[int], str]:
     """Replicate 0 of the previous ranking up to its smallest budget (and at least all its seeds)."""
-    RANKING_PATH, STATS_PATH = schema.RANKING_PATH, schema.SELECTION_STATS
-
     if not prev.is_done(schema.SELECTION_DIR) and prev.exists(LABELLED_PATH):
         # an incremental run that had nothing new to rank: its own labelled set carries over
         ids = [int(v) for v in prev.read_bytes(LABELLED_PATH).decode().split()[1:]]
@@ -324,11 +322,11 @@ def _default_labelled(prev: RunDir) -> tuple[list[int], str]:
             f"--previous-run {prev.uri} has no completed selection to take the labelled images from: pass "
             "--labelled FILE (uris or the previous run's image ids of the images already labelled)"
         )
-    ranking = prev.read_table(RANKING_PATH).filter(pc.equal(pc.field("replicate"), 0)).sort_by("rank")
-    budgets = [b["n_images"] for b in prev.read_json(STATS_PATH).get("budgets", [])]
+    ranking = prev.read_table(schema.RANKING_PATH).filter(pc.equal(pc.field("replicate"), 0)).sort_by("rank")
+    budgets = [b["n_images"] for b in prev.read_json(schema.SELECTION_STATS).get("budgets", [])]
     n_seeds = int(pc.sum(ranking["is_seed"]).as_py() or 0)
     count = max(n_seeds, min(budgets) if budgets else n_seeds)
-    source = f"{prev.uri_of(RANKING_PATH)} replicate 0, first {count} images"
+    source = f"{prev.uri_of(schema.RANKING_PATH)} replicate 0, first {count} images"
     return ranking["image_id"].to_pylist()[:count], source
 
 
