@@ -725,3 +725,26 @@ def test_row_histogram_bound_is_a_tight_lower_bound(bins: int) -> None:
                 assert bound >= kth_bin / half - 1.0 - 2e-6
             else:
                 assert bound == -np.inf
+
+
+def test_embedding_matrix_reads_chunks_and_slices_and_refuses_nulls() -> None:
+    from enrich_dist.similarity.stage import embedding_matrix
+
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3)
+    # chunks that are slices of one array: each carries an offset into the shared values
+    chunked = pa.chunked_array([column.slice(0, 2), column.slice(2, 4), column.slice(6, 1)])
+    assert np.array_equal(embedding_matrix(chunked), x)
+    assert embedding_matrix(pa.chunked_array([], type=column.type)).shape == (0, 3)
+    with_null = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3, mask=pa.array([False] * 6 + [True]))
+    with pytest.raises(ValueError, match="1 embeddings are missing"):
+        embedding_matrix(pa.chunked_array([with_null]))
+
+
+def test_workers_warm_up_only_for_the_exact_cpu_kernel(ray_local) -> None:
+    from enrich_dist.runtime import cluster_resources
+    from enrich_dist.similarity.stage import warm_workers
+
+    refs = warm_workers(SimilarityConfig(device="cpu"))
+    assert len(refs) == cluster_resources().cpus and ray_local.get(refs) == [None] * len(refs)
+    assert warm_workers(SimilarityConfig(mode="approx")) == []

@@ -122,6 +122,28 @@ def _tile_group_on_node(x: np.ndarray, tiles: list[Tile], floors: list, spec: _K
 _tile_task = ray.remote(num_cpus=1)(_tile_group_on_node)
 
 
+def _warm_up() -> None:
+    """Load the compiled kernel in this worker process (from numba's on-disk cache after the first run)."""
+    x = np.eye(2, 4, dtype=np.float32)
+    kernel.tile_stats(x, x, True, 1, PAPER_THRESHOLDS, histogram_edges(2), edge_threshold=PAPER_THRESHOLDS[-1])
+
+
+_warm_task = ray.remote(num_cpus=1)(_warm_up)
+
+
+def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
+    """Start one CPU worker per core loading the kernel while the driver reads the embeddings.
+
+    A cold worker spends about a second importing the package and loading the compiled kernel before
+    its first tile; started here, that overlaps the read instead of delaying the first tiles. Not for
+    GPU runs (their tiles use torch) nor the approximate mode (its k-means task takes every core first).
+    """
+    resources = cluster_resources()
+    if cfg.mode != "exact" or _device(cfg, resources.gpus) != "cpu":
+        return []
+    return [_warm_task.remote() for _ in range(resources.cpus)]
+
+
 @ray.remote
 def _partition_task(x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int) -> approx.Partitions:
     return approx.partition(x, n_partitions, nprobe, seed, threads)
@@ -475,10 +497,21 @@ def _read_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
             f"no embeddings under {run.uri_of(EMBEDDINGS_DIR)}: run `enrich embed --output {run.uri}` first"
         )
     table = run.read_table(EMBEDDINGS_DIR, columns=["image_id", "embedding"])
-    embedding = table.column("embedding").combine_chunks()
-    dim = embedding.type.list_size
-    x = embedding.flatten().to_numpy(zero_copy_only=False).reshape(len(table), dim)
-    return x, table.column("image_id").to_numpy()
+    return embedding_matrix(table.column("embedding")), table.column("image_id").to_numpy()
+
+
+def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as one float32 matrix, chunk by chunk (no combined copy of the column)."""
+    dim = column.type.list_size
+    x = np.empty((len(column), dim), np.float32)
+    row = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise ValueError(f"{chunk.null_count} embeddings are missing (null): rerun `enrich embed`")
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        x[row : row + len(chunk)] = values[chunk.offset * dim : (chunk.offset + len(chunk)) * dim].reshape(-1, dim)
+        row += len(chunk)
+    return x
 
 
 def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) -> None:
@@ -518,11 +551,13 @@ def compute_stage(run: RunDir, ctx: Context) -> dict:
     """The stage's work (the executor skips, commits and checks): neighbor shards, edges, duplicates, summary."""
     cfg = ctx.config.similarity
     _check_duplicate_settings(cfg)
+    warming = warm_workers(cfg)
     x, ids = _read_embeddings(run)
     try:
         table, summary, edge_table = compute_similarity_edges(x, ids, cfg, run=run)
     except EdgeCapError as exc:
         raise ValueError(f"similarity: {exc}") from None
+    ray.get(warming)  # long done; a warm-up that failed says so here
     _write_shards(run, NEIGHBORS_DIR, table, SHARD_ROWS)
     _write_shards(run, EDGES_DIR, edge_table, EDGE_SHARD_ROWS)
     summary["duplicates"] = None
