@@ -258,7 +258,9 @@ def test_stage_bins_products_past_one_like_the_oracle(ray_local, one_tile_per_ta
     assert float(g @ g) > 1.003
     x[[0, 9, 17, 33]] = g
     x[[4, 25]] = -g
-    check_stage(x, np.arange(40), SimilarityConfig(block_size=16, top_k=4, bins=20, thresholds=(0.5, 0.9, 0.9999999)))
+    check_stage(
+        x, np.arange(40), SimilarityConfig(block_size=16, top_k=4, bins=20, thresholds=(0.5, 0.9, 0.9999999))
+    )
 
 
 @pytest.mark.parametrize("bins", [1, 2, 3, 4, 40, 200, 257, 1000])
@@ -268,7 +270,9 @@ def test_torch_bin_limits_reproduce_the_cpu_arithmetic(bins: int) -> None:
     assert limits.dtype == np.float32 and len(limits) == bins - 1 and (np.diff(limits) > 0).all()
     rng = np.random.default_rng(bins)
     special = np.float32([-1, 1, 0, -0.0, 1.0000001, -1.0000001, 1e-30, -1e-30, 1e-45, -1e-45, -3e-17, 3e-17])
-    v = np.concatenate([rng.uniform(-1.01, 1.01, 20000).astype(np.float32), limits, np.nextafter(limits, -np.inf), special])
+    v = np.concatenate(
+        [rng.uniform(-1.01, 1.01, 20000).astype(np.float32), limits, np.nextafter(limits, -np.inf), special]
+    )
     cpu_bins = np.clip(np.floor((v.astype(np.float64) + 1.0) * (bins / 2)), 0, bins - 1)
     np.testing.assert_array_equal(np.searchsorted(limits, v, side="right"), cpu_bins)
 
@@ -276,7 +280,10 @@ def test_torch_bin_limits_reproduce_the_cpu_arithmetic(bins: int) -> None:
 @pytest.mark.parametrize("kernel_fn", [tile_stats, torch_cpu])
 def test_values_on_bin_edges_and_thresholds(kernel_fn) -> None:
     """Similarities exactly on an edge go to the bin above it; counts are strictly above the threshold."""
-    x = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, -1, -1], [1, -1, 1, -1]], np.float32) / 2
+    x = (
+        np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [-1, -1, -1, -1], [1, -1, 1, -1]], np.float32)
+        / 2
+    )
     thresholds = (0.5, 0.0, -0.5, -1.0)
     st = kernel_fn(x, x, True, 3, thresholds, histogram_edges(4))
     hist, counts, vals, idx = oracle(x, 3, thresholds, 4)
@@ -494,7 +501,11 @@ def test_parse_memory_and_block_choice() -> None:
     n, dim, k = 45460, 128, 10
     block = plan.choose_block(n, dim, k, 3, 2 << 30, 2, 256)
     nb = -(-n // block)
-    assert block % 64 == 0 and nb * (nb + 1) // 2 >= plan.TILES_PER_WORKER * 2 and block * dim * 4 <= plan.PANEL_BYTES
+    assert (
+        block % 64 == 0
+        and nb * (nb + 1) // 2 >= plan.TILES_PER_WORKER * 2
+        and block * dim * 4 <= plan.PANEL_BYTES
+    )
     small = plan.choose_block(n, dim, k, 3, 40 << 20, 2, 256)
     assert small < block
     assert plan.driver_bytes(n, dim, k, 3) + 4 * plan.task_bytes(small, k, 3, 256) <= 40 << 20
@@ -560,16 +571,41 @@ def test_cli_similarity_options() -> None:
     from enrich_dist.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(
-        ["similarity", "--output", "r", "--max-memory", "4G", "--similarity-mode", "approx", "--n-partitions", "64",
-         "--nprobe", "4", "--similarity-device", "cpu", "--precision", "fp32", "--block-size", "512"]
+        [
+            "similarity",
+            "--output",
+            "r",
+            "--max-memory",
+            "4G",
+            "--similarity-mode",
+            "approx",
+            "--n-partitions",
+            "64",
+            "--nprobe",
+            "4",
+            "--similarity-device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--block-size",
+            "512",
+        ]
     )
     cfg = config_from_args(args).similarity
-    assert (cfg.max_memory, cfg.mode, cfg.n_partitions, cfg.nprobe, cfg.device, cfg.precision, cfg.block_size) == (
-        "4G", "approx", 64, 4, "cpu", "fp32", 512
-    )
+    assert (
+        cfg.max_memory,
+        cfg.mode,
+        cfg.n_partitions,
+        cfg.nprobe,
+        cfg.device,
+        cfg.precision,
+        cfg.block_size,
+    ) == ("4G", "approx", 64, 4, "cpu", "fp32", 512)
 
 
-def test_run_similarity_resumes_only_uncommitted_tiles(ray_local, run_dir, one_tile_per_task, monkeypatch) -> None:
+def test_run_similarity_resumes_only_uncommitted_tiles(
+    ray_local, run_dir, one_tile_per_task, monkeypatch
+) -> None:
     """A driver killed mid-run leaves committed partials; the rerun computes only the other tiles, same outputs."""
     x = exact_unit_vectors(90, 8, seed=12, duplicates=9)
     ids = np.arange(90) * 2
@@ -643,6 +679,7 @@ def test_approx_mode_reports_measured_quality(ray_local, one_tile_per_task) -> N
     for t, g, w in zip((0.5, 0.9), got_counts, counts, strict=True):
         assert quality["threshold_count_rel_error"][f"{t:g}"] == pytest.approx((w.sum() - g.sum()) / w.sum())
     assert summary["exact"] is False and summary["mode"] == "approx" and quality["sample_size"] == n
+    assert quality["partition_device"] == "cpu" and quality["partition_device_note"] == ""
     assert summary["inexact_reasons"] == [stage.inexact_reasons("approx", "fp32")[0]]
     assert "partitions" in summary["inexact_reasons"][0]
     assert sum(summary["histogram"]["counts"]) == n * (n - 1) // 2
@@ -667,8 +704,15 @@ def test_report_says_why_similarity_is_inexact(run_dir, mode: str, precision: st
 
     reasons = stage.inexact_reasons(mode, precision)
     assert bool(reasons) == (mode != "exact" or precision != "fp32")
-    summary = {"n_images": 3, "n_pairs": 3, "exact": not reasons, "inexact_reasons": reasons, "mode": mode,
-               "precision": precision, "thresholds": {}}
+    summary = {
+        "n_images": 3,
+        "n_pairs": 3,
+        "exact": not reasons,
+        "inexact_reasons": reasons,
+        "mode": mode,
+        "precision": precision,
+        "thresholds": {},
+    }
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(run_dir), summary))
     for w in words:
         assert w in text
@@ -677,7 +721,9 @@ def test_report_says_why_similarity_is_inexact(run_dir, mode: str, precision: st
     # summaries written before the reasons existed: mode and precision decide the words
     old = {k: v for k, v in summary.items() if k != "inexact_reasons"}
     text = " ".join(str(p) for p in sections.redundancy(ReportPage(run_dir), old))
-    assert ("partitions" in text) == (mode == "approx") and (f"{precision} products" in text) == (precision != "fp32")
+    assert ("partitions" in text) == (mode == "approx") and (f"{precision} products" in text) == (
+        precision != "fp32"
+    )
 
 
 def test_exact_rows_and_sample_quality_against_oracle() -> None:
@@ -711,12 +757,16 @@ def test_row_histogram_bound_is_a_tight_lower_bound(bins: int) -> None:
     half, top = bins / 2, bins - 0.5
     for trial in range(30):
         row = rng.uniform(-1.0, 1.0, 60).astype(np.float32)
-        row[: trial % 7] = rng.choice(np.concatenate([edges32, np.float32([1.0000001, -1.0000001])]), trial % 7)
+        row[: trial % 7] = rng.choice(
+            np.concatenate([edges32, np.float32([1.0000001, -1.0000001])]), trial % 7
+        )
         for k in (1, 3, 10, 60):
             bins_buf = np.zeros(len(row), np.uint8 if bins <= 256 else np.int32)
             local, hist = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
             bound = kernel._bin_row_bound(row, half, top, bins_buf, local, hist, k)
-            np.testing.assert_array_equal(hist, np.histogram(np.clip(row.astype(np.float64), -1, 1), histogram_edges(bins))[0])
+            np.testing.assert_array_equal(
+                hist, np.histogram(np.clip(row.astype(np.float64), -1, 1), histogram_edges(bins))[0]
+            )
             assert not local.any()
             kth = np.sort(row)[-k]
             kth_bin = min(int(np.floor((float(kth) + 1.0) * half)), bins - 1)
@@ -736,7 +786,9 @@ def test_embedding_matrix_reads_chunks_and_slices_and_refuses_nulls() -> None:
     chunked = pa.chunked_array([column.slice(0, 2), column.slice(2, 4), column.slice(6, 1)])
     assert np.array_equal(embedding_matrix(chunked), x)
     assert embedding_matrix(pa.chunked_array([], type=column.type)).shape == (0, 3)
-    with_null = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3, mask=pa.array([False] * 6 + [True]))
+    with_null = pa.FixedSizeListArray.from_arrays(
+        pa.array(x.reshape(-1)), 3, mask=pa.array([False] * 6 + [True])
+    )
     with pytest.raises(ValueError, match="1 embeddings are missing"):
         embedding_matrix(pa.chunked_array([with_null]))
 
@@ -748,3 +800,16 @@ def test_workers_warm_up_only_for_the_exact_cpu_kernel(ray_local) -> None:
     refs = warm_workers(SimilarityConfig(device="cpu"))
     assert len(refs) == cluster_resources().cpus and ray_local.get(refs) == [None] * len(refs)
     assert warm_workers(SimilarityConfig(mode="approx")) == []
+
+
+def test_gpu_partitions_fall_back_to_the_cpu_and_say_why() -> None:
+    """Asked for a GPU, a FAISS without one (this machine's faiss-cpu) partitions on the CPU, identically, and says so."""
+    x = clustered(400, 16, 12, 0.35, seed=5)
+    cpu = approx.partition(x, 12, 3, seed=0, threads=1)
+    gpus, why = approx.faiss_gpus()
+    if gpus:
+        pytest.skip("FAISS sees a GPU here: the fallback is for machines without one")
+    asked = approx.partition(x, 12, 3, seed=0, threads=1, gpu=True)
+    assert (asked.device, asked.device_note) == ("cpu", why) and why
+    assert np.array_equal(asked.assignment, cpu.assignment) and asked.pairs == cpu.pairs
+    assert cpu.device == "cpu" and cpu.device_note == ""

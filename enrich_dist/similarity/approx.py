@@ -3,6 +3,9 @@
 Pairs in partitions that are not paired are never computed: top-k lists and threshold counts can
 miss them (counts are lower bounds), and the histogram estimates them from a uniform sample of
 pairs. Quality is measured, not assumed: a sample of images is compared with an exact brute force.
+On a GPU node with a GPU build of FAISS (the ``gpu`` extra), k-means and the assignment to
+centroids run on the GPU; otherwise, or when the FAISS build has no GPU support, on the CPU (the
+partitions record which, and why).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Partitions:
     bounds: np.ndarray
     assignment: np.ndarray
     pairs: list[tuple[int, int]]
+    device: str = "cpu"
+    device_note: str = ""
 
 
 def default_partitions(n: int) -> int:
@@ -35,23 +40,48 @@ def default_partitions(n: int) -> int:
     return max(1, round(math.sqrt(n)))
 
 
-def partition(x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int) -> Partitions:
-    """Spherical k-means of the rows, each row to its nearest centroid, each partition with its ``nprobe`` nearest."""
+def faiss_gpus() -> tuple[int, str]:
+    """GPUs this process's FAISS build can use, and why none when none (build without GPU support, no device)."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0, "this FAISS build has no GPU support (install the gpu extra: faiss-gpu)"
+    count = faiss.get_num_gpus()
+    return count, "" if count else "FAISS sees no GPU on this node"
+
+
+def partition(
+    x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int, gpu: bool = False
+) -> Partitions:
+    """Spherical k-means of the rows, each row to its nearest centroid, each partition with its ``nprobe`` nearest.
+
+    ``gpu`` asks for k-means and the assignment on this node's GPU; without a GPU FAISS build or
+    device they run on the CPU and the partitions say why.
+    """
     import faiss
 
     n, dim = x.shape
     n_partitions = max(1, min(n_partitions, n))
     nprobe = max(1, min(nprobe, n_partitions))
     faiss.omp_set_num_threads(threads)
-    kmeans = faiss.Kmeans(dim, n_partitions, niter=20, seed=seed, spherical=True, verbose=False)
-    kmeans.train(np.ascontiguousarray(x, np.float32))
+    device, note = "cpu", ""
+    if gpu:
+        count, note = faiss_gpus()
+        device = "cuda" if count else "cpu"
+    x = np.ascontiguousarray(x, np.float32)
+    kmeans = faiss.Kmeans(
+        dim, n_partitions, niter=20, seed=seed, spherical=True, verbose=False, gpu=device == "cuda"
+    )
+    kmeans.train(x)
     index = faiss.IndexFlatIP(dim)
+    if device == "cuda":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(kmeans.centroids)
     assignment = index.search(x, 1)[1][:, 0].astype(np.int64)
     neighbors = index.search(kmeans.centroids, nprobe)[1]
     perm = np.argsort(assignment, kind="stable")
     bounds = np.searchsorted(assignment[perm], np.arange(n_partitions + 1))
-    return Partitions(perm, bounds, assignment, partition_pairs(neighbors))
+    return Partitions(perm, bounds, assignment, partition_pairs(neighbors), device, note)
 
 
 def covered_pairs(parts: Partitions) -> np.ndarray:
@@ -79,7 +109,10 @@ def estimate_missing_histogram(
     if len(i) == 0:
         return np.zeros(bins, np.int64), 0
     sims = np.concatenate(
-        [np.einsum("ij,ij->i", x[i[c : c + PAIR_CHUNK]], x[j[c : c + PAIR_CHUNK]]) for c in range(0, len(i), PAIR_CHUNK)]
+        [
+            np.einsum("ij,ij->i", x[i[c : c + PAIR_CHUNK]], x[j[c : c + PAIR_CHUNK]])
+            for c in range(0, len(i), PAIR_CHUNK)
+        ]
     ).astype(np.float64)
     counts = np.histogram(np.clip(sims, -1.0, 1.0), edges)[0] * (missing_pairs / len(i))
     whole = np.floor(counts).astype(np.int64)

@@ -82,8 +82,16 @@ def _tile_group(
                 (
                     tile,
                     kernel.tile_stats(
-                        x[tile[0] : tile[1]], x[tile[2] : tile[3]], tile[0] == tile[2], spec.k, spec.thresholds,
-                        spec.edges, row_offset=tile[0], col_offset=tile[2], row_floor=rf, col_floor=cf,
+                        x[tile[0] : tile[1]],
+                        x[tile[2] : tile[3]],
+                        tile[0] == tile[2],
+                        spec.k,
+                        spec.thresholds,
+                        spec.edges,
+                        row_offset=tile[0],
+                        col_offset=tile[2],
+                        row_floor=rf,
+                        col_floor=cf,
                         edge_threshold=spec.edge_threshold,
                     ),
                 )
@@ -105,8 +113,16 @@ def _tile_group(
         (
             tile,
             tile_stats_torch(
-                block(tile[0], tile[1]), block(tile[2], tile[3]), tile[0] == tile[2], spec.k, spec.thresholds,
-                spec.edges, row_offset=tile[0], col_offset=tile[2], device=spec.device, precision=spec.precision,
+                block(tile[0], tile[1]),
+                block(tile[2], tile[3]),
+                tile[0] == tile[2],
+                spec.k,
+                spec.thresholds,
+                spec.edges,
+                row_offset=tile[0],
+                col_offset=tile[2],
+                device=spec.device,
+                precision=spec.precision,
                 edge_threshold=spec.edge_threshold,
             ),
         )
@@ -125,7 +141,9 @@ _tile_task = ray.remote(num_cpus=1)(_tile_group_on_node)
 def _warm_up() -> None:
     """Load the compiled kernel in this worker process (from numba's on-disk cache after the first run)."""
     x = np.eye(2, 4, dtype=np.float32)
-    kernel.tile_stats(x, x, True, 1, PAPER_THRESHOLDS, histogram_edges(2), edge_threshold=PAPER_THRESHOLDS[-1])
+    kernel.tile_stats(
+        x, x, True, 1, PAPER_THRESHOLDS, histogram_edges(2), edge_threshold=PAPER_THRESHOLDS[-1]
+    )
 
 
 _warm_task = ray.remote(num_cpus=1)(_warm_up)
@@ -145,8 +163,10 @@ def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
 
 
 @ray.remote
-def _partition_task(x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int) -> approx.Partitions:
-    return approx.partition(x, n_partitions, nprobe, seed, threads)
+def _partition_task(
+    x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int, gpu: bool
+) -> approx.Partitions:
+    return approx.partition(x, n_partitions, nprobe, seed, threads, gpu)
 
 
 @ray.remote(num_cpus=1)
@@ -160,7 +180,9 @@ def _device(cfg: SimilarityConfig, gpus: int) -> str:
     if cfg.device not in DEVICES:
         raise ValueError(f"similarity device must be one of {DEVICES}, got {cfg.device!r}")
     if cfg.device == "cuda" and gpus == 0:
-        raise ValueError("similarity device cuda asked for, but the Ray cluster has no GPU: use --similarity-device cpu")
+        raise ValueError(
+            "similarity device cuda asked for, but the Ray cluster has no GPU: use --similarity-device cpu"
+        )
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
     if device == "cpu" and cfg.precision != "fp32":
         raise ValueError(f"precision {cfg.precision!r} needs a GPU; the CPU kernel computes in fp32")
@@ -177,28 +199,58 @@ def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
 
 
 def _partitions(
-    x_ref: ray.ObjectRef, n: int, cfg: SimilarityConfig, workers: int, run: RunDir | None, fingerprint: str
+    x_ref: ray.ObjectRef,
+    n: int,
+    cfg: SimilarityConfig,
+    workers: int,
+    run: RunDir | None,
+    fingerprint: str,
+    device: str,
 ) -> approx.Partitions:
-    """The k-means partitions (one Ray task using every CPU); reused from the run dir on a rerun."""
+    """The k-means partitions (one Ray task using every CPU of a node, and its GPU on ``cuda``); reused on a rerun."""
     if run is not None and run.exists(PARTITIONS):
         saved = np.load(io.BytesIO(run.read_bytes(PARTITIONS)))
         if str(saved["fingerprint"]) == fingerprint:
             log.info("similarity: reusing partitions from %s", run.uri_of(PARTITIONS))
             pairs = [(int(p), int(q)) for p, q in saved["pairs"]]
-            return approx.Partitions(saved["perm"], saved["bounds"], saved["assignment"], pairs)
+            return approx.Partitions(
+                saved["perm"],
+                saved["bounds"],
+                saved["assignment"],
+                pairs,
+                *(
+                    str(saved[key]) if key in saved else default
+                    for key, default in (("device", "cpu"), ("note", ""))
+                ),
+            )
     size = cfg.n_partitions or approx.default_partitions(n)
-    threads = max(1, min(workers, max(int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"])))
+    threads = max(
+        1, min(workers, max(int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]))
+    )
     start = time.perf_counter()
-    parts = ray.get(_partition_task.options(num_cpus=threads).remote(x_ref, size, cfg.nprobe, cfg.seed, threads))
+    gpu = device == "cuda"
+    task = _partition_task.options(num_cpus=threads, num_gpus=1 if gpu else 0)
+    parts = ray.get(task.remote(x_ref, size, cfg.nprobe, cfg.seed, threads, gpu))
     log.info(
-        "similarity: %d k-means partitions, nprobe %d, %d partition pairs in %.1f s",
-        len(parts.bounds) - 1, cfg.nprobe, len(parts.pairs), time.perf_counter() - start,
+        "similarity: %d k-means partitions on %s, nprobe %d, %d partition pairs in %.1f s%s",
+        len(parts.bounds) - 1,
+        parts.device,
+        cfg.nprobe,
+        len(parts.pairs),
+        time.perf_counter() - start,
+        f" ({parts.device_note})" if parts.device_note else "",
     )
     if run is not None:
         buf = io.BytesIO()
         np.savez(
-            buf, perm=parts.perm, bounds=parts.bounds, assignment=parts.assignment,
-            pairs=np.array(parts.pairs, np.int64).reshape(-1, 2), fingerprint=np.array(fingerprint),
+            buf,
+            perm=parts.perm,
+            bounds=parts.bounds,
+            assignment=parts.assignment,
+            pairs=np.array(parts.pairs, np.int64).reshape(-1, 2),
+            fingerprint=np.array(fingerprint),
+            device=np.array(parts.device),
+            note=np.array(parts.device_note),
         )
         run.write_bytes(PARTITIONS, buf.getvalue())
     return parts
@@ -255,7 +307,10 @@ def _run_tiles(
             elapsed = time.perf_counter() - start
             log.info(
                 "similarity: %d/%d tiles (%.0f%%), %.2f tiles/s",
-                computed, len(todo), 100 * computed / max(len(todo), 1), computed / max(elapsed, 1e-9),
+                computed,
+                len(todo),
+                100 * computed / max(len(todo), 1),
+                computed / max(elapsed, 1e-9),
             )
     return computed, len(nodes)
 
@@ -321,7 +376,9 @@ def inexact_reasons(mode: str, precision: str) -> list[str]:
     """Why a summary is not exact (empty when it is): the approximate mode, half-precision products, or both."""
     reasons = []
     if mode == "approx":
-        reasons.append("approximate mode: only pairs within and across nearby k-means partitions were compared")
+        reasons.append(
+            "approximate mode: only pairs within and across nearby k-means partitions were compared"
+        )
     if precision != "fp32":
         reasons.append(f"{precision} products on the GPU: similarities carry half-precision rounding")
     return reasons
@@ -414,15 +471,23 @@ def compute_similarity_edges(
             n, dim, k, len(thresholds), parse_memory(cfg.max_memory), workers, kernel.chunk_rows(n)
         )
     settings = {
-        "k": k, "thresholds": thresholds, "bins": cfg.bins, "block": block, "mode": cfg.mode, "seed": cfg.seed,
-        "n_partitions": cfg.n_partitions, "nprobe": cfg.nprobe, "device": device, "precision": cfg.precision,
+        "k": k,
+        "thresholds": thresholds,
+        "bins": cfg.bins,
+        "block": block,
+        "mode": cfg.mode,
+        "seed": cfg.seed,
+        "n_partitions": cfg.n_partitions,
+        "nprobe": cfg.nprobe,
+        "device": device,
+        "precision": cfg.precision,
         "edge_threshold": edge_t,
     }
     fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
     x_ref = ray.put(x)
     tiles_ref, parts = x_ref, None
     if cfg.mode == "approx":
-        parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint)
+        parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint, device)
         tiles_ref = ray.put(np.ascontiguousarray(x[parts.perm]))
         tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
     else:
@@ -430,16 +495,32 @@ def compute_similarity_edges(
     if progress:
         log.info(
             "similarity: %d images, dim %d, %s mode on %s (%s), block %d (%s), %d tiles, top-%d",
-            n, dim, cfg.mode, device, cfg.precision, block,
-            "--block-size" if cfg.block_size else f"--max-memory {cfg.max_memory}", len(tiles), k,
+            n,
+            dim,
+            cfg.mode,
+            device,
+            cfg.precision,
+            block,
+            "--block-size" if cfg.block_size else f"--max-memory {cfg.max_memory}",
+            len(tiles),
+            k,
         )
     reduction = Reduction(
         n, k, len(thresholds), cfg.bins, None if parts is None else parts.perm, max_edges=cfg.max_edges
     )
-    done = np.zeros(len(tiles), bool) if run is None else load_checkpoint(run, reduction, len(tiles), fingerprint)
+    done = (
+        np.zeros(len(tiles), bool)
+        if run is None
+        else load_checkpoint(run, reduction, len(tiles), fingerprint)
+    )
     spec = _Kernel(
-        "numba" if device == "cpu" else "torch", device, cfg.precision, k, tuple(thresholds),
-        histogram_edges(cfg.bins), edge_t,
+        "numba" if device == "cpu" else "torch",
+        device,
+        cfg.precision,
+        k,
+        tuple(thresholds),
+        histogram_edges(cfg.bins),
+        edge_t,
     )
     checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
     computed, n_nodes = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
@@ -447,12 +528,16 @@ def compute_similarity_edges(
     n_pairs = n * (n - 1) // 2
     details: dict = {}
     if parts is not None:
-        missing, sampled = approx.estimate_missing_histogram(x, parts, edges, n_pairs - reduction.pairs, cfg.seed)
+        missing, sampled = approx.estimate_missing_histogram(
+            x, parts, edges, n_pairs - reduction.pairs, cfg.seed
+        )
         reduction.hist += missing
         quality = _approx_quality(x_ref, reduction, cfg, thresholds, n)
         details["approx"] = {
             **quality,
             "n_partitions": len(parts.bounds) - 1,
+            "partition_device": parts.device,
+            "partition_device_note": parts.device_note,
             "nprobe": cfg.nprobe,
             "pairs_computed": reduction.pairs,
             "pair_fraction_computed": reduction.pairs / n_pairs if n_pairs else 1.0,
@@ -467,13 +552,17 @@ def compute_similarity_edges(
         {"i": pa.array(ids[edge_a]), "j": pa.array(ids[edge_b]), "sim": pa.array(edge_s)},
         schema=EDGES_SCHEMA,
     )
-    summary["edges"] = None if edge_t is None else {
-        "threshold": edge_t,
-        "pairs": len(edge_a),
-        "max_edges": cfg.max_edges,
-        "complete": parts is None,
-        "path": EDGES_DIR,
-    }
+    summary["edges"] = (
+        None
+        if edge_t is None
+        else {
+            "threshold": edge_t,
+            "pairs": len(edge_a),
+            "max_edges": cfg.max_edges,
+            "complete": parts is None,
+            "path": EDGES_DIR,
+        }
+    )
     summary.update(
         mode=cfg.mode,
         device=device,
@@ -509,7 +598,9 @@ def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
         if chunk.null_count:
             raise ValueError(f"{chunk.null_count} embeddings are missing (null): rerun `enrich embed`")
         values = chunk.values.to_numpy(zero_copy_only=False)
-        x[row : row + len(chunk)] = values[chunk.offset * dim : (chunk.offset + len(chunk)) * dim].reshape(-1, dim)
+        x[row : row + len(chunk)] = values[chunk.offset * dim : (chunk.offset + len(chunk)) * dim].reshape(
+            -1, dim
+        )
         row += len(chunk)
     return x
 
@@ -565,10 +656,13 @@ def compute_stage(run: RunDir, ctx: Context) -> dict:
     if cfg.edge_threshold is not None and cfg.duplicate_thresholds:
         sorted_ids = table.column("image_id").to_numpy()
         summary["duplicates"] = write_duplicates(
-            run, sorted_ids,
+            run,
+            sorted_ids,
             np.searchsorted(sorted_ids, edge_table.column("i").to_numpy()),
             np.searchsorted(sorted_ids, edge_table.column("j").to_numpy()),
-            edge_table.column("sim").to_numpy(), cfg.duplicate_thresholds, cfg.keep,
+            edge_table.column("sim").to_numpy(),
+            cfg.duplicate_thresholds,
+            cfg.keep,
         )
     recall, why_not = sibling_recall_from_run(run, cfg.top_k)
     summary.update(sibling_recall=recall, sibling_recall_not_measured=why_not)
@@ -577,7 +671,10 @@ def compute_stage(run: RunDir, ctx: Context) -> dict:
     else:
         log.info(
             "similarity: sibling recall@1 %.3f, @%d %.3f over %d images with a clip sibling",
-            recall["at_1"], recall["k"], recall["at_k"], recall["n_eligible"],
+            recall["at_1"],
+            recall["k"],
+            recall["at_k"],
+            recall["n_eligible"],
         )
     run.write_json(SUMMARY, summary)
     return summary
