@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One run of every GPU-path check and benchmark, for a machine with an NVIDIA GPU and torch with CUDA.
-# Installs nothing; needs torch (CUDA), numba, numpy, pyarrow, pillow -- no Ray, FAISS or s3fs.
+# Installs nothing; needs torch (CUDA), numba, numpy, pyarrow, pillow -- no Ray or s3fs. The approximate
+# mode's check also needs a GPU build of FAISS (the gpu extra's faiss-gpu, built for CUDA 12); where the
+# machine has none, the log says "approx: NOT RUN" with the reason and the other checks still count.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# Writes $OUT/gpu_similarity.json, $OUT/gpu_embed.json, $OUT/gpu_check.log and $OUT/env.txt;
-# exits non-zero when any check fails (the others still run).
+# Writes $OUT/gpu_similarity.json, $OUT/gpu_embed.json, $OUT/gpu_approx.json (when run), $OUT/gpu_check.log
+# and $OUT/env.txt; exits non-zero when any check that ran fails (the others still run).
 set -u -o pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
@@ -29,6 +31,11 @@ run() {
 {
   run similarity "$PY" benchmarks/gpu_check_similarity.py --out "$OUT" ${GPU_SIMILARITY_ARGS:---budget-seconds 170}
   run embed "$PY" benchmarks/gpu_check_embed.py --out "$OUT" ${GPU_EMBED_ARGS:---long-epochs 150}
+  if why=$("$PY" -c "from enrich_dist.similarity.approx import faiss_gpus; n, why = faiss_gpus(); print(why); raise SystemExit(n == 0)" 2>&1); then
+    run approx "$PY" benchmarks/gpu_check_approx.py --out "$OUT" ${GPU_APPROX_ARGS:---budget-seconds 150}
+  else
+    echo "=== approx: NOT RUN: ${why##*$'\n'}"
+  fi
 } 2>&1 | tee "$OUT/gpu_check.log"
 # the pipeline's status is tee's; the functions above recorded failures in the log
 grep -q "FAILED" "$OUT/gpu_check.log" && status=1
