@@ -31,6 +31,7 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from enrich_dist.pairgraph import float32_below  # noqa: E402
 from enrich_dist.similarity import approx, kernel, torch_kernel  # noqa: E402
 from enrich_dist.similarity.plan import histogram_edges, partition_tile_plan, schedule  # noqa: E402
 from enrich_dist.similarity.reduce import Reduction  # noqa: E402
@@ -63,7 +64,7 @@ def brute_force_rows(x_dev: torch.Tensor, rows: np.ndarray, device: str) -> tupl
     vals = np.full((len(rows), K), -np.inf, np.float32)
     idx = np.full((len(rows), K), -1, np.int64)
     counts = np.zeros((len(THRESHOLDS), len(rows)), np.int64)
-    limits = [float(kernel.float32_below(t)) for t in THRESHOLDS]
+    limits = [float(float32_below(t)) for t in THRESHOLDS]
     local = torch.arange(len(rows), device=device)
     rows_dev = torch.as_tensor(rows, device=device)
     for c0 in range(0, len(x_dev), BLOCK):

@@ -30,10 +30,10 @@ import psutil
 import ray
 from threadpoolctl import threadpool_limits
 
-from enrich_dist.config import SimilarityConfig
+from enrich_dist.config import SimilarityConfig, parse_memory
 from enrich_dist.runtime import ray_session
 from enrich_dist.similarity import compute_similarity, kernel, tile_plan
-from enrich_dist.similarity.plan import Tile, choose_block, group_tiles, parse_memory, schedule
+from enrich_dist.similarity.plan import Tile, choose_block, group_tiles, schedule
 from enrich_dist.similarity.stage import MIN_TASK_PAIRS, PAPER_THRESHOLDS
 
 log = logging.getLogger("benchmarks.similarity")

@@ -28,10 +28,11 @@ import pyarrow as pa
 
 from benchmarks.similarity import bare_gemm_seconds, source_version, unit_vectors
 from enrich_dist import executor, stages
+from enrich_dist.config import parse_memory
 from enrich_dist.runtime import ray_session
 from enrich_dist.schema import EMBEDDINGS_DIR, RUN_JSON, embeddings_schema
 from enrich_dist.similarity import kernel
-from enrich_dist.similarity.plan import choose_block, parse_memory
+from enrich_dist.similarity.plan import choose_block
 from enrich_dist.similarity.stage import PAPER_THRESHOLDS
 from enrich_dist.storage import RunDir, shard_name
 

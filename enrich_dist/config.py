@@ -586,44 +586,77 @@ def validate(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
     Raises one ``ConfigError`` listing every problem, each named ``section.key`` (and its command-line
     flag from ``flags`` when given), so a wrong config fails in a second, before Ray starts.
     """
-    problems: list[str] = []
-    for section, cls in SECTION_TYPES.items():
-        obj = getattr(cfg, section)
-        for name, hint in _hints(cls).items():
-            key, value = f"{section}.{name}", getattr(obj, name)
-            why = _type_error(value, hint)
-            if why is None and key in _SIZES and value is not None:
-                why = _size_error(value)
-            if why is None and (section, name) in CHOICES and value not in CHOICES[section, name]:
-                choices = ", ".join(map(str, CHOICES[section, name]))
-                why = f"must be one of {choices}, got {value!r}{_closest(value, CHOICES[section, name])}"
-            rule = _RANGE_OF.get(key)
-            if why is None and rule and value is not None:
-                values = value if isinstance(value, (tuple, list)) else (value,)
-                bad = [v for v in values if not _IN_RANGE[rule](v)]
-                if bad:
-                    why = f"must be in {rule}" if rule[0] in "[(" else f"must be {rule}"
-                    why += f", got {bad[0] if len(values) == 1 else list(values)!r}"
-            if why is None and key == "similarity.max_memory":
-                why = _memory_error(value)
-            if why:
-                flag = (flags or {}).get(key)
-                problems.append(f"{key}{f' ({flag})' if flag else ''} {why}")
-    sim = cfg.similarity
-    if not problems and sim.edge_threshold is not None:
-        low = [t for t in sim.duplicate_thresholds if t < sim.edge_threshold]
-        if low:
-            problems.append(
-                f"similarity.duplicate_thresholds {low} lie below similarity.edge_threshold {sim.edge_threshold}: "
-                "the edge list holds only pairs above it; lower --edge-threshold or raise --duplicate-thresholds"
-            )
-    ev = cfg.evaluate
-    if not problems and ev.task == "segmentation" and ev.model not in ("auto", "unet"):
-        problems.append(f"evaluate.model {ev.model!r} cannot learn masks: segmentation uses unet (or auto)")
-    if not problems and ev.task == "classification" and ev.model == "unet":
-        problems.append("evaluate.model 'unet' segments: classification uses auto, linear, cnn or resnet")
+    problems = [
+        p for section in SECTION_TYPES for p in section_problems(section, getattr(cfg, section), flags)
+    ]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_section(section: str, settings: Any) -> None:
+    """:func:`validate` for one section, as stages check the settings they are called with directly.
+
+    The message names each key with the option that sets it (from the field's declaration).
+    """
+    flags = {
+        f"{section}.{f.name}": f.metadata["flag"]
+        for f in dataclasses.fields(settings)
+        if "flag" in f.metadata
+    }
+    problems = section_problems(section, settings, flags)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def section_problems(section: str, settings: Any, flags: dict[str, str] | None = None) -> list[str]:
+    """Every problem of one section's settings: types, choices, ranges, then the settings that depend on each other."""
+    problems: list[str] = []
+    for name, hint in _hints(type(settings)).items():
+        key, value = f"{section}.{name}", getattr(settings, name)
+        why = _type_error(value, hint)
+        if why is None and key in _SIZES and value is not None:
+            why = _size_error(value)
+        if why is None and (section, name) in CHOICES and value not in CHOICES[section, name]:
+            choices = ", ".join(map(str, CHOICES[section, name]))
+            why = f"must be one of {choices}, got {value!r}{_closest(value, CHOICES[section, name])}"
+        rule = _RANGE_OF.get(key)
+        if why is None and rule and value is not None:
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            bad = [v for v in values if not _IN_RANGE[rule](v)]
+            if bad:
+                why = f"must be in {rule}" if rule[0] in "[(" else f"must be {rule}"
+                why += f", got {bad[0] if len(values) == 1 else list(values)!r}"
+        if why is None and key == "similarity.max_memory":
+            why = _memory_error(value)
+        if why:
+            flag = (flags or {}).get(key)
+            problems.append(f"{key}{f' ({flag})' if flag else ''} {why}")
+    if not problems and section in _DEPENDENT:
+        problems += _DEPENDENT[section](settings)
+    return problems
+
+
+def _similarity_dependent(sim: SimilarityConfig) -> list[str]:
+    low = (
+        [] if sim.edge_threshold is None else [t for t in sim.duplicate_thresholds if t < sim.edge_threshold]
+    )
+    if not low:
+        return []
+    return [
+        f"similarity.duplicate_thresholds {low} lie below similarity.edge_threshold {sim.edge_threshold}: "
+        "the edge list holds only pairs above it; lower --edge-threshold or raise --duplicate-thresholds"
+    ]
+
+
+def _evaluate_dependent(ev: EvaluateConfig) -> list[str]:
+    if ev.task == "segmentation" and ev.model not in ("auto", "unet"):
+        return [f"evaluate.model {ev.model!r} cannot learn masks: segmentation uses unet (or auto)"]
+    if ev.task == "classification" and ev.model == "unet":
+        return ["evaluate.model 'unet' segments: classification uses auto, linear, cnn or resnet"]
+    return []
+
+
+_DEPENDENT = {"similarity": _similarity_dependent, "evaluate": _evaluate_dependent}
 
 
 def _size_error(value: Any) -> str | None:

@@ -83,6 +83,15 @@ def done_record(run: RunDir, folder: str) -> dict:
     return run.read_json(marker) if run.exists(marker) else {}
 
 
+def recorded(run: RunDir, stage: Stage, key: str, default: Any) -> Any:
+    """A setting that ``stage`` recorded when it finished (e.g. the manifest's NIfTI axis), else ``default``.
+
+    Later stages that must read inputs exactly as an earlier stage did ask here, so only the
+    executor reads done records.
+    """
+    return done_record(run, stage.folder).get(key, default) if stage.folder else default
+
+
 def is_marker(rel: str) -> bool:
     """Whether a run-dir path is a done marker (copying a stage's files, the marker is the executor's)."""
     return posixpath.basename(rel) == DONE_NAME

@@ -68,17 +68,16 @@ def test_version(capsys):
 
 def test_choices_match_the_modules_that_use_them():
     """The validator's choice lists are the ones the stages accept (no drift between the two)."""
-    from enrich_dist import embed
+    from enrich_dist import embed, pairgraph
     from enrich_dist.config import CHOICES
     from enrich_dist.evaluation import stage as evaluation_stage
     from enrich_dist.selection import covering, greedy, shard
-    from enrich_dist.similarity import duplicates
     from enrich_dist.similarity import stage as similarity_stage
 
     assert CHOICES["embed", "embedder"] == embed.EMBEDDERS
     assert CHOICES["similarity", "mode"] == similarity_stage.MODES
     assert CHOICES["similarity", "device"] == similarity_stage.DEVICES
-    assert CHOICES["similarity", "keep"] == duplicates.KEEP_POLICIES
+    assert CHOICES["similarity", "keep"] == pairgraph.KEEP_POLICIES
     assert CHOICES["select", "mode"] == (*greedy.MODES, *covering.COVER_MODES)
     assert CHOICES["select", "aggregate"] == shard.AGGREGATES
     assert set(CHOICES["evaluate", "task"]) == set(evaluation_stage.TASKS)

@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from enrich_dist import pairgraph
+from enrich_dist.schema import threshold_folder
 from enrich_dist.similarity import duplicates
 
 
@@ -47,7 +49,7 @@ def naive_components(n: int, a, b) -> list[set[int]]:
 @pytest.mark.parametrize("name", CASES)
 def test_groups_are_the_connected_components(name: str) -> None:
     n, a, b, _ = CASES[name]
-    group, size = duplicates.groups(n, a, b)
+    group, size = pairgraph.groups(n, a, b)
     comps = naive_components(n, a, b)
     assert len(np.unique(group)) == len(comps)
     for comp in comps:
@@ -58,11 +60,11 @@ def test_groups_are_the_connected_components(name: str) -> None:
     assert firsts == sorted(firsts), "group ids ascend with each group's lowest image"
 
 
-@pytest.mark.parametrize("policy", duplicates.KEEP_POLICIES)
+@pytest.mark.parametrize("policy", pairgraph.KEEP_POLICIES)
 @pytest.mark.parametrize("name", CASES)
 def test_removal_keeps_an_independent_set_that_dominates(name: str, policy: str) -> None:
     n, a, b, s = CASES[name]
-    kept_of, sim = duplicates.removal(n, a, b, s, policy)
+    kept_of, sim = pairgraph.removal(n, a, b, s, policy)
     kept = kept_of == -1
     adjacent = {(int(i), int(j)): float(v) for i, j, v in zip(a, b, s, strict=True)}
     adjacent |= {(j, i): v for (i, j), v in adjacent.items()}
@@ -83,7 +85,7 @@ def test_removal_in_a_given_order_is_the_greedy_independent_set(name: str) -> No
     near-duplicate: the brute-force greedy walk over the order."""
     n, a, b, s = CASES[name]
     order = np.random.default_rng(n).permutation(n)
-    kept_of, _ = duplicates.removal(n, a, b, s, "ranking", order=order)
+    kept_of, _ = pairgraph.removal(n, a, b, s, "ranking", order=order)
     adjacent = {(int(i), int(j)) for i, j in zip(a, b, strict=True)}
     adjacent |= {(j, i) for i, j in adjacent}
     kept: list[int] = []
@@ -96,14 +98,14 @@ def test_removal_in_a_given_order_is_the_greedy_independent_set(name: str) -> No
         assert any((i, k) in adjacent and position[k] < position[i] for k in kept)
     if n > 1:
         with pytest.raises(ValueError, match="permutation"):
-            duplicates.removal(n, a, b, s, "ranking", order=np.zeros(n, np.int64))
+            pairgraph.removal(n, a, b, s, "ranking", order=np.zeros(n, np.int64))
 
 
 def test_removal_does_not_drop_a_chain_wholesale() -> None:
     """A chain is one component, but only every other image goes: groups are not a removal rule."""
     n, a, b, s = CASES["chain"]
-    group, _ = duplicates.groups(n, a, b)
-    kept_of, _ = duplicates.removal(n, a, b, s, "lowest_id")
+    group, _ = pairgraph.groups(n, a, b)
+    kept_of, _ = pairgraph.removal(n, a, b, s, "lowest_id")
     assert len(np.unique(group)) == 1
     assert np.flatnonzero(kept_of == -1).tolist() == [0, 2, 4, 6, 8]
 
@@ -112,10 +114,10 @@ def test_central_policy_keeps_the_hub() -> None:
     a = np.array([0, 1, 2, 3], np.int64)
     b = np.array([4, 4, 4, 4], np.int64)
     s = np.full(4, 0.95, np.float32)
-    assert np.flatnonzero(duplicates.removal(5, a, b, s, "central")[0] == -1).tolist() == [4]
-    assert np.flatnonzero(duplicates.removal(5, a, b, s, "lowest_id")[0] == -1).tolist() == [0, 1, 2, 3]
+    assert np.flatnonzero(pairgraph.removal(5, a, b, s, "central")[0] == -1).tolist() == [4]
+    assert np.flatnonzero(pairgraph.removal(5, a, b, s, "lowest_id")[0] == -1).tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="keep policy"):
-        duplicates.keep_order(5, a, b, "random")
+        pairgraph.keep_order(5, a, b, "random")
 
 
 def test_leakage_equals_brute_force() -> None:
@@ -136,6 +138,6 @@ def test_leakage_equals_brute_force() -> None:
 
 
 def test_threshold_folder() -> None:
-    assert duplicates.threshold_folder(0.9) == "duplicates/t=0.90"
-    assert duplicates.threshold_folder(0.95) == "duplicates/t=0.95"
-    assert duplicates.threshold_folder(0.925) == "duplicates/t=0.925"
+    assert threshold_folder(0.9) == "duplicates/t=0.90"
+    assert threshold_folder(0.95) == "duplicates/t=0.95"
+    assert threshold_folder(0.925) == "duplicates/t=0.925"

@@ -113,7 +113,7 @@ def test_stage_edge_threshold_off_and_extra(ray_local) -> None:
     assert summary["edges"] is None and edges.num_rows == 0
     _, summary, edges = compute_similarity_edges(x, ids, SimilarityConfig(edge_threshold=0.8), progress=False)
     assert set(edge_set(edges)) == oracle_edges(x, 0.8) and "0.8" not in summary["thresholds"]
-    with pytest.raises(ValueError, match="edge_threshold must lie"):
+    with pytest.raises(ValueError, match=r"similarity.edge_threshold \(--edge-threshold\) must be in \[-1,1\)"):
         compute_similarity_edges(x, ids, SimilarityConfig(edge_threshold=1.5), progress=False)
 
 

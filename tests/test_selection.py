@@ -291,14 +291,14 @@ def test_run_select_tiny_archives(ray_local, run_dir, n: int) -> None:
     ("change", "message"),
     [
         ({"budgets": (0.5, 0)}, r"budget 0: a count must be in \[1, 20\]"),
-        ({"budgets": (1.5,)}, r"budget 1.5: a fractional size must be in \(0, 1\]"),
+        ({"budgets": (1.5,)}, r"select.budgets \(--budgets\) is not a size: a fractional size must be in \(0, 1\]"),
         ({"budgets": (21,)}, r"budget 21: a count must be in \[1, 20\]"),
         ({"seed_size": 20}, "seed_size 20 gives 20 seeds"),
         ({"seed_size": 0}, "seed_size 0"),
         ({"batch_size": 0}, "batch_size 0"),
-        ({"mode": "greedy"}, "mode must be one of"),
-        ({"aggregate": "min"}, "aggregate must be one of"),
-        ({"replicates": 0}, "replicates must be >= 1"),
+        ({"mode": "greedy"}, r"select.mode \(--mode\) must be one of batch, exact, coverage, herding, got 'greedy'"),
+        ({"aggregate": "min"}, r"select.aggregate \(--aggregate\) must be one of max, mean, got 'min'"),
+        ({"replicates": 0}, r"select.replicates \(--replicates\) must be >0, got 0"),
     ],
 )
 def test_run_select_rejects_bad_config(ray_local, run_dir, change: dict, message: str) -> None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from test_siblings import write_manifest  # tests/ is on sys.path (rootdir conftest)
 
-from enrich_dist.config import SimilarityConfig
+from enrich_dist.config import SimilarityConfig, parse_memory
 from enrich_dist.schema import EMBEDDINGS_DIR, NEIGHBORS_DIR, embeddings_schema, threshold_column
 from enrich_dist.similarity import (
     approx,
@@ -492,12 +492,12 @@ def test_compute_similarity_rejects_zero_and_non_finite_rows() -> None:
 
 
 def test_parse_memory_and_block_choice() -> None:
-    assert plan.parse_memory("4G") == 4 << 30 and plan.parse_memory("512M") == 512 << 20
-    assert plan.parse_memory("1.5g") == 3 << 29 and plan.parse_memory("300000") == 300000
-    assert plan.parse_memory("64MiB") == 64 << 20 and plan.parse_memory(1000) == 1000
+    assert parse_memory("4G") == 4 << 30 and parse_memory("512M") == 512 << 20
+    assert parse_memory("1.5g") == 3 << 29 and parse_memory("300000") == 300000
+    assert parse_memory("64MiB") == 64 << 20 and parse_memory(1000) == 1000
     for bad in ("", "4X", "-1G", "0"):
         with pytest.raises(ValueError):
-            plan.parse_memory(bad)
+            parse_memory(bad)
     n, dim, k = 45460, 128, 10
     block = plan.choose_block(n, dim, k, 3, 2 << 30, 2, 256)
     nb = -(-n // block)

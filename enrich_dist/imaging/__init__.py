@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .. import schema
+from .. import stages
+from ..executor import recorded
 from ..storage import RunDir, read_uri
 from . import formats
 from .formats import MAX_PIXELS, ImageError  # defined with the formats, which decode below imaging
@@ -38,9 +39,7 @@ FrameSource = Callable[[int | None], np.ndarray]
 
 def manifest_nifti_axis(run: RunDir) -> int:
     """The axis along which the run's manifest sliced NIfTI volumes (pass it to decode with the frames)."""
-    from ..executor import done_record  # the manifest stage's record (imported here: executor loads config)
-
-    return int(done_record(run, schema.MANIFEST_DIR).get("nifti_axis", DEFAULT_NIFTI_AXIS))
+    return int(recorded(run, stages.MANIFEST, "nifti_axis", DEFAULT_NIFTI_AXIS))
 
 
 def _ext(name: str) -> str:

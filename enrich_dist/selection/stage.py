@@ -29,7 +29,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from .. import stages
-from ..config import RunConfig, SelectConfig, parse_size, resolve_size
+from ..config import RunConfig, SelectConfig, check_section, parse_size, resolve_size
 from ..executor import Context, execute
 from ..invariants import count_duplicates, ids_of
 from ..pairgraph import float32_below, removal
@@ -54,7 +54,7 @@ from ..storage import RunDir
 from .actors import start_actors
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
 from .covering import COVER_MODES, finish, guard_groups, rank_covering
-from .greedy import MODES, Ranking, Settings, choose_seeds, rank
+from .greedy import Ranking, Settings, choose_seeds, rank
 from .inputs import (
     Part,
     codes,
@@ -69,7 +69,7 @@ from .inputs import (
 )
 from .repeats import redundancy_concentration, repeat_measure
 from .rules import Rules
-from .shard import AGGREGATES, Shard
+from .shard import Shard
 
 log = logging.getLogger("enrich_dist.selection")
 
@@ -106,7 +106,7 @@ def run_select(run: RunDir, cfg: SelectConfig) -> dict:
 def compute_selection(run: RunDir, ctx: Context) -> dict:
     """The stage's work (the executor skips, commits and checks): rankings, random baselines, subsets, stats."""
     cfg = ctx.config.select
-    _validate(cfg)
+    check_section("select", cfg)
     started = time.perf_counter()
     parts, ids, dim = embedding_ids(run, cfg.scope)
     n = len(ids)
@@ -182,28 +182,6 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     run.remove(CHECKPOINT_DIR)
     log.info("selection written to %s in %.1f s", run.uri_of(SELECTION_DIR), stats["seconds"])
     return stats
-
-
-def _validate(cfg: SelectConfig) -> None:
-    """Errors naming the bad select setting."""
-    if cfg.mode not in (*MODES, *COVER_MODES):
-        raise ValueError(f"select mode must be one of {(*MODES, *COVER_MODES)}, got {cfg.mode!r}")
-    if cfg.delta is not None and not -1.0 <= cfg.delta < 1.0:
-        raise ValueError(f"select delta is a cosine similarity in [-1, 1), got {cfg.delta}")
-    if cfg.duplicate_threshold is not None and not -1.0 <= cfg.duplicate_threshold < 1.0:
-        raise ValueError(f"select duplicate_threshold is a cosine similarity in [-1, 1), got {cfg.duplicate_threshold}")
-    if cfg.max_edges < 1:
-        raise ValueError(f"select max_edges must be >= 1, got {cfg.max_edges}")
-    if cfg.aggregate not in AGGREGATES:
-        raise ValueError(f"select aggregate must be one of {AGGREGATES}, got {cfg.aggregate!r}")
-    if cfg.replicates < 1:
-        raise ValueError(f"select replicates must be >= 1, got {cfg.replicates}")
-    for name in ("max_per_clip", "max_per_patient"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"select {name} must be >= 1 (or unset for no cap), got {value}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ValueError(f"select workers must be >= 0, got {cfg.workers}")
 
 
 def _workers(cfg: SelectConfig, n: int, dim: int) -> int:

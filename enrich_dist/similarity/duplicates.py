@@ -26,15 +26,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from ..pairgraph import KEEP_POLICIES, float32_below, groups, keep_order, removal  # noqa: F401 - re-exported for callers
-from ..schema import (  # noqa: F401 - threshold_folder re-exported
+from ..pairgraph import float32_below, groups, removal
+from ..schema import (
     DUPLICATES_DIR,
-    EDGES_DIR,
     LEAKAGE_PATH,
     MANIFEST_DIR,
     REMOVE_SCHEMA,
-    SIMILARITY_DIR,
-    SIMILARITY_SUMMARY,
     threshold_folder,
 )
 

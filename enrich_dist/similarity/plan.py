@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 
-from ..config import parse_memory  # noqa: F401 - the stage and benchmarks read it from here too
-
 Tile = tuple[int, int, int, int]
 
 MIN_BLOCK = 256

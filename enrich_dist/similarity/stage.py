@@ -18,11 +18,12 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from .. import stages
-from ..config import RunConfig, SimilarityConfig
+from ..config import RunConfig, SimilarityConfig, check_section, parse_memory
 from ..executor import Context, execute
 from ..invariants import count_duplicates, float_values, ids_of
 from ..runtime import cluster_resources
 from ..schema import (
+    DUPLICATES_DIR,
     EDGES_DIR,
     EMBEDDINGS_DIR,
     NEIGHBORS_DIR,
@@ -31,13 +32,12 @@ from ..schema import (
 )
 from ..storage import RunDir, shard_name
 from . import approx, kernel
-from .duplicates import DUPLICATES_DIR, KEEP_POLICIES, write_duplicates
+from .duplicates import write_duplicates
 from .plan import (
     Tile,
     choose_block,
     group_tiles,
     histogram_edges,
-    parse_memory,
     partition_tile_plan,
     schedule,
     tile_plan,
@@ -443,15 +443,8 @@ def compute_similarity_edges(
     x = np.asarray(x, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
     _check_embeddings(x, ids)
-    if any(not -1.0 <= t < 1.0 for t in cfg.thresholds):
-        raise ValueError(f"thresholds must lie in [-1, 1), got {cfg.thresholds}")
-    if cfg.mode not in MODES:
-        raise ValueError(f"similarity mode must be one of {MODES}, got {cfg.mode!r}")
+    check_section("similarity", cfg)
     edge_t = None if cfg.edge_threshold is None else float(cfg.edge_threshold)
-    if edge_t is not None and not -1.0 <= edge_t < 1.0:
-        raise ValueError(f"edge_threshold must lie in [-1, 1) or be none, got {cfg.edge_threshold}")
-    if cfg.max_edges < 0:
-        raise ValueError(f"max_edges must be >= 0, got {cfg.max_edges}")
     if np.any(ids[1:] < ids[:-1]):
         order = np.argsort(ids, kind="stable")
         ids, x = ids[order], x[order]
@@ -614,20 +607,6 @@ def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) ->
         run.write_table(posixpath.join(folder, shard_name(i)), table.slice(i * rows, rows))
 
 
-def _check_duplicate_settings(cfg: SimilarityConfig) -> None:
-    """Duplicate thresholds need the edge list below them, and a known keep policy."""
-    if cfg.keep not in KEEP_POLICIES:
-        raise ValueError(f"--keep must be one of {KEEP_POLICIES}, got {cfg.keep!r}")
-    if cfg.edge_threshold is None or not cfg.duplicate_thresholds:
-        return
-    low = [t for t in cfg.duplicate_thresholds if not float(cfg.edge_threshold) <= float(t) < 1.0]
-    if low:
-        raise ValueError(
-            f"duplicate thresholds {low} must lie in [edge threshold {cfg.edge_threshold}, 1): the edge list holds "
-            "only pairs above the edge threshold; lower --edge-threshold or raise --duplicate-thresholds"
-        )
-
-
 def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
     """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall)."""
     return execute(stages.SIMILARITY, run, Context(RunConfig(similarity=cfg), run.storage_options)).stats
@@ -641,7 +620,7 @@ def remove_partials(run: RunDir) -> None:
 def compute_stage(run: RunDir, ctx: Context) -> dict:
     """The stage's work (the executor skips, commits and checks): neighbor shards, edges, duplicates, summary."""
     cfg = ctx.config.similarity
-    _check_duplicate_settings(cfg)
+    check_section("similarity", cfg)
     warming = warm_workers(cfg)
     x, ids = _read_embeddings(run)
     try:
