@@ -71,6 +71,7 @@ def test_choices_match_the_modules_that_use_them():
     from enrich_dist import embed, pairgraph
     from enrich_dist.config import CHOICES
     from enrich_dist.evaluation import stage as evaluation_stage
+    from enrich_dist.report import stage as report_stage
     from enrich_dist.selection import covering, greedy, shard
     from enrich_dist.similarity import stage as similarity_stage
 
@@ -81,6 +82,7 @@ def test_choices_match_the_modules_that_use_them():
     assert CHOICES["select", "mode"] == (*greedy.MODES, *covering.COVER_MODES)
     assert CHOICES["select", "aggregate"] == shard.AGGREGATES
     assert set(CHOICES["evaluate", "task"]) == set(evaluation_stage.TASKS)
+    assert CHOICES["report", "images"] == report_stage.REPORT_IMAGES
 
 
 @pytest.mark.parametrize(

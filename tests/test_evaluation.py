@@ -431,7 +431,7 @@ def test_stage_errors_name_the_fix(ray_local, tmp_path: Path) -> None:
     run = _tiny_run(tmp_path / "b", replicates=1)
     with pytest.raises(ValueError, match="enrich select --replicates 3"):
         run_evaluate(run, _fast(replicates=3))
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(ValueError, match=r"evaluate.task \(--task\) must be one of classification, segmentation"):
         run_evaluate(run, _fast(task="detection"))
     with pytest.raises(FileNotFoundError, match="enrich manifest"):
         run_evaluate(RunDir(str(tmp_path / "c")), _fast())

@@ -363,7 +363,7 @@ def test_report_without_images_or_paths(full_run: tuple[RunDir, list[str]]) -> N
         assert uri not in page and html.escape(uri) not in page
     assert run.uri not in page and "s3://" not in page and str(Path(run.uri).parent) not in page
     assert "--report-images none" in page
-    with pytest.raises(ValueError, match="--report-images must be one of"):
+    with pytest.raises(ValueError, match=r"report.images \(--report-images\) must be one of thumbnails, none"):
         run_report(run, images="blurred")
 
 

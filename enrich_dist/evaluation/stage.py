@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import stages
-from ..config import EvaluateConfig, RunConfig
+from ..config import EvaluateConfig, RunConfig, check_section
 from ..executor import Context, execute
 from ..runtime import cluster_resources
 from ..schema import EVALUATION_DIR, EVALUATION_RESULTS, EVALUATION_STATS, MANIFEST_DIR, RESULT, SELECTION_DIR
@@ -42,8 +42,7 @@ def compute_evaluation(run: RunDir, ctx: Context) -> dict:
     """The stage's work (the executor commits and checks; committed models are reused, never retrained)."""
     cfg = ctx.config.evaluate
     started = time.perf_counter()
-    if cfg.task not in TASKS:
-        raise ValueError(f"evaluate task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    check_section("evaluate", cfg)
     run.require(MANIFEST_DIR, "manifest")
     run.require(SELECTION_DIR, "select")
     gpus = cluster_resources().gpus

@@ -7,7 +7,7 @@ import posixpath
 import time
 
 from .. import stages
-from ..config import ReportConfig, RunConfig
+from ..config import ReportConfig, RunConfig, check_section
 from ..executor import Context, execute
 from ..schema import REPORT_INDEX, RUN_JSON
 from ..storage import RunDir
@@ -48,9 +48,8 @@ def run_report(run: RunDir, images: str = "thumbnails") -> dict:
 
 def compute_report(run: RunDir, ctx: Context) -> dict:
     """The stage's work (always rewritten; the executor checks the page is whole)."""
+    check_section("report", ctx.config.report)
     images = ctx.config.report.images
-    if images not in REPORT_IMAGES:
-        raise ValueError(f"--report-images must be one of {', '.join(REPORT_IMAGES)}, got {images!r}")
     start = time.perf_counter()
     out = ReportPage(run, images=images)
     run_info = read_json(run, RUN_JSON)
