@@ -215,7 +215,9 @@ class SimilarityConfig:
     compares each k-means partition only with its ``nprobe`` nearest (``n_partitions`` None: about
     sqrt(N)) and measures recall on ``sample_size`` images. ``device`` auto uses GPUs when Ray has
     them; ``precision`` fp16/bf16 (GPU only) is approximate. A checkpoint is committed every
-    ``checkpoint_seconds``. Every pair above ``edge_threshold`` (None: none) is kept in
+    ``checkpoint_seconds``. ``kernel`` picks the tile kernel (auto: the fused Triton kernel on GPUs
+    when triton is installed, torch otherwise; numba on CPUs). Every pair above ``edge_threshold``
+    (None: none) is kept in
     ``similarity/edges/``, at most ``max_edges`` pairs (more fails with a message naming both settings).
     From it, ``duplicates/`` gets near-duplicate groups and a removal list per ``duplicate_thresholds``
     (each >= ``edge_threshold``; removal keeps images in ``keep`` order: "lowest_id" or "central").
@@ -243,6 +245,11 @@ class SimilarityConfig:
     )
     sample_size: int = 1000
     device: str = option("auto", "--similarity-device", "tile kernel device")
+    kernel: str = option(
+        "auto", "--similarity-kernel",
+        "tile kernel: auto (GPU: fused Triton kernel when triton is installed, else torch; CPU: compiled numba), "
+        "torch, or triton (on the CPU only as Triton's interpreter: slow, for checking)",
+    )
     precision: str = option("fp32", "--precision", "GPU product precision (fp32: exact)")
     checkpoint_seconds: float = 60.0
     seed: int = 0
@@ -501,6 +508,7 @@ CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("embed", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("similarity", "mode"): ("exact", "approx"),
     ("similarity", "device"): ("auto", "cpu", "cuda"),
+    ("similarity", "kernel"): ("auto", "torch", "triton"),
     ("similarity", "precision"): ("fp32", "fp16", "bf16"),
     ("similarity", "keep"): ("lowest_id", "central"),
     ("select", "mode"): ("batch", "exact", "coverage", "herding"),

@@ -26,7 +26,7 @@ EMBED = Stage(
 SIMILARITY = Stage(
     "similarity", schema.SIMILARITY_DIR, "similarity", compute=_M + "similarity.stage:compute_stage",
     check=_M + "similarity.stage:check_similarity", cleanup=_M + "similarity.stage:remove_partials",
-    operational=frozenset({"block_size", "max_memory", "device", "checkpoint_seconds"}), needs=("embed",),
+    operational=frozenset({"block_size", "max_memory", "device", "kernel", "checkpoint_seconds"}), needs=("embed",),
 )
 SELECT = Stage(
     "select", schema.SELECTION_DIR, "select", compute=_M + "selection.stage:compute_selection",

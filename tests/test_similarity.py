@@ -813,3 +813,26 @@ def test_gpu_partitions_fall_back_to_the_cpu_and_say_why() -> None:
     assert (asked.device, asked.device_note) == ("cpu", why) and why
     assert np.array_equal(asked.assignment, cpu.assignment) and asked.pairs == cpu.pairs
     assert cpu.device == "cpu" and cpu.device_note == ""
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_stage_with_the_gpu_kernels_on_cpu_equals_the_oracle(ray_local, kernel: str) -> None:
+    """The stage runs the torch and the fused Triton kernel (Triton's interpreter on CPU workers) exactly."""
+    x = exact_unit_vectors(70, 8, seed=21, duplicates=12)
+    ids = np.arange(70)[::-1].copy()
+    cfg = SimilarityConfig(block_size=32, top_k=5, device="cpu", kernel=kernel, edge_threshold=0.5)
+    _, summary = check_stage(x, ids, cfg)
+    assert summary["kernel"] == kernel
+    _, _, edges = stage.compute_similarity_edges(x, ids, cfg, progress=False)
+    _, _, want = stage.compute_similarity_edges(x, ids, dataclasses.replace(cfg, kernel="auto"), progress=False)
+    assert edges.equals(want) and edges.num_rows > 0
+
+
+def test_kernel_choice_follows_device_and_what_is_installed(monkeypatch) -> None:
+    assert stage._backend(SimilarityConfig(), "cpu") == "numba"
+    assert stage._backend(SimilarityConfig(), "cuda") == "triton"  # triton is in the test extra
+    assert stage._backend(SimilarityConfig(kernel="torch"), "cuda") == "torch"
+    monkeypatch.setattr(stage.importlib.util, "find_spec", lambda name: None)
+    assert stage._backend(SimilarityConfig(), "cuda") == "torch"
+    with pytest.raises(ValueError, match="pip install triton"):
+        stage._backend(SimilarityConfig(kernel="triton"), "cpu")

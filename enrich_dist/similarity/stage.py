@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -61,7 +62,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-    """What a tile task runs: the compiled CPU kernel (``numba``) or the ``torch`` one on ``device``."""
+    """What a tile task runs: the compiled CPU kernel (``numba``), or the ``torch`` or ``triton`` one on ``device``."""
 
     backend: str
     device: str
@@ -99,7 +100,10 @@ def _tile_group(
             ]
     import torch
 
-    from .torch_kernel import tile_stats_torch
+    if spec.backend == "triton":
+        from .triton_kernel import tile_stats_triton as tile_stats
+    else:
+        from .torch_kernel import tile_stats_torch as tile_stats
 
     torch.set_float32_matmul_precision("highest")
     blocks: dict[tuple[int, int], torch.Tensor] = {}
@@ -112,7 +116,7 @@ def _tile_group(
     return [
         (
             tile,
-            tile_stats_torch(
+            tile_stats(
                 block(tile[0], tile[1]),
                 block(tile[2], tile[3]),
                 tile[0] == tile[2],
@@ -157,7 +161,7 @@ def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
     GPU runs (their tiles use torch) nor the approximate mode (its k-means task takes every core first).
     """
     resources = cluster_resources()
-    if cfg.mode != "exact" or _device(cfg, resources.gpus) != "cpu":
+    if cfg.mode != "exact" or _backend(cfg, _device(cfg, resources.gpus)) != "numba":
         return []
     return [_warm_task.remote() for _ in range(resources.cpus)]
 
@@ -187,6 +191,17 @@ def _device(cfg: SimilarityConfig, gpus: int) -> str:
     if device == "cpu" and cfg.precision != "fp32":
         raise ValueError(f"precision {cfg.precision!r} needs a GPU; the CPU kernel computes in fp32")
     return device
+
+
+def _backend(cfg: SimilarityConfig, device: str) -> str:
+    """The tile kernel: numba on CPUs and Triton (else torch) on GPUs unless ``cfg.kernel`` names one."""
+    if cfg.kernel == "auto":
+        if device == "cpu":
+            return "numba"
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    if cfg.kernel == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("--similarity-kernel triton needs Triton: pip install triton (or use --similarity-kernel torch)")
+    return cfg.kernel
 
 
 def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
@@ -275,6 +290,8 @@ def _run_tiles(
     todo = [tile for tile in tiles if not done[index[tile]]]
     groups: Iterator[list[Tile]] = iter(group_tiles(todo, MIN_TASK_PAIRS if spec.backend == "numba" else 1))
     task = _tile_task.options(num_gpus=1) if spec.device == "cuda" else _tile_task
+    if spec.backend == "triton" and spec.device == "cpu":  # Triton's interpreter, set before triton is imported
+        task = task.options(runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
     window = 2 * max(1, workers)
     pending: dict[ray.ObjectRef, int] = {}
 
@@ -454,6 +471,7 @@ def compute_similarity_edges(
     k = min(cfg.top_k, max(n - 1, 0))
     resources = cluster_resources()
     device = _device(cfg, resources.gpus)
+    backend = _backend(cfg, device)
     workers = max(1, resources.gpus if device == "cuda" else resources.cpus)
     if cfg.block_size:
         block = cfg.block_size
@@ -487,11 +505,12 @@ def compute_similarity_edges(
         tiles = schedule(tile_plan(n, block))
     if progress:
         log.info(
-            "similarity: %d images, dim %d, %s mode on %s (%s), block %d (%s), %d tiles, top-%d",
+            "similarity: %d images, dim %d, %s mode on %s (%s kernel, %s), block %d (%s), %d tiles, top-%d",
             n,
             dim,
             cfg.mode,
             device,
+            backend,
             cfg.precision,
             block,
             "--block-size" if cfg.block_size else f"--max-memory {cfg.max_memory}",
@@ -507,7 +526,7 @@ def compute_similarity_edges(
         else load_checkpoint(run, reduction, len(tiles), fingerprint)
     )
     spec = _Kernel(
-        "numba" if device == "cpu" else "torch",
+        backend,
         device,
         cfg.precision,
         k,
@@ -559,6 +578,7 @@ def compute_similarity_edges(
     summary.update(
         mode=cfg.mode,
         device=device,
+        kernel=backend,
         precision=cfg.precision,
         block_size=block,
         tiles={"total": len(tiles), "computed": computed, "resumed": len(tiles) - computed, "nodes": n_nodes},
