@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One run of every GPU-path check and benchmark, for a machine with an NVIDIA GPU and torch with CUDA.
-# Installs nothing; needs torch (CUDA), numba, numpy, pyarrow, pillow -- no Ray or s3fs. The approximate
+# Installs nothing; needs torch (CUDA) with Triton, numba, numpy, pyarrow, pillow -- no Ray or s3fs. The approximate
 # mode's check also needs a GPU build of FAISS (the gpu extra's faiss-gpu, built for CUDA 12); where the
 # machine has none, the log says "approx: NOT RUN" with the reason and the other checks still count.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh

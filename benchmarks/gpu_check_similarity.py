@@ -4,23 +4,26 @@ One run, one JSON file (``gpu_similarity.json`` in ``--out``), rewritten after e
 cut short still leaves what it measured:
 
 1. correctness on small awkward data (sizes 1..1000, blocks 1..128, ties, duplicates, products past
-   1.0): the torch kernel on the GPU equals a float64 brute force and the compiled CPU kernel exactly;
+   1.0): the torch kernel and the fused Triton kernel on the GPU equal a float64 brute force and the
+   compiled CPU kernel exactly;
 2. on N=45,460 random unit vectors (d=128): the GPU fp32 results against the CPU kernel (run on
-   every core), and the error of fp16/bf16 products against fp32 (histogram L1 share, threshold
-   count relative error, recall of the top-k, largest similarity error);
+   every core), the fused Triton kernel's against torch's, and the error of fp16/bf16 products
+   against fp32 (histogram L1 share, threshold count relative error, recall of the top-k, largest
+   similarity error);
 3. a profile of the fp32 kernel's parts (matmul, binning + histogram, threshold counts, keys, row and
    column top-k, device-to-host copies), each timed alone on the N=45,460 chunks (``profile_45460``);
-4. timings of the whole all-pairs pass (fused kernel, reduction included) against the bare tiled
-   GEMM over the same tiles and chunks, at each ``--sizes`` N (fp32, bf16, fp16 up to 100,000; fp32
-   and bf16 above). A timing whose projection (the last measured one of that precision, scaled by
+4. timings of the whole all-pairs pass (reduction included) against the bare tiled GEMM over the
+   same tiles and chunks, at each ``--sizes`` N, per variant: ``fp32`` (torch), ``triton`` (the fused
+   Triton kernel, fp32), ``bf16``, ``fp16`` (torch; fp16 up to 100,000). A timing whose projection (the last measured one of that precision, scaled by
    N^2, plus 30 %) would end past ``--budget-seconds`` from the start is not run; its entry says
    so and gives the projection, marked as extrapolated.
 
-Needs only torch with CUDA, numba and numpy (no Ray, pyarrow, fsspec or FAISS; threadpoolctl is used
+Needs only torch with CUDA, Triton (which CUDA builds of torch bring), numba and numpy (no Ray, pyarrow, fsspec or FAISS; threadpoolctl is used
 when present): run from the repository root as
 ``PYTHONPATH=. python benchmarks/gpu_check_similarity.py --out DIR`` (about 3 minutes on one H200 with
 the defaults). Without CUDA it fails with exit status 1 and says so; it never skips.
-``--dry-run`` runs every part with torch on the CPU at small sizes (what the unit test runs).
+``--dry-run`` runs every part with torch on the CPU at small sizes, the Triton kernel in Triton's
+interpreter (what the unit test runs).
 """
 
 from __future__ import annotations
@@ -29,17 +32,21 @@ import time
 
 START = time.perf_counter()
 
+import os  # noqa: E402
+import sys  # noqa: E402
+
+if "--dry-run" in sys.argv:  # the fused kernel runs in Triton's interpreter on the CPU: set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from enrich_dist.similarity import kernel, torch_kernel  # noqa: E402
+from enrich_dist.similarity import kernel, torch_kernel, triton_kernel  # noqa: E402
 from enrich_dist.similarity.plan import histogram_edges, schedule, tile_plan  # noqa: E402
 from enrich_dist.similarity.reduce import Reduction  # noqa: E402
 
@@ -134,8 +141,14 @@ def cpu_tile(k: int):
     )
 
 
-def gpu_tile(k: int, device: str, precision: str):
-    return lambda xi, xj, diag, r0, c0: torch_kernel.tile_stats_torch(
+def variant(name: str) -> tuple[str, str]:
+    """(kernel, precision) of a timed variant: ``triton`` is the fused Triton kernel in fp32, others torch."""
+    return ("triton", "fp32") if name == "triton" else ("torch", name)
+
+
+def gpu_tile(k: int, device: str, precision: str, kernel_name: str = "torch"):
+    tile_stats = triton_kernel.tile_stats_triton if kernel_name == "triton" else torch_kernel.tile_stats_torch
+    return lambda xi, xj, diag, r0, c0: tile_stats(
         xi, xj, diag, k, THRESHOLDS, histogram_edges(BINS), row_offset=r0, col_offset=c0, device=device,
         precision=precision,
     )
@@ -148,12 +161,14 @@ def check_small(device: str) -> dict:
         for x in (grid_vectors(n, 16, n + block), (np.sign(unit_vectors(n, 4, n)) / 2).astype(np.float32)):
             hist, counts, vals, idx = brute_force(x, K)
             gpu = all_pairs(x, block, gpu_tile(K, device, "fp32"))
+            fused = all_pairs(x, block, gpu_tile(K, device, "fp32", "triton"))
             cpu = all_pairs(x, block, cpu_tile(K))
             same = all(
                 np.array_equal(a, b)
                 for a, b in [
                     (gpu.hist, hist), (gpu.counts, counts), (gpu.vals, vals), (gpu.idx, idx),
                     (cpu.hist, gpu.hist), (cpu.counts, gpu.counts), (cpu.idx, gpu.idx),
+                    (fused.hist, hist), (fused.counts, counts), (fused.vals, vals), (fused.idx, idx),
                 ]
             )
             cases.append({"n": n, "block": block, "exact_match": bool(same)})
@@ -194,22 +209,24 @@ def bare_gemm(x: torch.Tensor, block: int, device: str) -> float:
     return time.perf_counter() - start
 
 
-def time_all_pairs(x: torch.Tensor, precision: str, block: int, device: str) -> tuple[dict, Reduction]:
-    """Seconds of the fused all-pairs pass (reduction included) against the bare tiled GEMM on ``device``."""
+def time_all_pairs(x: torch.Tensor, name: str, block: int, device: str) -> tuple[dict, Reduction]:
+    """Seconds of variant ``name``'s all-pairs pass (reduction included) against the bare tiled GEMM on ``device``."""
+    kernel_name, precision = variant(name)
     n = len(x)
     block = min(block, n)
     warm = x[: min(n, 4096)]
     bare_gemm(warm.to(torch_kernel.PRECISIONS[precision]), min(block, 2048), device)
-    all_pairs(warm, min(block, 2048), gpu_tile(K, device, precision))
+    all_pairs(warm, min(block, 2048), gpu_tile(K, device, precision, kernel_name))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gemm = bare_gemm(x.to(torch_kernel.PRECISIONS[precision]), block, device)
     synchronize(device)
     start = time.perf_counter()
-    reduction = all_pairs(x, block, gpu_tile(K, device, precision))
+    reduction = all_pairs(x, block, gpu_tile(K, device, precision, kernel_name))
     seconds = time.perf_counter() - start
     timing = {
-        "n": n, "precision": precision, "block": block, "stage_seconds": round(seconds, 3),
+        "n": n, "variant": name, "kernel": kernel_name, "precision": precision, "block": block,
+        "stage_seconds": round(seconds, 3),
         "chunk_elements": torch_kernel.chunk_elements(torch.device(device), min(block, n)),
         "gemm_seconds": round(gemm, 3), "ratio": round(seconds / gemm, 3),
         "pairs_above_0.5": int(reduction.counts[0].sum()) // 2,
@@ -354,7 +371,7 @@ def write_result(out_dir: str, result: dict) -> None:
 def check_gpu(
     out_dir: str,
     sizes: tuple[int, ...] = SIZES,
-    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16"),
+    precisions: tuple[str, ...] = ("fp32", "triton", "bf16", "fp16"),
     budget_seconds: float = BUDGET_SECONDS,
     dry_run: bool = False,
 ) -> dict:
@@ -393,7 +410,11 @@ def check_gpu(
             torch.cuda.empty_cache()
     del xt
     result[f"n{compare_n}_vs_cpu_fp32"] = compare(gpu["fp32"], cpu, compare_n)
-    result["half_precision_error_vs_fp32"] = {p: compare(gpu[p], gpu["fp32"], compare_n) for p in precisions if p != "fp32"}
+    if "triton" in gpu:
+        result[f"n{compare_n}_triton_vs_torch_fp32"] = compare(gpu["triton"], gpu["fp32"], compare_n)
+    result["half_precision_error_vs_fp32"] = {
+        p: compare(gpu[p], gpu["fp32"], compare_n) for p in precisions if p not in ("fp32", "triton")
+    }
     del gpu, cpu
     result["timings"] = timings
     result["seconds_so_far"] = round(time.perf_counter() - START, 1)

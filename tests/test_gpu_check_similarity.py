@@ -36,8 +36,11 @@ def test_dry_run_without_ray_pyarrow_fsspec_or_threadpoolctl(tmp_path) -> None:
     for p in ("bf16", "fp16"):
         err = result["half_precision_error_vs_fp32"][p]
         assert 0.5 < err["recall_at_k"] <= 1.0 and 0 < err["max_sim_abs_error"] < 0.05
-    timed = {(t["n"], t["precision"]) for t in result["timings"] if "stage_seconds" in t}
-    assert timed == {(n, p) for n in (1500, 600, 1200) for p in ("fp32", "bf16", "fp16")}
+    timed = {(t["n"], t["variant"]) for t in result["timings"] if "stage_seconds" in t}
+    assert timed == {(n, p) for n in (1500, 600, 1200) for p in ("fp32", "triton", "bf16", "fp16")}
+    # the fused kernel (Triton's interpreter here) against torch on the same products: the same results
+    fused = result["n1500_triton_vs_torch_fp32"]
+    assert fused["recall_at_k"] == 1.0 and fused["histogram_l1_share"] < 1e-4
     # timings are checked for presence and type only: how fast a machine is is no test's business
     assert all(is_measure(t["stage_seconds"]) and is_measure(t["gemm_seconds"]) for t in result["timings"])
     assert is_measure(result["seconds_total"]) and not list(out.glob("*.tmp"))
