@@ -22,7 +22,7 @@ import importlib
 import json
 import logging
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ class Stage:
     when_done: str | None = None  # "module:function" (run, ctx, stats): refuse a done stage that does not match
     marker: str | None = None  # "module:function" (run, stats) -> the _SUCCESS content (default: the stats)
     cleanup: str | None = None  # "module:function" (run): scratch to remove once the marker is down
+    prepare: str | None = None  # "module:function" (ctx): slow set-up to start as soon as Ray is up (not waited on)
     operational: frozenset[str] = frozenset()  # settings of ``section`` that do not change its artifacts
     needs: tuple[str, ...] = ()  # stages whose artifacts it reads
     always_compute: bool = False  # compute even when done (the stage skips its committed work itself)
@@ -102,6 +103,13 @@ def adopt(stage: Stage, run: RunDir, record: dict) -> None:
     if stage.folder is None:
         raise ValueError(f"stage {stage.name} has no folder to commit")
     run.mark_done(stage.folder, record)
+
+
+def prepare(stages: Sequence[Stage], run: RunDir, ctx: Context) -> None:
+    """Start the set-up of every stage that will compute (its workers loading code while earlier work runs)."""
+    for stage in stages:
+        if stage.prepare and (stage.always_compute or not is_done(stage, run)):
+            resolve(stage.prepare)(ctx)
 
 
 def is_done(stage: Stage, run: RunDir) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from . import schema
 from .config import RunConfig, validate
 from .errors import ConfigError
-from .executor import Context, execute, is_done, verify
+from .executor import Context, execute, is_done, prepare, verify
 from .invariants import InvariantError
 from .runtime import ray_session
 from .stages import PIPELINE, REGISTRY
@@ -178,6 +178,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[str] = STAGES, storage_options: 
     ctx = Context(cfg, storage_options)
     results = {}
     with ray_session(cfg.ray_address, cfg.num_cpus):
+        prepare(records, run, ctx)
         for record in records:
             name = record.name
             skipped = _not_applicable(run, cfg, name, results, len(records))

@@ -26,6 +26,7 @@ EMBED = Stage(
 SIMILARITY = Stage(
     "similarity", schema.SIMILARITY_DIR, "similarity", compute=_M + "similarity.stage:compute_stage",
     check=_M + "similarity.stage:check_similarity", cleanup=_M + "similarity.stage:remove_partials",
+    prepare=_M + "similarity.stage:prepare_stage",
     operational=frozenset({"block_size", "max_memory", "device", "kernel", "checkpoint_seconds"}), needs=("embed",),
 )
 SELECT = Stage(

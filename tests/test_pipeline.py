@@ -94,3 +94,36 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "enrich_dist", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "run", "manifest", "train-encoder", "embed", "similarity", "select", "report"):
         assert command in out.stdout
+
+
+PREPARED: list[str] = []
+
+
+def record_prepare(ctx) -> None:
+    PREPARED.append(ctx.config.similarity.mode)
+
+
+def test_prepare_starts_only_stages_that_will_compute(run_dir) -> None:
+    """Stages that will compute get their set-up started up front; a done stage is left alone."""
+    from enrich_dist.config import RunConfig
+    from enrich_dist.executor import Context, Stage, prepare
+
+    hook = "test_pipeline:record_prepare"
+    todo = Stage("a", "a", None, compute="x:y", prepare=hook)
+    done = Stage("b", "b", None, compute="x:y", prepare=hook)
+    always = Stage("c", "b", None, compute="x:y", prepare=hook, always_compute=True)
+    run_dir.mark_done("b", {})
+    PREPARED.clear()
+    prepare([todo, done, always, Stage("d", "d", None, compute="x:y")], run_dir, Context(RunConfig()))
+    assert PREPARED == ["exact", "exact"]
+
+
+def test_similarity_prepares_numba_workers(ray_local) -> None:
+    from enrich_dist import stages
+    from enrich_dist.config import RunConfig, SimilarityConfig
+    from enrich_dist.executor import Context, resolve
+
+    assert stages.SIMILARITY.prepare
+    resolve(stages.SIMILARITY.prepare)(Context(RunConfig(similarity=SimilarityConfig(device="cpu"))))
+    # a setting the stage refuses is left for the stage to report
+    resolve(stages.SIMILARITY.prepare)(Context(RunConfig(similarity=SimilarityConfig(device="cuda"))))

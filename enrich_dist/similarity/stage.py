@@ -142,15 +142,30 @@ def _tile_group_on_node(x: np.ndarray, tiles: list[Tile], floors: list, spec: _K
 _tile_task = ray.remote(num_cpus=1)(_tile_group_on_node)
 
 
-def _warm_up() -> None:
-    """Load the compiled kernel in this worker process (from numba's on-disk cache after the first run)."""
-    x = np.eye(2, 4, dtype=np.float32)
-    kernel.tile_stats(
-        x, x, True, 1, PAPER_THRESHOLDS, histogram_edges(2), edge_threshold=PAPER_THRESHOLDS[-1]
-    )
+def _warm_up(spec: _Kernel) -> None:
+    """Load the compiled kernel in this worker process (from numba's on-disk cache after the first run).
+
+    numba keeps one compiled version per argument types, so the tiles here are typed as the stage's
+    are: read-only rows (as tasks get them from the object store), floors from a reduction, diagonal
+    and off-diagonal tiles.
+    """
+    x = np.random.default_rng(0).standard_normal((2 * WARM_ROWS, 4)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x.setflags(write=False)
+    reduction = Reduction(len(x), min(spec.k, len(x) - 1), len(spec.thresholds), len(spec.edges) - 1)
+    tiles = [(0, WARM_ROWS, 0, WARM_ROWS), (0, WARM_ROWS, WARM_ROWS, 2 * WARM_ROWS)]
+    _tile_group(x, tiles, [reduction.floors(tile) for tile in tiles], dataclasses.replace(spec, k=reduction.k))
 
 
 _warm_task = ray.remote(num_cpus=1)(_warm_up)
+WARM_ROWS = 8
+
+
+def _spec(cfg: SimilarityConfig, backend: str, device: str, k: int) -> _Kernel:
+    """The tile kernel's settings: the thresholds asked for, the paper's and the edge threshold."""
+    edge_t = None if cfg.edge_threshold is None else float(cfg.edge_threshold)
+    thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS) | ({edge_t} - {None}))
+    return _Kernel(backend, device, cfg.precision, k, tuple(thresholds), histogram_edges(cfg.bins), edge_t)
 
 
 def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
@@ -163,7 +178,8 @@ def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
     resources = cluster_resources()
     if cfg.mode != "exact" or _backend(cfg, _device(cfg, resources.gpus)) != "numba":
         return []
-    return [_warm_task.remote() for _ in range(resources.cpus)]
+    spec = _spec(cfg, "numba", "cpu", cfg.top_k)
+    return [_warm_task.remote(spec) for _ in range(resources.cpus)]
 
 
 @ray.remote
@@ -467,11 +483,12 @@ def compute_similarity_edges(
         ids, x = ids[order], x[order]
     x = np.ascontiguousarray(x)
     n, dim = x.shape
-    thresholds = sorted({float(t) for t in cfg.thresholds} | set(PAPER_THRESHOLDS) | ({edge_t} - {None}))
     k = min(cfg.top_k, max(n - 1, 0))
     resources = cluster_resources()
     device = _device(cfg, resources.gpus)
     backend = _backend(cfg, device)
+    spec = _spec(cfg, backend, device, k)
+    thresholds = list(spec.thresholds)
     workers = max(1, resources.gpus if device == "cuda" else resources.cpus)
     if cfg.block_size:
         block = cfg.block_size
@@ -524,15 +541,6 @@ def compute_similarity_edges(
         np.zeros(len(tiles), bool)
         if run is None
         else load_checkpoint(run, reduction, len(tiles), fingerprint)
-    )
-    spec = _Kernel(
-        backend,
-        device,
-        cfg.precision,
-        k,
-        tuple(thresholds),
-        histogram_edges(cfg.bins),
-        edge_t,
     )
     checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
     computed, n_nodes = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
@@ -630,6 +638,14 @@ def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) ->
 def run_similarity(run: RunDir, cfg: SimilarityConfig) -> dict:
     """The stage: read embeddings, write ``similarity/neighbors`` shards and ``summary.json`` (with sibling recall)."""
     return execute(stages.SIMILARITY, run, Context(RunConfig(similarity=cfg), run.storage_options)).stats
+
+
+def prepare_stage(ctx: Context) -> None:
+    """As soon as Ray is up: CPU workers start loading the kernel (the stage itself waits for nothing here)."""
+    try:
+        warm_workers(ctx.config.similarity)
+    except ValueError:  # a setting the stage itself will refuse, with its message, when it runs
+        return
 
 
 def remove_partials(run: RunDir) -> None:
