@@ -153,6 +153,10 @@ class Run:
         """A stage's shards as a Ray Dataset (``manifest``, ``embeddings``, ``neighbors``, ``edges``)."""
         import ray.data
 
+        from .runtime import quiet_ray_data
+
+        quiet_ray_data()
+
         if name not in DATASETS:
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
         shards = list(self.dir.shards(DATASETS[name]).values())

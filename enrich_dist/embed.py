@@ -16,7 +16,7 @@ from . import imaging, schema, stages
 from .config import EmbedConfig, RunConfig
 from .executor import Context, execute
 from .invariants import NORM_TOLERANCE, count_duplicates, ids_of, manifest_ok_ids
-from .runtime import Resources, cluster_resources  # runtime imports ray only inside its functions
+from .runtime import Resources, cluster_resources, quiet_ray_data  # ray is imported inside their bodies
 from .storage import RunDir, read_uri, shard_name
 
 log = logging.getLogger(__name__)
@@ -434,6 +434,7 @@ def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
         cfg.embedder, cfg.batch_size,
     )
     if work:
+        quiet_ray_data()
         total, done = sum(len(w["ids"]) for w in work), 0
         ds = ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
             ShardEmbedder,

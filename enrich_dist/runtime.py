@@ -81,14 +81,15 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         fix = ("check that the cluster is up and the address (or RAY_ADDRESS) is right" if address else
                "check free memory and /tmp space, or attach to a running cluster with --ray-address")
         raise InfrastructureError(f"could not {where} ({type(exc).__name__}: {exc}): {fix}") from exc
-    _quiet_ray_data()
     try:
         yield cluster_resources()
     finally:
         ray.shutdown()
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
+    """No progress bars or start-of-execution messages from Ray Data (called where Ray Data is used: it
+    costs about a second to import, which commands without it do not pay)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

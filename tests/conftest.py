@@ -17,11 +17,11 @@ def ray_local():
     """A real local Ray (2 CPUs) shared by every test that needs one."""
     import ray
 
-    from enrich_dist.runtime import _quiet_ray_data
+    from enrich_dist.runtime import quiet_ray_data
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    _quiet_ray_data()
+    quiet_ray_data()
     yield ray
     ray.shutdown()
 
