@@ -547,7 +547,7 @@ def test_tile_task_torch_branch_matches_numba() -> None:
     for backend in ("numba", "torch"):
         spec = stage._Kernel(backend, "cpu", "fp32", 6, THRESHOLDS, histogram_edges(30))
         reduction = reduce.Reduction(40, 6, len(THRESHOLDS), 30)
-        for tile, stats in stage._tile_group(x, tiles, floors, spec):
+        for tile, stats in stage._tile_group(lambda a, b: x[a:b], tiles, floors, spec):
             reduction.add(tile, stats)
         merged.append(reduction)
     for name in ("hist", "counts", "vals", "idx"):
@@ -836,3 +836,22 @@ def test_kernel_choice_follows_device_and_what_is_installed(monkeypatch) -> None
     assert stage._backend(SimilarityConfig(), "cuda") == "torch"
     with pytest.raises(ValueError, match="pip install triton"):
         stage._backend(SimilarityConfig(kernel="triton"), "cpu")
+
+
+@pytest.mark.parametrize("plan", ["exact", "partitions"])
+def test_tile_tasks_get_pieces_of_their_own_rows(ray_local, plan: str) -> None:
+    """The object store holds each row range the tiles read once; every row lies in exactly one piece."""
+    from enrich_dist.similarity.plan import partition_tile_plan
+
+    x = exact_unit_vectors(53, 8, seed=2)
+    if plan == "exact":
+        tiles = tile_plan(53, 16)
+    else:
+        tiles = partition_tile_plan(np.array([0, 7, 30, 31, 53]), [(0, 0), (0, 2), (1, 1), (1, 3), (2, 2), (3, 3)], 8)
+    pieces = stage.put_pieces(x, tiles)
+    covered = np.zeros(53, int)
+    for (start, stop), ref in pieces.items():
+        np.testing.assert_array_equal(ray_local.get(ref), x[start:stop])
+        covered[start:stop] += 1
+    read = {(t[0], t[1]) for t in tiles} | {(t[2], t[3]) for t in tiles}
+    assert set(pieces) == read and covered.max() == 1

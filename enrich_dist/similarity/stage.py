@@ -11,7 +11,7 @@ import logging
 import math
 import posixpath
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -74,17 +74,23 @@ class _Kernel:
 
 
 def _tile_group(
-    x: np.ndarray, tiles: list[Tile], floors: list[tuple[np.ndarray | None, np.ndarray | None]], spec: _Kernel
+    rows: Callable[[int, int], np.ndarray],
+    tiles: list[Tile],
+    floors: list[tuple[np.ndarray | None, np.ndarray | None]],
+    spec: _Kernel,
 ) -> list[tuple[Tile, kernel.TileStats]]:
-    """Ray task body: a few tiles; numba with one BLAS thread (the task's one CPU), or torch (blocks moved once)."""
+    """Ray task body: a few tiles; numba with one BLAS thread (the task's one CPU), or torch (blocks moved once).
+
+    ``rows(start, stop)`` gives the embedding rows of a tile's side.
+    """
     if spec.backend == "numba":
         with threadpool_limits(limits=1):
             return [
                 (
                     tile,
                     kernel.tile_stats(
-                        x[tile[0] : tile[1]],
-                        x[tile[2] : tile[3]],
+                        rows(tile[0], tile[1]),
+                        rows(tile[2], tile[3]),
                         tile[0] == tile[2],
                         spec.k,
                         spec.thresholds,
@@ -110,7 +116,7 @@ def _tile_group(
 
     def block(start: int, stop: int) -> torch.Tensor:
         if (start, stop) not in blocks:
-            blocks[(start, stop)] = torch.tensor(x[start:stop], device=spec.device)
+            blocks[(start, stop)] = torch.tensor(rows(start, stop), device=spec.device)
         return blocks[(start, stop)]
 
     return [
@@ -134,9 +140,17 @@ def _tile_group(
     ]
 
 
-def _tile_group_on_node(x: np.ndarray, tiles: list[Tile], floors: list, spec: _Kernel) -> tuple[str, list]:
-    """A tile task: the node it ran on (the summary counts them), and the group's results."""
-    return ray.get_runtime_context().get_node_id(), _tile_group(x, tiles, floors, spec)
+def _tile_group_on_node(
+    pieces: dict[tuple[int, int], ray.ObjectRef], tiles: list[Tile], floors: list, spec: _Kernel
+) -> tuple[str, list]:
+    """A tile task: the node it ran on (the summary counts them), and the group's results.
+
+    ``pieces`` holds the object-store refs of just the row ranges its tiles read, fetched here: a node
+    receives the blocks its tasks use, never the whole matrix.
+    """
+    arrays = dict(zip(pieces, ray.get(list(pieces.values())), strict=True))
+    results = _tile_group(lambda start, stop: arrays[(start, stop)], tiles, floors, spec)
+    return ray.get_runtime_context().get_node_id(), results
 
 
 _tile_task = ray.remote(num_cpus=1)(_tile_group_on_node)
@@ -154,7 +168,8 @@ def _warm_up(spec: _Kernel) -> None:
     x.setflags(write=False)
     reduction = Reduction(len(x), min(spec.k, len(x) - 1), len(spec.thresholds), len(spec.edges) - 1)
     tiles = [(0, WARM_ROWS, 0, WARM_ROWS), (0, WARM_ROWS, WARM_ROWS, 2 * WARM_ROWS)]
-    _tile_group(x, tiles, [reduction.floors(tile) for tile in tiles], dataclasses.replace(spec, k=reduction.k))
+    floors = [reduction.floors(tile) for tile in tiles]
+    _tile_group(lambda start, stop: x[start:stop], tiles, floors, dataclasses.replace(spec, k=reduction.k))
 
 
 _warm_task = ray.remote(num_cpus=1)(_warm_up)
@@ -287,8 +302,18 @@ def _partitions(
     return parts
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def put_pieces(x: np.ndarray, tiles: list[Tile]) -> dict[tuple[int, int], ray.ObjectRef]:
+    """The row ranges the tiles read, each put in the object store once (a tile task fetches only its own)."""
+    ranges = sorted({(t[0], t[1]) for t in tiles} | {(t[2], t[3]) for t in tiles})
+    return {(start, stop): ray.put(x[start:stop]) for start, stop in ranges}
+
+
 def _run_tiles(
-    x_ref: ray.ObjectRef,
+    pieces: dict[tuple[int, int], ray.ObjectRef],
     tiles: list[Tile],
     reduction: Reduction,
     spec: _Kernel,
@@ -315,7 +340,8 @@ def _run_tiles(
         group = next(groups, None)
         if group is not None:
             floors = [reduction.floors(tile) if spec.backend == "numba" else (None, None) for tile in group]
-            pending[task.remote(x_ref, group, floors, spec)] = len(group)
+            needed = {(t[0], t[1]) for t in group} | {(t[2], t[3]) for t in group}
+            pending[task.remote({r: pieces[r] for r in needed}, group, floors, spec)] = len(group)
 
     for _ in range(window):
         submit()
@@ -512,15 +538,20 @@ def compute_similarity_edges(
         "edge_threshold": edge_t,
     }
     fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
-    x_ref = ray.put(x)
-    tiles_ref, parts = x_ref, None
+    x_ref, parts = None, None
     if cfg.mode == "approx":
+        x_ref = ray.put(x)  # k-means and the quality sample read every row
         parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint, device)
-        tiles_ref = ray.put(np.ascontiguousarray(x[parts.perm]))
         tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
+        pieces = put_pieces(np.ascontiguousarray(x[parts.perm]), tiles)
     else:
         tiles = schedule(tile_plan(n, block))
+        pieces = put_pieces(x, tiles)
     if progress:
+        log.info(
+            "similarity: tile tasks read only their own blocks (two of at most %d rows, %s each) from %d pieces",
+            block, _mib(block * dim * 4), len(pieces),
+        )
         log.info(
             "similarity: %d images, dim %d, %s mode on %s (%s kernel, %s), block %d (%s), %d tiles, top-%d",
             n,
@@ -543,7 +574,7 @@ def compute_similarity_edges(
         else load_checkpoint(run, reduction, len(tiles), fingerprint)
     )
     checkpoint = None if run is None else (run, fingerprint, cfg.checkpoint_seconds)
-    computed, n_nodes = _run_tiles(tiles_ref, tiles, reduction, spec, workers, checkpoint, done, progress)
+    computed, n_nodes = _run_tiles(pieces, tiles, reduction, spec, workers, checkpoint, done, progress)
     edges = histogram_edges(cfg.bins)
     n_pairs = n * (n - 1) // 2
     details: dict = {}
