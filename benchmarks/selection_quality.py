@@ -16,7 +16,9 @@ rule is compared with random subsets by a two-sided Mann-Whitney U test per budg
   ``--duplicate-threshold``, before every group has one).
 - Model: multinomial logistic regression (scikit-learn, fixed settings) on the 16x16 block means of
   the images (``--model pixels``), independent of the embedding that chose the subset; or on the
-  embedding itself (``--model probe``, a linear probe). Score: macro one-vs-rest AUC.
+  embedding itself (``--model probe``, a linear probe); or the evaluation stage's own networks on
+  32x32 images with the stage's default schedule (``--model cnn``: its small CNN, the CPU default;
+  ``--model linear``: its linear model), seeded per replicate. Score: macro one-vs-rest AUC.
 
 Prints a table per set and appends one JSON line per (set, rule, budget) to ``--out``:
 
@@ -133,6 +135,29 @@ def auc(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test_x: np.
     return float(roc_auc_score(test_y, proba / proba.sum(1, keepdims=True).clip(1e-12), multi_class="ovr", labels=classes))
 
 
+STAGE_MODELS = ("cnn", "linear")
+
+
+def stage_images(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """Images in [0, 1] as the evaluation stage feeds its networks: uint8, ``size`` x ``size`` (block means)."""
+    factor = images.shape[1] // size
+    small = images[:, : size * factor, : size * factor].reshape(len(images), size, factor, size, factor).mean((2, 4))
+    return np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
+
+
+def stage_auc(model: str, images: np.ndarray, codes: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
+    """Test AUC of the evaluation stage's ``model`` trained on ``train`` rows (its default settings, seeded)."""
+    from enrich_dist.config import EvaluateConfig
+    from enrich_dist.evaluation.train import TrainSpec, train_classifier
+
+    cfg = EvaluateConfig()
+    spec = TrainSpec(
+        model=model, image_size=images.shape[1], epochs=cfg.epochs, min_steps=cfg.min_steps, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, seed=seed,
+    )
+    return train_classifier(images[train], codes[train], images[test], codes[test], int(codes.max()) + 1, spec)
+
+
 def rankings(x: np.ndarray, seeds: np.ndarray, batch_size: int, graph, groups: np.ndarray, rng) -> dict[str, np.ndarray]:
     """Every rule's full ranking (row order) from the same seeds."""
     n = len(x)
@@ -153,9 +178,14 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     pool, test = split(data, args.seed)
     every = embedding(args.embedder, data.images, pool, args.epochs, args.seed, args.cache)
     x = every[pool]
-    features = pixels(data.images) if args.model == "pixels" else every
-    feats_pool, test_x = features[pool], features[test]
-    labels, test_y = data.labels[pool], data.labels[test]
+    if args.model in STAGE_MODELS:
+        small, codes = stage_images(data.images), np.unique(data.labels, return_inverse=True)[1]
+        feats_pool, test_x = small[pool], small[test]
+        labels, test_y = codes[pool], codes[test]
+    else:
+        features = pixels(data.images) if args.model == "pixels" else every
+        feats_pool, test_x = features[pool], features[test]
+        labels, test_y = data.labels[pool], data.labels[test]
     sources = data.clip_ids[pool]
     n = len(pool)
     start = time.perf_counter()
@@ -167,10 +197,16 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
         name, n, len(np.unique(sources)), len(test), delta, info.get("passed"), graph.nnz, len(np.unique(groups)),
         args.duplicate_threshold, time.perf_counter() - start,
     )
-    full = auc(feats_pool, labels, np.arange(n), test_x, test_y)
+    def score(train: np.ndarray, replicate: int) -> float:
+        if args.model in STAGE_MODELS:
+            both = np.concatenate([feats_pool, test_x])
+            return stage_auc(args.model, both, np.concatenate([labels, test_y]), train, n + np.arange(len(test_x)), replicate)
+        return auc(feats_pool, labels, train, test_x, test_y)
+
+    full = score(np.arange(n), 0)
     seed_size = max(1, resolve_size(args.seed_size, n))
     batch_size = max(1, resolve_size(args.batch_size, n))
-    sizes = [(b, max(seed_size, resolve_size(b, n))) for b in BUDGETS]
+    sizes = [(b, max(seed_size, resolve_size(b, n))) for b in args.budgets]
     scores: dict[tuple[str, float], list[float]] = {}
     covered: dict[tuple[str, float], list[int]] = {}
     for r in range(args.replicates):
@@ -180,7 +216,7 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
             if rule != "random" and rule not in args.rules:
                 continue
             for budget, k in sizes:
-                scores.setdefault((rule, budget), []).append(auc(feats_pool, labels, order[:k], test_x, test_y))
+                scores.setdefault((rule, budget), []).append(score(order[:k], r))
                 covered.setdefault((rule, budget), []).append(len(np.unique(sources[order[:k]])))
         log.info("%s: replicate %d/%d done", name, r + 1, args.replicates)
     records = []
@@ -224,7 +260,8 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--embedder", default="contrastive", choices=["contrastive", "vae", "pixels"])
-    parser.add_argument("--model", default="pixels", choices=["pixels", "probe"])
+    parser.add_argument("--model", default="pixels", choices=["pixels", "probe", *STAGE_MODELS])
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="shares of the pool to label")
     parser.add_argument("--replicates", type=int, default=10)
     parser.add_argument("--seed-size", default="0.005", help="random seed set per replicate (fraction or count)")
     parser.add_argument("--batch-size", default="0.11", help="the batch rule's round size (the paper's 0.11)")
@@ -237,6 +274,7 @@ def main() -> None:
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args()
     args.rules = args.rules.split(",")
+    args.budgets = [float(b) for b in args.budgets.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     for name in args.sets.split(","):

@@ -34,3 +34,32 @@ def test_source_version_outside_git(monkeypatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert bench.source_version() == "unknown"
+
+
+def test_cold_similarity_benchmark_records_stage_seconds_from_run_json(ray_local, tmp_path, monkeypatch) -> None:
+    from benchmarks import similarity_cold
+
+    out = tmp_path / "cold.jsonl"
+    monkeypatch.setattr("sys.argv", ["similarity_cold.py", "--n", "2003", "--repeats", "1", "--out", str(out)])
+    similarity_cold.main()
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["n"] == 2003 and len(record["stage_runs"]) == 1 and len(record["gemm_runs"]) == 2
+    assert record["stage_seconds"] > 0 and record["command_seconds"] >= record["stage_seconds"]
+    # 2 % exact copies: at least that many pairs above 0.9, all in the edge list
+    assert record["edges"] == record["pairs_above_0.9"] >= int(0.02 * 2003)
+
+
+def test_selection_quality_scores_with_the_evaluation_stages_networks() -> None:
+    import numpy as np
+
+    from benchmarks import selection_quality
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    images = rng.random((80, 64, 64)).astype(np.float32) * 0.2
+    images[labels == 1, 16:48, 16:48] += 0.7  # a bright square: class 1
+    small = selection_quality.stage_images(images)
+    assert small.shape == (80, 32, 32) and small.dtype == np.uint8
+    train, test = np.arange(0, 80, 2), np.arange(1, 80, 2)
+    assert selection_quality.stage_auc("cnn", small, labels, train, test, seed=0) > 0.95
+    assert selection_quality.stage_auc("linear", small, labels, train, test, seed=0) > 0.95
