@@ -778,7 +778,7 @@ def test_row_histogram_bound_is_a_tight_lower_bound(bins: int) -> None:
 
 
 def test_embedding_matrix_reads_chunks_and_slices_and_refuses_nulls() -> None:
-    from enrich_dist.similarity.stage import embedding_matrix
+    from enrich_dist.similarity.source import embedding_matrix
 
     x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3)
@@ -855,3 +855,46 @@ def test_tile_tasks_get_pieces_of_their_own_rows(ray_local, plan: str) -> None:
         covered[start:stop] += 1
     read = {(t[0], t[1]) for t in tiles} | {(t[2], t[3]) for t in tiles}
     assert set(pieces) == read and covered.max() == 1
+
+
+def test_stage_streams_blocks_from_the_shards_without_reading_the_matrix(ray_local, run_dir, monkeypatch) -> None:
+    """Exact mode: loader tasks read the blocks from shards of awkward sizes; the driver never reads the matrix."""
+    from enrich_dist.similarity import source as source_module
+
+    x = exact_unit_vectors(61, 8, seed=13, duplicates=9)
+    ids = np.arange(61) * 3 + 5
+    write_embeddings(run_dir, x, ids, shards=4)  # 16, 15, 15, 15 rows: blocks of 8 straddle shards
+    src = source_module.ShardSource.open(run_dir)
+    assert src is not None and src.ids.tolist() == ids.tolist() and src.dim == 8
+    assert src.spans(14, 33) == [(src.paths[0], 14, 16), (src.paths[1], 0, 15), (src.paths[2], 0, 2)]
+    pieces, digests = src.load([(0, 8), (14, 33), (60, 61)])
+    for (a, b), ref in pieces.items():
+        np.testing.assert_array_equal(ray_local.get(ref), x[a:b])
+    assert len(digests) == 3 and len(set(digests)) == 3
+    monkeypatch.setattr(stage, "_read_embeddings", lambda run: pytest.fail("exact mode must not read the matrix"))
+    cfg = SimilarityConfig(block_size=8, top_k=4, edge_threshold=0.5)
+    run_similarity(run_dir, cfg)
+    want, summary = check_stage(x, ids, cfg)
+    assert run_dir.read_table(NEIGHBORS_DIR).equals(want)
+    assert run_dir.read_json("similarity/summary.json")["histogram"] == summary["histogram"]
+
+
+def test_stage_reads_shards_whole_when_ids_do_not_increase(ray_local, run_dir) -> None:
+    x = exact_unit_vectors(40, 8, seed=14, duplicates=4)
+    ids = np.arange(40)[::-1].copy()  # shards hold descending ids: blocks of sorted ids are not shard ranges
+    write_embeddings(run_dir, x, ids, shards=3)
+    from enrich_dist.similarity.source import ShardSource
+
+    assert ShardSource.open(run_dir) is None
+    cfg = SimilarityConfig(block_size=16, top_k=3)
+    run_similarity(run_dir, cfg)
+    assert run_dir.read_table(NEIGHBORS_DIR).equals(check_stage(x, ids, cfg)[0])
+
+
+def test_streamed_blocks_name_bad_embeddings(ray_local, run_dir) -> None:
+    x = exact_unit_vectors(30, 8, seed=15)
+    x[[3, 22]] *= 2.0
+    write_embeddings(run_dir, x, np.arange(30) + 100, shards=2)
+    with pytest.raises(ValueError, match=r"2 rows are not \(image ids \[103, 122\]"):
+        run_similarity(run_dir, SimilarityConfig(block_size=8, top_k=3))
+    assert not run_dir.is_done("similarity")

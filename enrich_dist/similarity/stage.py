@@ -45,6 +45,7 @@ from .plan import (
 )
 from .reduce import PARTIALS_DIR, EdgeCapError, Reduction, load_checkpoint, save_checkpoint
 from .siblings import sibling_recall_from_run
+from .source import ShardSource, bad_rows, bad_rows_message, embedding_matrix
 
 log = logging.getLogger("enrich_dist.similarity")
 
@@ -306,10 +307,14 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def tile_ranges(tiles: list[Tile]) -> list[tuple[int, int]]:
+    """The row ranges the tiles read (rows and columns), each once, in order."""
+    return sorted({(t[0], t[1]) for t in tiles} | {(t[2], t[3]) for t in tiles})
+
+
 def put_pieces(x: np.ndarray, tiles: list[Tile]) -> dict[tuple[int, int], ray.ObjectRef]:
-    """The row ranges the tiles read, each put in the object store once (a tile task fetches only its own)."""
-    ranges = sorted({(t[0], t[1]) for t in tiles} | {(t[2], t[3]) for t in tiles})
-    return {(start, stop): ray.put(x[start:stop]) for start, stop in ranges}
+    """Each row range the tiles read, put in the object store once (a tile task fetches only its own)."""
+    return {(start, stop): ray.put(x[start:stop]) for start, stop in tile_ranges(tiles)}
 
 
 def _run_tiles(
@@ -380,18 +385,9 @@ def _check_embeddings(x: np.ndarray, ids: np.ndarray) -> None:
         raise ValueError(f"need a 2-d embedding matrix and one id per row, got {x.shape} and {ids.shape}")
     if len(np.unique(ids)) != len(ids):
         raise ValueError("image ids must be unique")
-    if not len(x):
-        return
-    norms = np.linalg.norm(x, axis=1)
-    bad = ~np.isfinite(norms) | (norms > kernel.NORM_LIMIT) | (norms < 1 / kernel.NORM_LIMIT)
-    if bad.any():
-        zero = bad & (norms == 0)
-        raise ValueError(
-            f"embeddings must be finite and L2-normalised: {int(bad.sum())} rows are not (image ids "
-            f"{ids[bad][:5].tolist()}, norms {np.round(norms[bad][:5], 4).tolist()}"
-            + (f"; {int(zero.sum())} are zero vectors, which have no direction" if zero.any() else "")
-            + "); rerun `enrich embed`, which drops zero and non-finite embeddings into embeddings_errors/"
-        )
+    where, norms = bad_rows(x)
+    if len(where):
+        raise ValueError(bad_rows_message(ids[where], norms))
 
 
 def _summary(
@@ -491,24 +487,36 @@ def compute_similarity(
 
 
 def compute_similarity_edges(
-    x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig, progress: bool = True, run: RunDir | None = None
+    x: np.ndarray | ShardSource,
+    ids: np.ndarray | None,
+    cfg: SimilarityConfig,
+    progress: bool = True,
+    run: RunDir | None = None,
 ) -> tuple[pa.Table, dict, pa.Table]:
     """:func:`compute_similarity` plus the edge table: every pair above ``cfg.edge_threshold``.
 
     The edge table has image ids ``i`` < ``j`` and their similarity ``sim``, sorted by the two ids; it is
-    empty when ``cfg.edge_threshold`` is None. In approximate mode it holds the pairs compared.
+    empty when ``cfg.edge_threshold`` is None. In approximate mode it holds the pairs compared. ``x``
+    may be a :class:`ShardSource` (exact mode; ``ids`` is then its own): loader tasks read the row
+    blocks from the shards and no process holds the whole matrix.
     """
     start = time.perf_counter()
-    x = np.asarray(x, dtype=np.float32)
-    ids = np.asarray(ids, dtype=np.int64)
-    _check_embeddings(x, ids)
     check_section("similarity", cfg)
+    source = x if isinstance(x, ShardSource) else None
+    if source is not None:
+        if cfg.mode != "exact":
+            raise ValueError("embedding shards are streamed into the exact mode only; read them whole for approx")
+        ids, n, dim = source.ids, len(source.ids), source.dim
+    else:
+        x = np.asarray(x, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        _check_embeddings(x, ids)
+        if np.any(ids[1:] < ids[:-1]):
+            order = np.argsort(ids, kind="stable")
+            ids, x = ids[order], x[order]
+        x = np.ascontiguousarray(x)
+        n, dim = x.shape
     edge_t = None if cfg.edge_threshold is None else float(cfg.edge_threshold)
-    if np.any(ids[1:] < ids[:-1]):
-        order = np.argsort(ids, kind="stable")
-        ids, x = ids[order], x[order]
-    x = np.ascontiguousarray(x)
-    n, dim = x.shape
     k = min(cfg.top_k, max(n - 1, 0))
     resources = cluster_resources()
     device = _device(cfg, resources.gpus)
@@ -537,14 +545,19 @@ def compute_similarity_edges(
         "precision": cfg.precision,
         "edge_threshold": edge_t,
     }
-    fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
     x_ref, parts = None, None
-    if cfg.mode == "approx":
+    if source is not None:  # loader tasks read the blocks from the shards; the digests stand for the matrix
+        tiles = schedule(tile_plan(n, block))
+        pieces, digests = source.load(tile_ranges(tiles))
+        fingerprint = _fingerprint(np.frombuffer("".join(digests).encode(), np.uint8), ids, settings)
+    elif cfg.mode == "approx":
+        fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
         x_ref = ray.put(x)  # k-means and the quality sample read every row
         parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint, device)
         tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
         pieces = put_pieces(np.ascontiguousarray(x[parts.perm]), tiles)
     else:
+        fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
         tiles = schedule(tile_plan(n, block))
         pieces = put_pieces(x, tiles)
     if progress:
@@ -641,22 +654,6 @@ def _read_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     return embedding_matrix(table.column("embedding")), table.column("image_id").to_numpy()
 
 
-def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column as one float32 matrix, chunk by chunk (no combined copy of the column)."""
-    dim = column.type.list_size
-    x = np.empty((len(column), dim), np.float32)
-    row = 0
-    for chunk in column.chunks:
-        if chunk.null_count:
-            raise ValueError(f"{chunk.null_count} embeddings are missing (null): rerun `enrich embed`")
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        x[row : row + len(chunk)] = values[chunk.offset * dim : (chunk.offset + len(chunk)) * dim].reshape(
-            -1, dim
-        )
-        row += len(chunk)
-    return x
-
-
 def _write_shards(run: RunDir, folder: str, table: pa.Table, shard_rows: int) -> None:
     """Replace ``folder`` with ``table`` in shards of at most ``shard_rows`` rows (one shard, maybe empty, at least)."""
     run.remove(folder)
@@ -689,7 +686,8 @@ def compute_stage(run: RunDir, ctx: Context) -> dict:
     cfg = ctx.config.similarity
     check_section("similarity", cfg)
     warming = warm_workers(cfg)
-    x, ids = _read_embeddings(run)
+    source = ShardSource.open(run) if cfg.mode == "exact" else None
+    x, ids = (source, None) if source is not None else _read_embeddings(run)
     try:
         table, summary, edge_table = compute_similarity_edges(x, ids, cfg, run=run)
     except EdgeCapError as exc:

@@ -1,0 +1,126 @@
+"""The embeddings artifact as tile tasks read it: row blocks loaded from the shards by Ray tasks.
+
+The driver reads only the image ids (8 bytes an image) and each shard's row count; a loader task per
+block of rows reads the shards that hold them, checks the rows (finite, L2-normalised) and leaves the
+block in the object store of the node it ran on, with a digest of its bytes. Tile tasks then fetch
+the blocks they pair. So no process holds the N x d matrix: the driver's memory is the ids and the
+reduction, a loader's one block plus the shards it spans, a tile task's two blocks.
+
+Blocks are ranges of the images in ascending id order, which is the shards' order when the ids
+increase across them (as ``enrich embed`` writes them). Otherwise :meth:`ShardSource.open` returns
+None and the stage reads the matrix whole, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ..schema import EMBEDDINGS_DIR
+from ..storage import RunDir
+from . import kernel
+
+
+def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as one float32 matrix, chunk by chunk (no combined copy of the column)."""
+    dim = column.type.list_size
+    x = np.empty((len(column), dim), np.float32)
+    row = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise ValueError(f"{chunk.null_count} embeddings are missing (null): rerun `enrich embed`")
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        x[row : row + len(chunk)] = values[chunk.offset * dim : (chunk.offset + len(chunk)) * dim].reshape(-1, dim)
+        row += len(chunk)
+    return x
+
+
+def bad_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and norms of the rows the tiles cannot take: non-finite, zero or not L2-normalised."""
+    norms = np.linalg.norm(x, axis=1) if len(x) else np.zeros(0, np.float32)
+    bad = ~np.isfinite(norms) | (norms > kernel.NORM_LIMIT) | (norms < 1 / kernel.NORM_LIMIT)
+    return np.flatnonzero(bad), norms[bad]
+
+
+def bad_rows_message(ids: np.ndarray, norms: np.ndarray) -> str:
+    """The error for rows ``ids`` with ``norms``, naming the fix."""
+    zero = int(np.count_nonzero(norms == 0))
+    return (
+        f"embeddings must be finite and L2-normalised: {len(ids)} rows are not (image ids "
+        f"{ids[:5].tolist()}, norms {np.round(norms[:5], 4).tolist()}"
+        + (f"; {zero} are zero vectors, which have no direction" if zero else "")
+        + "); rerun `enrich embed`, which drops zero and non-finite embeddings into embeddings_errors/"
+    )
+
+
+@ray.remote(num_returns=2)
+def _load_block(
+    uri: str, storage_options: dict | None, spans: list[tuple[str, int, int]], dim: int
+) -> tuple[np.ndarray, tuple[str, np.ndarray, np.ndarray]]:
+    """One block: rows ``start:stop`` of each shard in ``spans``; and (digest, bad positions, their norms)."""
+    run = RunDir(uri, storage_options)
+    parts = [
+        embedding_matrix(run.read_table(path, columns=["embedding"]).column("embedding"))[start:stop]
+        for path, start, stop in spans
+    ]
+    block = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+    if block.shape[1] != dim:
+        raise ValueError(f"embedding shards of dimension {block.shape[1]} and {dim}: rerun `enrich embed`")
+    where, norms = bad_rows(block)
+    return block, (hashlib.blake2b(block.view(np.uint8).reshape(-1), digest_size=16).hexdigest(), where, norms)
+
+
+@dataclass
+class ShardSource:
+    """The run's embedding shards, read by loader tasks: the driver keeps the ids (ascending) only."""
+
+    run: RunDir
+    paths: list[str]
+    starts: np.ndarray  # first image position of each shard; one more entry: the total
+    ids: np.ndarray
+    dim: int
+
+    @classmethod
+    def open(cls, run: RunDir) -> ShardSource | None:
+        """The shards' ids and sizes; None when the ids do not increase across the shards (read whole then)."""
+        shards = run.shards(EMBEDDINGS_DIR)
+        if not shards:
+            return None
+        paths = list(shards.values())
+        tables = [run.read_table(p, columns=["image_id"]) for p in paths]
+        ids = np.concatenate([t.column("image_id").to_numpy() for t in tables]).astype(np.int64)
+        if len(ids) == 0 or np.any(ids[1:] <= ids[:-1]):
+            return None
+        dim = run.read_table(paths[0], columns=["embedding"]).schema.field("embedding").type.list_size
+        starts = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])])
+        return cls(run, paths, starts, ids, dim)
+
+    def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """(shard, first row, row after the last) covering image positions ``start:stop``."""
+        out = []
+        for s in range(int(np.searchsorted(self.starts, start, side="right")) - 1, len(self.paths)):
+            lo, hi = max(start, self.starts[s]), min(stop, self.starts[s + 1])
+            if lo >= stop:
+                break
+            if hi > lo:
+                out.append((self.paths[s], int(lo - self.starts[s]), int(hi - self.starts[s])))
+        return out
+
+    def load(self, ranges: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], ray.ObjectRef], list[str]]:
+        """Each range's block as an object-store piece, and the blocks' digests in ``ranges`` order.
+
+        Raises ValueError naming the images whose embeddings the tiles cannot take.
+        """
+        refs = {
+            r: _load_block.remote(self.run.uri, self.run.storage_options, self.spans(*r), self.dim) for r in ranges
+        }
+        infos = ray.get([info for _, info in refs.values()])
+        bad = [(start + where, norms) for (start, _), (_, where, norms) in zip(ranges, infos, strict=True) if len(where)]
+        if bad:
+            positions = np.concatenate([b[0] for b in bad])
+            raise ValueError(bad_rows_message(self.ids[positions], np.concatenate([b[1] for b in bad])))
+        return {r: piece for r, (piece, _) in refs.items()}, [digest for digest, _, _ in infos]
