@@ -84,7 +84,7 @@ def main() -> None:
     import ray
     import torch
 
-    from enrich_dist import imaging
+    from enrich_dist import imaging, schema
     from enrich_dist.config import EmbedConfig, EncoderConfig, ManifestConfig
     from enrich_dist.datasets import make_echo_archive
     from enrich_dist.embed import ShardEmbedder, actor_threads, pending_shards, plan_actors, run_embed
@@ -111,6 +111,7 @@ def main() -> None:
         checkpoint = CHECKPOINTS[model]
         network = ContrastiveEncoder() if model == "contrastive" else BetaVAE()
         run.write_bytes(checkpoint, encoder_bytes(network, EncoderConfig()))
+        run.write_json(schema.ENCODER_TRAIN_STATS, {"model": model})  # what the embed stage checks it holds
         run.mark_done("encoder", {"model": model})
 
         def bare_decode() -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 from benchmarks import similarity as bench
 
@@ -63,3 +64,18 @@ def test_selection_quality_scores_with_the_evaluation_stages_networks() -> None:
     train, test = np.arange(0, 80, 2), np.arange(1, 80, 2)
     assert selection_quality.stage_auc("cnn", small, labels, train, test, seed=0) > 0.95
     assert selection_quality.stage_auc("linear", small, labels, train, test, seed=0) > 0.95
+
+
+def test_embed_benchmark_runs_the_default_embedder(tmp_path) -> None:
+    """The embedding benchmark runs end to end with the default (contrastive) encoder and writes its record."""
+    import sys
+
+    out = tmp_path / "embed.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-P", "benchmarks/embed.py", "--images", "300", "--work", str(tmp_path / "w"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["images"] == 300 and record["embedder"] == "contrastive"
+    assert record["ratio_stage_to_decode"] > 0 and record["stage_images_per_s"] > 0
