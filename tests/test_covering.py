@@ -142,7 +142,7 @@ def test_bad_coverage_settings_are_named(ray_local, run_dir) -> None:
     from test_selection import write_inputs
 
     write_inputs(run_dir, 20)
-    with pytest.raises(ValueError, match="delta is a cosine similarity"):
+    with pytest.raises(ValueError, match=r"select.delta \(--delta\) must be in \[-1,1\), got 1.5"):
         run_select(run_dir, SelectConfig(mode="coverage", delta=1.5))
     with pytest.raises(ValueError, match=r"select --mode coverage: .*edges.*--delta, --max-edges"):
         run_select(run_dir, SelectConfig(mode="coverage", delta=-1.0, max_edges=5, seed_size=2, replicates=1))
