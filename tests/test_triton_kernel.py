@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_similarity import exact_unit_vectors as grid_vectors  # tests/ is on sys.path
+from test_similarity import sign_vectors
 
 if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -67,23 +69,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(triton_kernel, "BLOCK_M", 16)
     monkeypatch.setattr(triton_kernel, "BLOCK_N", 16)
     monkeypatch.setattr(triton_kernel, "BLOCK_K", 16)
-
-
-def grid_vectors(n: int, dim: int, seed: int, duplicates: int = 0) -> np.ndarray:
-    """Near-unit rows on a 2^-8 grid (products exact in float32 in any order); the last rows repeat the first."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.round(x * 256) / 256
-    if duplicates:
-        x[n - duplicates :] = x[:duplicates]
-    return x.astype(np.float32)
-
-
-def sign_vectors(n: int, seed: int) -> np.ndarray:
-    """Rows of +-0.5 in 4-d: similarities only -1, -0.5, 0, 0.5, 1, on bin edges and thresholds, with many ties."""
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, 2, (n, 4)) - 0.5).astype(np.float32)
 
 
 def brute_force(

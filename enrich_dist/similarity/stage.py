@@ -84,22 +84,17 @@ def _tile_group(
 
     ``rows(start, stop)`` gives the embedding rows of a tile's side.
     """
+    def common(tile: Tile, xi, xj) -> tuple:
+        return xi, xj, tile[0] == tile[2], spec.k, spec.thresholds, spec.edges
+
     if spec.backend == "numba":
         with threadpool_limits(limits=1):
             return [
                 (
                     tile,
                     kernel.tile_stats(
-                        rows(tile[0], tile[1]),
-                        rows(tile[2], tile[3]),
-                        tile[0] == tile[2],
-                        spec.k,
-                        spec.thresholds,
-                        spec.edges,
-                        row_offset=tile[0],
-                        col_offset=tile[2],
-                        row_floor=rf,
-                        col_floor=cf,
+                        *common(tile, rows(tile[0], tile[1]), rows(tile[2], tile[3])),
+                        row_offset=tile[0], col_offset=tile[2], row_floor=rf, col_floor=cf,
                         edge_threshold=spec.edge_threshold,
                     ),
                 )
@@ -124,16 +119,8 @@ def _tile_group(
         (
             tile,
             tile_stats(
-                block(tile[0], tile[1]),
-                block(tile[2], tile[3]),
-                tile[0] == tile[2],
-                spec.k,
-                spec.thresholds,
-                spec.edges,
-                row_offset=tile[0],
-                col_offset=tile[2],
-                device=spec.device,
-                precision=spec.precision,
+                *common(tile, block(tile[0], tile[1]), block(tile[2], tile[3])),
+                row_offset=tile[0], col_offset=tile[2], device=spec.device, precision=spec.precision,
                 edge_threshold=spec.edge_threshold,
             ),
         )

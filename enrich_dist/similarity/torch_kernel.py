@@ -151,6 +151,18 @@ def _on_device(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.
     return torch.tensor(np.asarray(x), device=device).to(dtype)
 
 
+def check_tile(xi, xj, diagonal: bool, edges: np.ndarray, row_offset: int, col_offset: int, precision: str):
+    """The tile's (rows, columns) after checking what the GPU kernels (torch and Triton) accept."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    nr, nc = len(xi), len(xj)
+    if diagonal and (nr != nc or row_offset != col_offset):
+        raise ValueError("a diagonal tile pairs a block with itself")
+    if edges[0] != -1.0 or edges[-1] != 1.0:
+        raise ValueError("histogram edges must span [-1, 1] uniformly (see histogram_edges)")
+    return nr, nc
+
+
 def tile_stats_torch(
     xi: np.ndarray | torch.Tensor,
     xj: np.ndarray | torch.Tensor,
@@ -169,13 +181,7 @@ def tile_stats_torch(
 
     ``edge_threshold`` (one of ``thresholds``) asks for every pair above it as well.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    nr, nc = len(xi), len(xj)
-    if diagonal and (nr != nc or row_offset != col_offset):
-        raise ValueError("a diagonal tile pairs a block with itself")
-    if edges[0] != -1.0 or edges[-1] != 1.0:
-        raise ValueError("histogram edges must span [-1, 1] uniformly (see histogram_edges)")
+    nr, nc = check_tile(xi, xj, diagonal, edges, row_offset, col_offset, precision)
     dev = torch.device(device)
     a = _on_device(xi, dev, PRECISIONS[precision])
     b = _on_device(xj, dev, PRECISIONS[precision])

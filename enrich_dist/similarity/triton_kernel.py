@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .kernel import TileStats, edge_limit, sorted_limits
-from .torch_kernel import _EMPTY_KEY, PRECISIONS, _decode, _on_device, bin_limits
+from .torch_kernel import _EMPTY_KEY, PRECISIONS, _decode, _on_device, bin_limits, check_tile
 
 try:
     import triton
@@ -219,13 +219,7 @@ def tile_stats_triton(
     Arguments and results as :func:`~enrich_dist.similarity.torch_kernel.tile_stats_torch`; edges come
     in another order. ``device`` is a CUDA device, or ``"cpu"`` under ``TRITON_INTERPRET=1``.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    nr, nc = len(xi), len(xj)
-    if diagonal and (nr != nc or row_offset != col_offset):
-        raise ValueError("a diagonal tile pairs a block with itself")
-    if edges[0] != -1.0 or edges[-1] != 1.0:
-        raise ValueError("histogram edges must span [-1, 1] uniformly (see histogram_edges)")
+    nr, nc = check_tile(xi, xj, diagonal, edges, row_offset, col_offset, precision)
     edge_lim = float(edge_limit(edge_threshold, thresholds))
     kernel, interpret = _jitted()
     dev = torch.device(device)
