@@ -288,6 +288,13 @@ class RunDir:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.uri_of(rel)} not found") from exc
 
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes ``start:stop`` of one file of the run dir (transient errors retried)."""
+        try:
+            return with_retries(lambda: self.fs.cat_file(self.path(rel), start=start, end=stop), self.uri_of(rel))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.uri_of(rel)} not found") from exc
+
     def write_bytes(self, rel: str, data: bytes, fsync: bool = True) -> None:
         """Write a whole file atomically: it is either absent or complete (transient errors retried).
 

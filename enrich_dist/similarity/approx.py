@@ -1,8 +1,8 @@
 """Approximate mode: FAISS k-means partitions, exact tiles within each partition and its nearest ones.
 
 Pairs in partitions that are not paired are never computed: top-k lists and threshold counts can
-miss them (counts are lower bounds), and the histogram estimates them from a uniform sample of
-pairs. Quality is measured, not assumed: a sample of images is compared with an exact brute force.
+miss them (counts are lower bounds), and the histogram estimates them from the pairs of a uniform
+sample of images. Quality is measured, not assumed: the sample is compared with an exact brute force.
 On a GPU node with a GPU build of FAISS (the ``gpu`` extra), k-means and the assignment to
 centroids run on the GPU; otherwise, or when the FAISS build has no GPU support, on the CPU (the
 partitions record which, and why).
@@ -18,8 +18,6 @@ import numpy as np
 from .kernel import float32_below, merge_topk
 from .plan import partition_pairs
 
-SAMPLE_PAIRS = 1_000_000
-PAIR_CHUNK = 1 << 16
 EXACT_CHUNK = 8192
 
 
@@ -50,75 +48,113 @@ def faiss_gpus() -> tuple[int, str]:
     return count, "" if count else "FAISS sees no GPU on this node"
 
 
-def partition(
-    x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int, gpu: bool = False
-) -> Partitions:
-    """Spherical k-means of the rows, each row to its nearest centroid, each partition with its ``nprobe`` nearest.
+KMEANS_POINTS = 256  # training rows per centroid (FAISS's own default cap)
 
-    ``gpu`` asks for k-means and the assignment on this node's GPU; without a GPU FAISS build or
-    device they run on the CPU and the partitions say why.
-    """
+
+def kmeans_sample(n: int, n_partitions: int, seed: int) -> np.ndarray:
+    """Sorted image positions k-means trains on: every image, or a seeded sample of 256 per partition."""
+    size = min(n, KMEANS_POINTS * max(1, n_partitions))
+    if size == n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def quality_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of the images whose approximate results are checked against a brute force."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False)).astype(np.int64)
+
+
+def train_centroids(
+    sample: np.ndarray, n_partitions: int, seed: int, threads: int, gpu: bool = False
+) -> tuple[np.ndarray, str, str]:
+    """Spherical k-means centroids of the sample rows; the device it ran on and why not the GPU asked for."""
     import faiss
 
-    n, dim = x.shape
+    n, dim = sample.shape
     n_partitions = max(1, min(n_partitions, n))
-    nprobe = max(1, min(nprobe, n_partitions))
     faiss.omp_set_num_threads(threads)
     device, note = "cpu", ""
     if gpu:
         count, note = faiss_gpus()
         device = "cuda" if count else "cpu"
-    x = np.ascontiguousarray(x, np.float32)
     kmeans = faiss.Kmeans(
-        dim, n_partitions, niter=20, seed=seed, spherical=True, verbose=False, gpu=device == "cuda"
+        dim, n_partitions, niter=20, seed=seed, spherical=True, verbose=False, gpu=device == "cuda",
+        max_points_per_centroid=max(KMEANS_POINTS, -(-n // n_partitions)),
     )
-    kmeans.train(x)
-    index = faiss.IndexFlatIP(dim)
-    if device == "cuda":
+    kmeans.train(np.ascontiguousarray(sample, np.float32))
+    return np.ascontiguousarray(kmeans.centroids, np.float32), device, note
+
+
+def _index(centroids: np.ndarray, gpu: bool):
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if gpu:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(kmeans.centroids)
-    assignment = index.search(x, 1)[1][:, 0].astype(np.int64)
-    neighbors = index.search(kmeans.centroids, nprobe)[1]
+    index.add(centroids)
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, gpu: bool = False) -> np.ndarray:
+    """Each row's nearest centroid (largest inner product)."""
+    if len(x) == 0:
+        return np.zeros(0, np.int64)
+    return _index(centroids, gpu).search(np.ascontiguousarray(x, np.float32), 1)[1][:, 0].astype(np.int64)
+
+
+def probe_pairs(centroids: np.ndarray, nprobe: int, gpu: bool = False) -> list[tuple[int, int]]:
+    """Partition pairs compared: each partition with its ``nprobe`` nearest (itself included)."""
+    nprobe = max(1, min(nprobe, len(centroids)))
+    return partition_pairs(_index(centroids, gpu).search(centroids, nprobe)[1])
+
+
+def from_assignment(
+    assignment: np.ndarray, n_partitions: int, pairs: list[tuple[int, int]], device: str = "cpu", note: str = ""
+) -> Partitions:
+    """Images sorted by partition (stable: by position within one) and each partition's rows."""
     perm = np.argsort(assignment, kind="stable")
     bounds = np.searchsorted(assignment[perm], np.arange(n_partitions + 1))
-    return Partitions(perm, bounds, assignment, partition_pairs(neighbors), device, note)
+    return Partitions(perm, bounds, assignment, pairs, device, note)
 
 
-def covered_pairs(parts: Partitions) -> np.ndarray:
+def partition(
+    x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int, gpu: bool = False
+) -> Partitions:
+    """Spherical k-means of the rows, each row to its nearest centroid, each partition with its ``nprobe`` nearest.
+
+    k-means trains on :func:`kmeans_sample`'s rows, as the stage's streamed passes do. ``gpu`` asks for
+    k-means and the assignment on this node's GPU; without a GPU FAISS build or device they run on the
+    CPU and the partitions say why.
+    """
+    n = len(x)
+    n_partitions = max(1, min(n_partitions, n))
+    x = np.ascontiguousarray(x, np.float32)
+    centroids, device, note = train_centroids(x[kmeans_sample(n, n_partitions, seed)], n_partitions, seed, threads, gpu)
+    on_gpu = device == "cuda"
+    return from_assignment(
+        assign(x, centroids, on_gpu), len(centroids), probe_pairs(centroids, nprobe, on_gpu), device, note
+    )
+
+
+def covered_pairs(pairs: list[tuple[int, int]], size: int) -> np.ndarray:
     """Boolean matrix: whether images of partitions p and q are compared."""
-    size = len(parts.bounds) - 1
     covered = np.zeros((size, size), bool)
-    for p, q in parts.pairs:
+    for p, q in pairs:
         covered[p, q] = covered[q, p] = True
     return covered
 
 
-def estimate_missing_histogram(
-    x: np.ndarray, parts: Partitions, edges: np.ndarray, missing_pairs: int, seed: int
-) -> tuple[np.ndarray, int]:
-    """Histogram of the pairs no tile computed, scaled from a uniform sample of pairs; and how many were sampled."""
-    n = len(x)
-    bins = len(edges) - 1
-    if missing_pairs == 0 or n < 2:
-        return np.zeros(bins, np.int64), 0
-    rng = np.random.default_rng(seed)
-    i = rng.integers(0, n, SAMPLE_PAIRS)
-    j = rng.integers(0, n, SAMPLE_PAIRS)
-    keep = (i != j) & ~covered_pairs(parts)[parts.assignment[i], parts.assignment[j]]
-    i, j = i[keep], j[keep]
-    if len(i) == 0:
-        return np.zeros(bins, np.int64), 0
-    sims = np.concatenate(
-        [
-            np.einsum("ij,ij->i", x[i[c : c + PAIR_CHUNK]], x[j[c : c + PAIR_CHUNK]])
-            for c in range(0, len(i), PAIR_CHUNK)
-        ]
-    ).astype(np.float64)
-    counts = np.histogram(np.clip(sims, -1.0, 1.0), edges)[0] * (missing_pairs / len(i))
+def missing_histogram(sampled: np.ndarray, missing_pairs: int) -> np.ndarray:
+    """The histogram of ``missing_pairs`` pairs never compared, scaled from the sampled ones' (whole counts)."""
+    bins = len(sampled)
+    total = int(sampled.sum())
+    if missing_pairs == 0 or total == 0:
+        return np.zeros(bins, np.int64)
+    counts = sampled * (missing_pairs / total)
     whole = np.floor(counts).astype(np.int64)
     short = missing_pairs - int(whole.sum())
     whole[np.argsort(-(counts - whole), kind="stable")[:short]] += 1
-    return whole, len(i)
+    return whole
 
 
 def _desc_keys(vals: np.ndarray) -> np.ndarray:
@@ -132,29 +168,53 @@ def exact_rows(
     x: np.ndarray, rows: np.ndarray, k: int, thresholds: list[float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Brute force for images ``rows`` against all images: top-k values and ids (ties to the smaller id), counts above each threshold."""
+    vals, idx, counts, _ = rows_against_block(x[rows], rows, x, 0, k, thresholds)
+    return vals, idx, counts
+
+
+def rows_against_block(
+    xs: np.ndarray,
+    rows: np.ndarray,
+    block: np.ndarray,
+    first: int,
+    k: int,
+    thresholds: list[float],
+    uncovered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Images ``rows`` (their rows ``xs``) against the images ``first:first + len(block)``, by brute force.
+
+    Top-k values and ids (ties to the smaller id; a row is never its own neighbour), counts above each
+    threshold, and with ``uncovered = (compared, row_parts, block_parts, histogram edges)`` the
+    histogram of the pairs whose partitions are not compared (how the approximate mode estimates them).
+    """
     limits = [float32_below(t) for t in thresholds]
     vals = np.full((len(rows), k), -np.inf, np.float32)
     idx = np.full((len(rows), k), -1, np.int64)
     counts = np.zeros((len(thresholds), len(rows)), np.int64)
+    hist = None if uncovered is None else np.zeros(len(uncovered[3]) - 1, np.int64)
     local = np.arange(len(rows))
-    xs = x[rows]
-    for c0 in range(0, len(x), EXACT_CHUNK):
-        c1 = min(c0 + EXACT_CHUNK, len(x))
-        s = xs @ x[c0:c1].T
-        own = (rows >= c0) & (rows < c1)
-        s[local[own], rows[own] - c0] = -np.inf
+    for c0 in range(0, len(block), EXACT_CHUNK):
+        c1 = min(c0 + EXACT_CHUNK, len(block))
+        s = xs @ block[c0:c1].T
+        own = (rows >= first + c0) & (rows < first + c1)
+        s[local[own], rows[own] - first - c0] = -np.inf
+        if uncovered is not None:
+            compared, row_parts, block_parts, edges = uncovered
+            skip = compared[row_parts][:, block_parts[c0:c1]]
+            skip[local[own], rows[own] - first - c0] = True
+            hist += np.histogram(np.clip(s[~skip].astype(np.float64), -1.0, 1.0), edges)[0]
         for t, limit in enumerate(limits):
             counts[t] += np.count_nonzero(s > limit, axis=1)
         if k == 0:
             continue
-        keys = (_desc_keys(s) << np.uint64(32)) | np.arange(c0, c1, dtype=np.uint64)
+        keys = (_desc_keys(s) << np.uint64(32)) | np.arange(first + c0, first + c1, dtype=np.uint64)
         kk = min(k, c1 - c0)
         best = np.sort(np.partition(keys, kk - 1, axis=1)[:, :kk], axis=1)
         chunk_idx = (best & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        chunk_vals = np.take_along_axis(s, chunk_idx - c0, axis=1)
+        chunk_vals = np.take_along_axis(s, chunk_idx - first - c0, axis=1)
         chunk_idx[np.isneginf(chunk_vals)] = -1
         vals, idx = merge_topk(vals, idx, chunk_vals, chunk_idx, k)
-    return vals, idx, counts
+    return vals, idx, counts, hist
 
 
 def sample_quality(

@@ -57,11 +57,8 @@ def bad_rows_message(ids: np.ndarray, norms: np.ndarray) -> str:
     )
 
 
-@ray.remote(num_returns=2)
-def _load_block(
-    uri: str, storage_options: dict | None, spans: list[tuple[str, int, int]], dim: int
-) -> tuple[np.ndarray, tuple[str, np.ndarray, np.ndarray]]:
-    """One block: rows ``start:stop`` of each shard in ``spans``; and (digest, bad positions, their norms)."""
+def read_spans(uri: str, storage_options: dict | None, spans: list[tuple[str, int, int]], dim: int) -> np.ndarray:
+    """Rows ``start:stop`` of each shard in ``spans``, as one float32 matrix."""
     run = RunDir(uri, storage_options)
     parts = [
         embedding_matrix(run.read_table(path, columns=["embedding"]).column("embedding"))[start:stop]
@@ -70,8 +67,73 @@ def _load_block(
     block = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
     if block.shape[1] != dim:
         raise ValueError(f"embedding shards of dimension {block.shape[1]} and {dim}: rerun `enrich embed`")
+    return block
+
+
+def digest(block: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(block).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+
+
+@ray.remote(num_returns=2)
+def _load_block(
+    uri: str, storage_options: dict | None, spans: list[tuple[str, int, int]], dim: int
+) -> tuple[np.ndarray, tuple[str, np.ndarray, np.ndarray]]:
+    """One block: rows ``start:stop`` of each shard in ``spans``; and (digest, bad positions, their norms)."""
+    block = read_spans(uri, storage_options, spans, dim)
     where, norms = bad_rows(block)
-    return block, (hashlib.blake2b(block.view(np.uint8).reshape(-1), digest_size=16).hexdigest(), where, norms)
+    return block, (digest(block), where, norms)
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows ``start:stop`` of a float32 matrix with ``dim`` columns that a task reads: an object-store
+    array (``ref``: a one-element list, so that Ray passes the reference, not the array), a raw scratch
+    file of a run dir (``uri``, ``rel``), or rows of the embedding shards (``spans``)."""
+
+    start: int
+    stop: int
+    dim: int
+    ref: list | None = None
+    uri: str | None = None
+    storage_options: dict | None = None
+    rel: str | None = None
+    spans: tuple | None = None
+
+
+def read_rows(where: RowRange) -> np.ndarray:
+    """The rows ``where`` names (read-only; zero-copy from the object store on the same node)."""
+    if where.ref is not None:
+        return ray.get(where.ref[0])[where.start : where.stop]
+    if where.spans is not None:
+        block = read_spans(where.uri, where.storage_options, list(where.spans), where.dim)
+        block.setflags(write=False)
+        return block
+    size = 4 * where.dim
+    data = RunDir(where.uri, where.storage_options).read_range(where.rel, where.start * size, where.stop * size)
+    return np.frombuffer(data, np.float32).reshape(-1, where.dim)
+
+
+def fetch(pieces: dict) -> dict:
+    """Each piece's rows: object-store refs fetched in one call, :class:`RowRange` pieces read."""
+    refs = {key: value for key, value in pieces.items() if isinstance(value, ray.ObjectRef)}
+    out = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+    out.update({key: read_rows(value) for key, value in pieces.items() if key not in refs})
+    return out
+
+
+@dataclass
+class MatrixSource:
+    """An embedding matrix the driver already holds, offered to tasks as the shards are: block by block."""
+
+    x: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1]
+
+    def block(self, start: int, stop: int) -> RowRange:
+        return RowRange(0, stop - start, self.dim, ref=[ray.put(self.x[start:stop])])
 
 
 @dataclass
@@ -98,6 +160,13 @@ class ShardSource:
         dim = run.read_table(paths[0], columns=["embedding"]).schema.field("embedding").type.list_size
         starts = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])])
         return cls(run, paths, starts, ids, dim)
+
+    def block(self, start: int, stop: int) -> RowRange:
+        """Image positions ``start:stop`` as a task reads them from the shards."""
+        return RowRange(
+            start, stop, self.dim, uri=self.run.uri, storage_options=self.run.storage_options,
+            spans=tuple(self.spans(start, stop)),
+        )
 
     def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
         """(shard, first row, row after the last) covering image positions ``start:stop``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from ..schema import (
     neighbors_schema,
 )
 from ..storage import RunDir, shard_name
-from . import approx, kernel
+from . import approx, kernel, partitioned
 from .duplicates import write_duplicates
 from .plan import (
     Tile,
@@ -45,7 +44,7 @@ from .plan import (
 )
 from .reduce import PARTIALS_DIR, EdgeCapError, Reduction, load_checkpoint, save_checkpoint
 from .siblings import sibling_recall_from_run
-from .source import ShardSource, bad_rows, bad_rows_message, embedding_matrix
+from .source import MatrixSource, ShardSource, bad_rows, bad_rows_message, embedding_matrix, fetch
 
 log = logging.getLogger("enrich_dist.similarity")
 
@@ -56,7 +55,7 @@ EDGES_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("sim", pa.float
 MIN_TASK_PAIRS = 1 << 22
 GPU_BLOCK = 65536
 SUMMARY = SIMILARITY_SUMMARY
-PARTITIONS = posixpath.join(PARTIALS_DIR, "partitions.npz")
+PARTITIONS = partitioned.PARTITIONS
 MODES = ("exact", "approx")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -133,10 +132,10 @@ def _tile_group_on_node(
 ) -> tuple[str, list]:
     """A tile task: the node it ran on (the summary counts them), and the group's results.
 
-    ``pieces`` holds the object-store refs of just the row ranges its tiles read, fetched here: a node
-    receives the blocks its tasks use, never the whole matrix.
+    ``pieces`` holds just the row ranges its tiles read (object-store refs, or ranges of the approximate
+    mode's scratch files), fetched here: a node receives the blocks its tasks use, never the whole matrix.
     """
-    arrays = dict(zip(pieces, ray.get(list(pieces.values())), strict=True))
+    arrays = fetch(pieces)
     results = _tile_group(lambda start, stop: arrays[(start, stop)], tiles, floors, spec)
     return ray.get_runtime_context().get_node_id(), results
 
@@ -185,19 +184,6 @@ def warm_workers(cfg: SimilarityConfig) -> list[ray.ObjectRef]:
     return [_warm_task.remote(spec) for _ in range(resources.cpus)]
 
 
-@ray.remote
-def _partition_task(
-    x: np.ndarray, n_partitions: int, nprobe: int, seed: int, threads: int, gpu: bool
-) -> approx.Partitions:
-    return approx.partition(x, n_partitions, nprobe, seed, threads, gpu)
-
-
-@ray.remote(num_cpus=1)
-def _exact_rows_task(x: np.ndarray, rows: np.ndarray, k: int, thresholds: list[float]) -> tuple:
-    with threadpool_limits(limits=1):
-        return approx.exact_rows(x, rows, k, thresholds)
-
-
 def _device(cfg: SimilarityConfig, gpus: int) -> str:
     """``cpu`` or ``cuda`` from the config and the cluster; says so when a GPU is asked for and absent."""
     if cfg.device not in DEVICES:
@@ -230,64 +216,6 @@ def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
     digest.update(ids.view(np.uint8))
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def _partitions(
-    x_ref: ray.ObjectRef,
-    n: int,
-    cfg: SimilarityConfig,
-    workers: int,
-    run: RunDir | None,
-    fingerprint: str,
-    device: str,
-) -> approx.Partitions:
-    """The k-means partitions (one Ray task using every CPU of a node, and its GPU on ``cuda``); reused on a rerun."""
-    if run is not None and run.exists(PARTITIONS):
-        saved = np.load(io.BytesIO(run.read_bytes(PARTITIONS)))
-        if str(saved["fingerprint"]) == fingerprint:
-            log.info("similarity: reusing partitions from %s", run.uri_of(PARTITIONS))
-            pairs = [(int(p), int(q)) for p, q in saved["pairs"]]
-            return approx.Partitions(
-                saved["perm"],
-                saved["bounds"],
-                saved["assignment"],
-                pairs,
-                *(
-                    str(saved[key]) if key in saved else default
-                    for key, default in (("device", "cpu"), ("note", ""))
-                ),
-            )
-    size = cfg.n_partitions or approx.default_partitions(n)
-    threads = max(
-        1, min(workers, max(int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]))
-    )
-    start = time.perf_counter()
-    gpu = device == "cuda"
-    task = _partition_task.options(num_cpus=threads, num_gpus=1 if gpu else 0)
-    parts = ray.get(task.remote(x_ref, size, cfg.nprobe, cfg.seed, threads, gpu))
-    log.info(
-        "similarity: %d k-means partitions on %s, nprobe %d, %d partition pairs in %.1f s%s",
-        len(parts.bounds) - 1,
-        parts.device,
-        cfg.nprobe,
-        len(parts.pairs),
-        time.perf_counter() - start,
-        f" ({parts.device_note})" if parts.device_note else "",
-    )
-    if run is not None:
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            perm=parts.perm,
-            bounds=parts.bounds,
-            assignment=parts.assignment,
-            pairs=np.array(parts.pairs, np.int64).reshape(-1, 2),
-            fingerprint=np.array(fingerprint),
-            device=np.array(parts.device),
-            note=np.array(parts.device_note),
-        )
-        run.write_bytes(PARTITIONS, buf.getvalue())
-    return parts
 
 
 def _mib(size: int) -> str:
@@ -446,21 +374,6 @@ def _neighbors_table(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _approx_quality(
-    x_ref: ray.ObjectRef, reduction: Reduction, cfg: SimilarityConfig, thresholds: list[float], n: int
-) -> dict:
-    """Recall and count errors of approximate results on a seeded sample of images, against brute force."""
-    rng = np.random.default_rng(cfg.seed)
-    sample = np.sort(rng.choice(n, size=min(cfg.sample_size, n), replace=False))
-    chunks = [rows for rows in np.array_split(sample, 8) if len(rows)]
-    parts = ray.get([_exact_rows_task.remote(x_ref, rows, reduction.k, thresholds) for rows in chunks])
-    exact_idx = np.concatenate([p[1] for p in parts]) if parts else reduction.idx[:0]
-    exact_counts = np.concatenate([p[2] for p in parts], axis=1) if parts else reduction.counts[:, :0]
-    return approx.sample_quality(
-        reduction.idx[sample], reduction.counts[:, sample], exact_idx, exact_counts, thresholds
-    )
-
-
 def compute_similarity(
     x: np.ndarray, ids: np.ndarray, cfg: SimilarityConfig, progress: bool = True, run: RunDir | None = None
 ) -> tuple[pa.Table, dict]:
@@ -484,15 +397,13 @@ def compute_similarity_edges(
 
     The edge table has image ids ``i`` < ``j`` and their similarity ``sim``, sorted by the two ids; it is
     empty when ``cfg.edge_threshold`` is None. In approximate mode it holds the pairs compared. ``x``
-    may be a :class:`ShardSource` (exact mode; ``ids`` is then its own): loader tasks read the row
-    blocks from the shards and no process holds the whole matrix.
+    may be a :class:`ShardSource` (``ids`` is then its own): tasks read the row blocks from the shards
+    and no process holds the whole matrix.
     """
     start = time.perf_counter()
     check_section("similarity", cfg)
     source = x if isinstance(x, ShardSource) else None
     if source is not None:
-        if cfg.mode != "exact":
-            raise ValueError("embedding shards are streamed into the exact mode only; read them whole for approx")
         ids, n, dim = source.ids, len(source.ids), source.dim
     else:
         x = np.asarray(x, dtype=np.float32)
@@ -532,17 +443,31 @@ def compute_similarity_edges(
         "precision": cfg.precision,
         "edge_threshold": edge_t,
     }
-    x_ref, parts = None, None
-    if source is not None:  # loader tasks read the blocks from the shards; the digests stand for the matrix
+    parts = layout = None
+    if cfg.mode == "approx":  # scan, k-means on a sample, scatter and gather: see partitioned.py
+        size = cfg.n_partitions or approx.default_partitions(n)
+        found = partitioned.scan(
+            source if source is not None else MatrixSource(x, ids),
+            n,
+            np.union1d(approx.kmeans_sample(n, size, cfg.seed), approx.quality_sample(n, cfg.sample_size, cfg.seed)),
+        )
+        fingerprint = _fingerprint(np.frombuffer("".join(found.digests).encode(), np.uint8), ids, settings)
+        threads = max(
+            1, min(resources.cpus, max(int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]))
+        )
+        cents = partitioned.centroids(
+            found, n, size, cfg.nprobe, cfg.seed, threads, device == "cuda", run, fingerprint
+        )
+        layout = partitioned.layout(
+            found, cents, n, dim, cfg.sample_size, cfg.seed, k, thresholds, histogram_edges(cfg.bins), run
+        )
+        parts = layout.parts
+        tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
+        pieces = layout.pieces(tile_ranges(tiles))
+    elif source is not None:  # loader tasks read the blocks from the shards; the digests stand for the matrix
         tiles = schedule(tile_plan(n, block))
         pieces, digests = source.load(tile_ranges(tiles))
         fingerprint = _fingerprint(np.frombuffer("".join(digests).encode(), np.uint8), ids, settings)
-    elif cfg.mode == "approx":
-        fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
-        x_ref = ray.put(x)  # k-means and the quality sample read every row
-        parts = _partitions(x_ref, n, cfg, resources.cpus, run, fingerprint, device)
-        tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
-        pieces = put_pieces(np.ascontiguousarray(x[parts.perm]), tiles)
     else:
         fingerprint = _fingerprint(x, ids, settings) if run is not None else ""
         tiles = schedule(tile_plan(n, block))
@@ -578,12 +503,13 @@ def compute_similarity_edges(
     edges = histogram_edges(cfg.bins)
     n_pairs = n * (n - 1) // 2
     details: dict = {}
-    if parts is not None:
-        missing, sampled = approx.estimate_missing_histogram(
-            x, parts, edges, n_pairs - reduction.pairs, cfg.seed
+    if layout is not None:
+        reduction.hist += approx.missing_histogram(layout.sampled_hist, n_pairs - reduction.pairs)
+        quality = approx.sample_quality(
+            reduction.idx[layout.sample], reduction.counts[:, layout.sample], layout.exact_idx,
+            layout.exact_counts, thresholds,
         )
-        reduction.hist += missing
-        quality = _approx_quality(x_ref, reduction, cfg, thresholds, n)
+        sampled = int(layout.sampled_hist.sum())
         details["approx"] = {
             **quality,
             "n_partitions": len(parts.bounds) - 1,
@@ -592,7 +518,7 @@ def compute_similarity_edges(
             "nprobe": cfg.nprobe,
             "pairs_computed": reduction.pairs,
             "pair_fraction_computed": reduction.pairs / n_pairs if n_pairs else 1.0,
-            "histogram": f"computed pairs exact; the other pairs estimated from {sampled} sampled pairs",
+            "histogram": f"computed pairs exact; the other pairs estimated from {sampled} pairs of the sampled images",
             "threshold_counts": "lower bounds: pairs in partitions never compared are not counted",
         }
     pairs_above = {t: int(reduction.counts[i].sum()) // 2 for i, t in enumerate(thresholds)}
@@ -673,7 +599,7 @@ def compute_stage(run: RunDir, ctx: Context) -> dict:
     cfg = ctx.config.similarity
     check_section("similarity", cfg)
     warming = warm_workers(cfg)
-    source = ShardSource.open(run) if cfg.mode == "exact" else None
+    source = ShardSource.open(run)
     x, ids = (source, None) if source is not None else _read_embeddings(run)
     try:
         table, summary, edge_table = compute_similarity_edges(x, ids, cfg, run=run)
