@@ -26,13 +26,17 @@ ERRORS_DIR = schema.EMBED_ERRORS_DIR
 CPU_ACTOR_CPUS = 4  # CPUs per CPU actor: few, wide actors keep every core busy to the last manifest shard
 
 
-def plan_actors(res: Resources, cfg: EmbedConfig, cpus_per_gpu: int | None = None) -> tuple[int, float, float, str]:
+def plan_actors(
+    res: Resources, cfg: EmbedConfig, cpus_per_gpu: int | None = None, node_cpus: int | None = None
+) -> tuple[int, float, float, str]:
     """(actors, cpus per actor, gpus per actor, device) for the cluster; never asks for absent GPUs.
 
     GPU: one actor per GPU, each holding the CPUs that go with its GPU (``cpus_per_gpu``, by default
     an equal share of the cluster's) to decode while the GPU encodes. CPU: one actor per
-    ``CPU_ACTOR_CPUS`` CPUs (or ``num_actors``), each holding its share of the CPUs. A manifest shard
-    is one unit of work, so wide actors keep every core busy when there are few shards left.
+    ``CPU_ACTOR_CPUS`` CPUs (or ``num_actors``), each holding its share of the CPUs but never more than
+    the largest node has (``node_cpus``: an actor wider than every node would wait forever). A
+    manifest shard is one unit of work, so wide actors keep every core busy when there are few shards
+    left.
     """
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"embed device must be auto, cpu or cuda, got {cfg.device!r}")
@@ -43,8 +47,9 @@ def plan_actors(res: Resources, cfg: EmbedConfig, cpus_per_gpu: int | None = Non
         per_gpu = cpus_per_gpu if cpus_per_gpu is not None else res.cpus // res.gpus
         return n, float(max(1, per_gpu)), 1.0, "cuda"
     cpus = max(1, res.cpus)
-    n = max(1, min(cfg.num_actors or -(-cpus // CPU_ACTOR_CPUS), cpus))
-    return n, float(max(1, min(CPU_ACTOR_CPUS, cpus // n))), 0.0, "cpu"
+    width = max(1, min(CPU_ACTOR_CPUS, node_cpus or cpus))
+    n = max(1, min(cfg.num_actors or -(-cpus // width), cpus))
+    return n, float(max(1, min(width, cpus // n))), 0.0, "cpu"
 
 
 def actor_threads(cpus: float, device: str, cfg: EmbedConfig) -> tuple[int, int]:
@@ -423,7 +428,7 @@ def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
 
     work = pending_shards(run)
     res = cluster_resources()
-    n_actors, cpus, gpus, device = plan_actors(res, cfg, _cpus_per_gpu(ray) if res.gpus else None)
+    n_actors, cpus, gpus, device = plan_actors(res, cfg, _cpus_per_gpu(ray) if res.gpus else None, _node_cpus(ray))
     n_actors = max(1, min(n_actors, len(work)))
     threads, decode_threads = actor_threads(cpus, device, cfg)
     if cfg.embedder in ("vae", "contrastive"):
@@ -455,6 +460,12 @@ def _embed_with_actors(run: RunDir, cfg: EmbedConfig, start: float) -> dict:
                 extra={"shard_seconds": float(row["seconds"])},
             )
     return {"device": device, "actors": n_actors}
+
+
+def _node_cpus(ray) -> int | None:
+    """The most CPUs any alive node has (an actor must fit one node), None if unknown."""
+    cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    return max(cpus) if cpus and max(cpus) > 0 else None
 
 
 def _cpus_per_gpu(ray) -> int | None:

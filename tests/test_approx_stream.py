@@ -11,12 +11,12 @@ import logging
 
 import numpy as np
 import pytest
+from test_similarity import clustered, write_embeddings
 
 from enrich_dist.config import SimilarityConfig
 from enrich_dist.schema import EDGES_DIR, NEIGHBORS_DIR, threshold_column
 from enrich_dist.similarity import approx, partitioned, stage
 from enrich_dist.similarity.stage import compute_similarity, compute_similarity_edges, run_similarity
-from test_similarity import clustered, write_embeddings
 
 THRESHOLDS = (0.5, 0.9)
 
@@ -67,9 +67,8 @@ def test_streamed_approx_stage_equals_a_brute_force_over_compared_partitions(
     for t, want in zip(THRESHOLDS, counts, strict=True):
         np.testing.assert_array_equal(table.column(threshold_column(t)).to_numpy(), want)
     edges = run_dir.read_table(EDGES_DIR)
-    assert sorted(zip(edges.column("i").to_pylist(), edges.column("j").to_pylist())) == sorted(
-        zip((ids[ei]).tolist(), (ids[ej]).tolist())
-    )
+    got_edges = set(zip(edges.column("i").to_pylist(), edges.column("j").to_pylist(), strict=True))
+    assert len(got_edges) == edges.num_rows and got_edges == set(zip(ids[ei].tolist(), ids[ej].tolist(), strict=True))
     summary = run_dir.read_json("similarity/summary.json")
     quality = summary["approx"]
     assert quality["pairs_computed"] == compared_pairs and sum(summary["histogram"]["counts"]) == n * (n - 1) // 2
@@ -124,3 +123,25 @@ def test_missing_histogram_keeps_the_total_and_the_shape() -> None:
 ])
 def test_partition_groups_hold_whole_partitions(sizes, rows, want) -> None:
     assert partitioned._groups(np.array(sizes), rows) == want
+
+
+def test_sample_rows_against_blocks_merge_to_the_brute_force_with_ties(monkeypatch) -> None:
+    """The scatter tasks' brute force for the quality sample: blocks and chunks of awkward sizes, many ties."""
+    from test_similarity import oracle, sign_vectors
+
+    from enrich_dist.similarity.kernel import merge_topk
+
+    monkeypatch.setattr(approx, "EXACT_CHUNK", 16)
+    x = sign_vectors(130, seed=9)
+    _, counts, vals, idx = oracle(x, 6, THRESHOLDS, 4)
+    rows = np.array([0, 5, 36, 37, 64, 129])
+    got_vals = np.full((len(rows), 6), -np.inf, np.float32)
+    got_idx = np.full((len(rows), 6), -1, np.int64)
+    got_counts = np.zeros((len(THRESHOLDS), len(rows)), np.int64)
+    for a, b in [(0, 37), (37, 90), (90, 130)]:
+        v, i, c = approx.rows_against_block(x[rows], rows, x[a:b], a, 6, list(THRESHOLDS))
+        got_vals, got_idx = merge_topk(got_vals, got_idx, v, i, 6)
+        got_counts += c
+    np.testing.assert_array_equal(got_idx, idx[rows])
+    np.testing.assert_array_equal(got_vals, vals[rows])
+    np.testing.assert_array_equal(got_counts, counts[:, rows])

@@ -42,6 +42,10 @@ def test_plan_actors_never_waits_for_absent_gpus():
     assert plan_actors(Resources(cpus=2, gpus=0), EmbedConfig()) == (1, 2.0, 0.0, "cpu")
     assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig()) == (4, 4.0, 0.0, "cpu")
     assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig(num_actors=16)) == (16, 1.0, 0.0, "cpu")
+    # actors never wider than the largest node: two 1-CPU nodes get two 1-CPU actors, not one of 2
+    assert plan_actors(Resources(cpus=2, gpus=0), EmbedConfig(), node_cpus=1) == (2, 1.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=12, gpus=0), EmbedConfig(), node_cpus=3) == (4, 3.0, 0.0, "cpu")
+    assert plan_actors(Resources(cpus=16, gpus=0), EmbedConfig(num_actors=2), node_cpus=4) == (2, 4.0, 0.0, "cpu")
     assert plan_actors(Resources(cpus=16, gpus=4), EmbedConfig()) == (4, 4.0, 1.0, "cuda")
     assert plan_actors(Resources(cpus=64, gpus=4), EmbedConfig(), cpus_per_gpu=8) == (4, 8.0, 1.0, "cuda")
     # torch threads, decode threads: CPU actors use every CPU they hold for both, GPU actors decode with theirs

@@ -157,19 +157,11 @@ def missing_histogram(sampled: np.ndarray, missing_pairs: int) -> np.ndarray:
     return whole
 
 
-def _desc_keys(vals: np.ndarray) -> np.ndarray:
-    """uint64 keys whose ascending order is the float32 values' descending order (-0.0 as 0.0)."""
-    bits = np.add(vals, np.float32(0.0), dtype=np.float32).view(np.int32)
-    ascending = np.where(bits >= 0, bits, bits ^ np.int32(0x7FFFFFFF)).astype(np.int64)
-    return (np.int64(0x7FFFFFFF) - ascending).astype(np.uint64)
-
-
 def exact_rows(
     x: np.ndarray, rows: np.ndarray, k: int, thresholds: list[float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Brute force for images ``rows`` against all images: top-k values and ids (ties to the smaller id), counts above each threshold."""
-    vals, idx, counts, _ = rows_against_block(x[rows], rows, x, 0, k, thresholds)
-    return vals, idx, counts
+    return rows_against_block(x[rows], rows, x, 0, k, thresholds)
 
 
 def rows_against_block(
@@ -179,42 +171,58 @@ def rows_against_block(
     first: int,
     k: int,
     thresholds: list[float],
-    uncovered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images ``rows`` (their rows ``xs``) against the images ``first:first + len(block)``, by brute force.
 
-    Top-k values and ids (ties to the smaller id; a row is never its own neighbour), counts above each
-    threshold, and with ``uncovered = (compared, row_parts, block_parts, histogram edges)`` the
-    histogram of the pairs whose partitions are not compared (how the approximate mode estimates them).
+    Top-k values and ids (ties to the smaller id; a row is never its own neighbour) and counts above
+    each threshold.
     """
     limits = [float32_below(t) for t in thresholds]
     vals = np.full((len(rows), k), -np.inf, np.float32)
     idx = np.full((len(rows), k), -1, np.int64)
     counts = np.zeros((len(thresholds), len(rows)), np.int64)
-    hist = None if uncovered is None else np.zeros(len(uncovered[3]) - 1, np.int64)
     local = np.arange(len(rows))
     for c0 in range(0, len(block), EXACT_CHUNK):
         c1 = min(c0 + EXACT_CHUNK, len(block))
         s = xs @ block[c0:c1].T
         own = (rows >= first + c0) & (rows < first + c1)
         s[local[own], rows[own] - first - c0] = -np.inf
-        if uncovered is not None:
-            compared, row_parts, block_parts, edges = uncovered
-            skip = compared[row_parts][:, block_parts[c0:c1]]
-            skip[local[own], rows[own] - first - c0] = True
-            hist += np.histogram(np.clip(s[~skip].astype(np.float64), -1.0, 1.0), edges)[0]
         for t, limit in enumerate(limits):
             counts[t] += np.count_nonzero(s > limit, axis=1)
         if k == 0:
             continue
-        keys = (_desc_keys(s) << np.uint64(32)) | np.arange(first + c0, first + c1, dtype=np.uint64)
         kk = min(k, c1 - c0)
-        best = np.sort(np.partition(keys, kk - 1, axis=1)[:, :kk], axis=1)
-        chunk_idx = (best & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        chunk_vals = np.take_along_axis(s, chunk_idx - first - c0, axis=1)
-        chunk_idx[np.isneginf(chunk_vals)] = -1
+        kth = np.partition(s, c1 - c0 - kk, axis=1)[:, c1 - c0 - kk]
+        r, c = np.nonzero(s >= kth[:, None])  # the k best of each row, with any ties at the k-th
+        v = s[r, c]
+        order = np.lexsort((c, -v, r))  # by row, then largest first, then smaller index
+        r, c, v = r[order], c[order], v[order]
+        rank = np.arange(len(r)) - np.searchsorted(r, r)
+        keep = rank < kk
+        chunk_vals = np.full((len(rows), kk), -np.inf, np.float32)
+        chunk_idx = np.full((len(rows), kk), -1, np.int64)
+        chunk_vals[r[keep], rank[keep]] = v[keep]
+        chunk_idx[r[keep], rank[keep]] = np.where(np.isneginf(v[keep]), -1, first + c0 + c[keep])
         vals, idx = merge_topk(vals, idx, chunk_vals, chunk_idx, k)
-    return vals, idx, counts, hist
+    return vals, idx, counts
+
+
+def uncovered_histogram(
+    xs: np.ndarray,
+    rows: np.ndarray,
+    row_parts: np.ndarray,
+    cols_x: np.ndarray,
+    cols: np.ndarray,
+    col_parts: np.ndarray,
+    compared: np.ndarray,
+    edges: np.ndarray,
+) -> np.ndarray:
+    """Histogram of the pairs (sampled row, sampled column) whose partitions are never compared."""
+    if len(rows) == 0 or len(cols) == 0:
+        return np.zeros(len(edges) - 1, np.int64)
+    sims = (xs @ cols_x.T).astype(np.float64)
+    keep = ~compared[row_parts][:, col_parts] & (rows[:, None] != cols[None, :])
+    return np.histogram(np.clip(sims[keep], -1.0, 1.0), edges)[0].astype(np.int64)
 
 
 def sample_quality(

@@ -7,8 +7,9 @@
    centroids, and the partition pairs to compare (each partition with its ``nprobe`` nearest).
 3. *Scatter*: a task per block assigns its rows to the centroids, writes them sorted by partition to
    a scratch file of the run dir (an object-store array without a run dir), and compares the quality
-   sample with its rows by brute force (top-k, threshold counts, and the histogram of the pairs whose
-   partitions are never compared, from which the stage estimates those pairs' histogram).
+   sample with its rows by brute force (top-k, threshold counts), and a seeded random share of its rows
+   with the sample for the histogram of the pairs whose partitions are never compared (about
+   ``HISTOGRAM_PAIRS`` pairs in all), from which the stage estimates those pairs' histogram.
 4. *Gather*: a task per group of whole partitions (about ``GROUP_ROWS`` rows) collects its
    partitions' rows from every scattered block into one scratch file, in partition order.
 
@@ -38,6 +39,7 @@ from .source import RowRange, bad_rows, bad_rows_message, digest, read_rows
 log = logging.getLogger("enrich_dist.similarity")
 
 SCAN_ROWS = 1 << 17
+HISTOGRAM_PAIRS = 4_000_000  # about this many (sampled image, random image) pairs estimate the uncompared ones
 GROUP_ROWS = 1 << 17
 SCRATCH_DIR = posixpath.join(PARTIALS_DIR, "scratch")
 PARTITIONS = posixpath.join(PARTIALS_DIR, "partitions.npz")
@@ -144,7 +146,7 @@ def _scatter(
     first: int,
     cents: np.ndarray,
     compared: np.ndarray,
-    sample: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sample: tuple,
     k: int,
     thresholds: list[float],
     edges: np.ndarray,
@@ -158,9 +160,11 @@ def _scatter(
         rows = read_rows(block)
         parts = approx.assign(rows, cents)
         ordered = np.ascontiguousarray(rows[np.argsort(parts, kind="stable")])
-        sample_x, sample_pos, sample_parts = sample
-        vals, idx, counts, hist = approx.rows_against_block(
-            sample_x, sample_pos, rows, first, k, thresholds, (compared, sample_parts, parts, edges)
+        sample_x, sample_pos, sample_parts, share, seed = sample
+        vals, idx, counts = approx.rows_against_block(sample_x, sample_pos, rows, first, k, thresholds)
+        cols = np.flatnonzero(np.random.default_rng([seed, first]).random(len(rows)) < share)
+        hist = approx.uncovered_histogram(
+            sample_x, sample_pos, sample_parts, rows[cols], first + cols, parts[cols], compared, edges
         )
     info = (parts.astype(np.int32), np.bincount(parts, minlength=len(cents)), vals, idx, counts, hist)
     if out is None:
@@ -251,7 +255,8 @@ def layout(
     compared = approx.covered_pairs(cents.pairs, size)
     sample = approx.quality_sample(n, quality_size, seed)
     sample_x = found.rows_at(sample)
-    sample_ref = ray.put((sample_x, sample, approx.assign(sample_x, cents.centroids)))
+    share = min(1.0, HISTOGRAM_PAIRS / max(1, len(sample) * n))  # columns each block pairs with the sample
+    sample_ref = ray.put((sample_x, sample, approx.assign(sample_x, cents.centroids), share, seed))
     cents_ref, compared_ref = ray.put(cents.centroids), ray.put(compared)
 
     def scratch(name: str) -> tuple[str, dict | None, str] | None:
