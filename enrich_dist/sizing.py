@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import SimilarityConfig, parse_memory
+from .similarity.approx import KMEANS_POINTS
 from .similarity.kernel import CHUNK_ROWS
+from .similarity.partitioned import SCAN_ROWS
 from .similarity.plan import choose_block, driver_bytes, task_bytes
 
 log = logging.getLogger("enrich_dist.sizing")
@@ -119,7 +121,7 @@ def exact_plan(n: int, dim: int, cluster: Cluster, cfg: SimilarityConfig) -> dic
         "tiles": tiles,
         "task_memory": per_task,
         "tasks_in_flight": 2 * workers,
-        "driver_memory": driver_bytes(n, dim, k, n_thr),
+        "driver_memory": reduction_bytes(n, k, n_thr),
         "object_store_per_node": n * dim * 4,
         "bytes_read_by_tiles": tiles * 2 * block * dim * 4,
         "bytes_returned_to_driver": tiles * result_per_tile,
@@ -130,6 +132,11 @@ def exact_plan(n: int, dim: int, cluster: Cluster, cfg: SimilarityConfig) -> dic
 def _least_budget(n: int, dim: int, k: int, n_thr: int) -> int:
     """The memory the plan must assume at least: the driver's share (a budget below it is refused at run time)."""
     return driver_bytes(n, dim, k, n_thr) + (1 << 30)
+
+
+def reduction_bytes(n: int, k: int, n_thresholds: int) -> int:
+    """The driver's share when the rows stream: image ids, the O(N k) reduction and the neighbor table made from it."""
+    return 8 * n + 2 * n * (k * 12 + n_thresholds * 8)
 
 
 def approx_plan(n: int, dim: int, cfg: SimilarityConfig) -> dict:
@@ -149,8 +156,11 @@ def approx_plan(n: int, dim: int, cfg: SimilarityConfig) -> dict:
         "pairs": n * (n - 1) // 2,
         "pairs_compared": int(probed_pairs),
         "share_compared": probed_pairs / max(1, n * (n - 1) / 2),
-        "driver_memory": driver_bytes(n, dim, cfg.top_k, len(cfg.thresholds)),
-        "object_store_per_node": n * dim * 4,
+        # ids, assignment and order (24 bytes an image), the reduction, the k-means sample
+        "driver_memory": reduction_bytes(n, cfg.top_k, len(cfg.thresholds)) + 16 * n
+        + min(n, KMEANS_POINTS * partitions) * dim * 4,
+        "task_memory": 3 * min(n, SCAN_ROWS) * dim * 4,
+        "scratch_bytes": 2 * n * dim * 4,
     }
 
 
@@ -209,8 +219,9 @@ def describe(plan: dict, projection: dict, cluster: Cluster) -> str:
         lines += [
             f"  partitions: {plan['partitions']:,}, each compared with its {plan['nprobe']} nearest (computed)",
             f"  pairs compared: about {plan['pairs_compared']:,} ({plan['share_compared']:.2%} of all; computed)",
-            f"  memory: driver {_size(plan['driver_memory'])}; object store {_size(plan['object_store_per_node'])} per "
-            "node (computed)",
+            f"  memory: driver {_size(plan['driver_memory'])}; a scan, scatter or gather task "
+            f"{_size(plan['task_memory'])}; scratch files in the run dir {_size(plan['scratch_bytes'])} at most "
+            "(computed)",
         ]
     if cluster.memory and plan.get("object_store_per_node", 0) * 2 > cluster.memory:
         lines.append("  warning: the embeddings take more than half of a node's memory; use more memory per node")

@@ -27,6 +27,9 @@ def test_approx_plan_compares_a_small_share():
     plan = sizing.approx_plan(1_000_000, 128, SimilarityConfig(mode="approx"))
     assert plan["partitions"] == 1000 and plan["nprobe"] == 8
     assert 0.005 < plan["share_compared"] < 0.03  # measured: 0.96 % of the pairs at 10^6 (docs/performance.md)
+    # the rows stream: the driver holds ids, assignment, the reduction and the k-means sample, not N x d
+    big = sizing.approx_plan(10_000_000, 128, SimilarityConfig(mode="approx"))
+    assert big["driver_memory"] < 10_000_000 * 128 * 4 and big["scratch_bytes"] == 2 * 10_000_000 * 128 * 4
     tiny = sizing.approx_plan(50, 8, SimilarityConfig(mode="approx", n_partitions=2))
     assert tiny["pairs_compared"] <= tiny["pairs"]
 
