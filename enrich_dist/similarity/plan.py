@@ -99,17 +99,19 @@ def driver_bytes(n: int, dim: int, k: int, n_thresholds: int) -> int:
 
 
 def choose_block(
-    n: int, dim: int, k: int, n_thresholds: int, max_memory: int, workers: int, chunk_rows: int
+    n: int, dim: int, k: int, n_thresholds: int, max_memory: int, workers: int, chunk_rows: int,
+    held: int | None = None,
 ) -> int:
     """Largest block (a multiple of 64, at most ``MAX_BLOCK``) whose buffers fit ``max_memory``.
 
-    The budget covers the embeddings, the driver's reduction, and ``2 * workers`` tasks in flight
-    (running ones and finished results waiting to be reduced). Blocks also stay small enough to
+    The budget covers what the stage holds besides its tasks (``held``; by default the embeddings and
+    the driver's reduction, :func:`driver_bytes`), and ``2 * workers`` tasks in flight (running ones
+    and finished results waiting to be reduced). Blocks also stay small enough to
     give every worker ``TILES_PER_WORKER`` tiles, so the last tiles do not leave workers idle, and
     for a block's rows (``block * dim`` floats) to stay within ``PANEL_BYTES``, so the GEMM streams
     them from cache.
     """
-    fixed = driver_bytes(n, dim, k, n_thresholds)
+    fixed = driver_bytes(n, dim, k, n_thresholds) if held is None else held
     if n <= 1:
         return max(n, 1)
     blocks = 1

@@ -209,6 +209,12 @@ def _backend(cfg: SimilarityConfig, device: str) -> str:
     return cfg.kernel
 
 
+def sizing_held(n: int, dim: int, k: int, n_thresholds: int, cfg: SimilarityConfig) -> int:
+    """What the approximate mode's driver holds: ids, assignment and order, the reduction twice, the k-means sample."""
+    partitions = cfg.n_partitions or approx.default_partitions(n)
+    return 24 * n + 2 * n * (k * 12 + n_thresholds * 8) + min(n, approx.KMEANS_POINTS * partitions) * dim * 4
+
+
 def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
     """Hash of the embeddings, ids and every setting the results depend on."""
     digest = hashlib.blake2b(digest_size=16)
@@ -428,7 +434,9 @@ def compute_similarity_edges(
         block = max(1, min(GPU_BLOCK, n))
     else:
         block = choose_block(
-            n, dim, k, len(thresholds), parse_memory(cfg.max_memory), workers, kernel.chunk_rows(n)
+            n, dim, k, len(thresholds), parse_memory(cfg.max_memory), workers, kernel.chunk_rows(n),
+            # the approximate mode keeps the rows in scratch files: the driver holds ids, assignment, reduction
+            held=sizing_held(n, dim, k, len(thresholds), cfg) if cfg.mode == "approx" else None,
         )
     settings = {
         "k": k,
