@@ -109,6 +109,8 @@ def run_command(name: str, argv: list[str], timeout: float) -> dict:
         "peak_gib": round(mem.peak_gib, 2),
         "returncode": done.returncode,
     }
+    # the stage's own lines (passes, k-means, tiles at 10 % steps): where the time went
+    out["log"] = [line[24:] for line in (done.stdout + done.stderr).splitlines() if " INFO enrich_dist." in line][-60:]
     if done.returncode:
         out["tail"] = (done.stdout + done.stderr)[-3000:]
     print(f"{name}: {out['seconds']} s, machine peak {out['peak_gib']} GiB, exit {done.returncode}", flush=True)
