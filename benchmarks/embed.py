@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--archive", help="an existing folder or manifest table to embed instead")
     parser.add_argument("--embedder", default="contrastive", choices=["vae", "contrastive", "pixels"])
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--precision", default="auto", help="the embed stage's precision (bf16 on a CPU with native bfloat16)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", help="folder for the archive and run (default: a temporary folder)")
     parser.add_argument("--out", default="bench.jsonl")
@@ -136,12 +137,14 @@ def main() -> None:
         embed_log.propagate = False
         with PeakMemory() as stage_mem:
             t0 = time.perf_counter()
-            stats = run_embed(run, EmbedConfig(embedder=args.embedder, batch_size=args.batch_size))
+            stats = run_embed(
+                run, EmbedConfig(embedder=args.embedder, batch_size=args.batch_size, precision=args.precision)
+            )
             stage_s = time.perf_counter() - t0
         decode_after = bare_decode()
         # the actor's own code (decode thread feeding the encoder, shards committed) in this process, no Ray:
         # what the stage would reach without Ray Data's and the actor's overheads
-        cfg = EmbedConfig(embedder=args.embedder, batch_size=args.batch_size)
+        cfg = EmbedConfig(embedder=args.embedder, batch_size=args.batch_size, precision=args.precision)
         _, cpus, _, device = plan_actors(res, cfg)
         threads, decode_threads = actor_threads(cpus, device, cfg)
         bare_run = RunDir(os.path.join(work, f"bare-{time.time_ns()}"))
@@ -159,6 +162,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "images": n,
             "embedder": args.embedder,
+            "precision": args.precision,
             "cpus": res.cpus,
             "gpus": res.gpus,
             "device": stats.get("device"),

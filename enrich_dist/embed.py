@@ -67,16 +67,35 @@ def actor_threads(cpus: float, device: str, cfg: EmbedConfig) -> tuple[int, int]
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_dtype(precision: str, device: str):
-    """The torch dtype to autocast the encoder to (None: fp32) for a precision setting on a device."""
+    """The torch dtype to autocast the encoder to (None: fp32) for a precision setting on a device.
+
+    ``auto``: bf16 on GPUs, fp32 on CPUs. ``bf16`` on a CPU needs native bfloat16 (AVX512-BF16 or
+    AMX); fp16 only on GPUs.
+    """
     import torch
 
     if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"embed precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
-    if precision != "fp32" and not device.startswith("cuda"):
-        raise ValueError(f"embed precision {precision!r} needs a GPU: use --device cuda or precision fp32/auto")
+    if not device.startswith("cuda") and precision == "fp16":
+        raise ValueError("embed precision 'fp16' needs a GPU: use --device cuda or precision fp32, bf16 or auto")
+    if not device.startswith("cuda") and precision == "bf16" and not cpu_bf16():
+        raise ValueError(
+            "embed precision 'bf16' on a CPU needs native bfloat16 (AVX512-BF16 or AMX), which this CPU lacks: "
+            "use precision fp32 or auto"
+        )
     name = PRECISIONS[precision]
     return None if name is None else getattr(torch, name)
 

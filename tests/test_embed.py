@@ -92,12 +92,19 @@ def test_embed_matches_direct_encoding_and_resumes(ray_local, run_dir, tmp_path)
     assert after[2][1] == before[2][1] and after[2][0] != before[2][0]
 
 
-def test_precision_is_fp32_on_cpu_and_mixed_only_on_gpu():
+def test_precision_is_fp32_on_cpu_and_mixed_only_on_gpu(monkeypatch):
     import torch
+
+    from enrich_dist import embed
 
     assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cuda") is None
     assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("fp16", "cuda") is torch.float16
     with pytest.raises(ValueError, match="needs a GPU"):
+        autocast_dtype("fp16", "cpu")
+    monkeypatch.setattr(embed, "cpu_bf16", lambda: True)
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16  # CPUs with native bfloat16 may ask for it
+    monkeypatch.setattr(embed, "cpu_bf16", lambda: False)
+    with pytest.raises(ValueError, match="native bfloat16"):
         autocast_dtype("bf16", "cpu")
     with pytest.raises(ValueError, match="auto, fp32, bf16 or fp16"):
         autocast_dtype("int8", "cuda")
