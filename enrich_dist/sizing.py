@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import SimilarityConfig, parse_memory
+from .similarity.approx import kmeans_rows
 from .similarity.kernel import CHUNK_ROWS
 from .similarity.partitioned import SCAN_ROWS
-from .similarity.plan import choose_block, driver_bytes, task_bytes
-from .similarity.stage import sizing_held
+from .similarity.plan import approx_driver_bytes, choose_block, driver_bytes, task_bytes
 
 log = logging.getLogger("enrich_dist.sizing")
 
@@ -157,7 +157,7 @@ def approx_plan(n: int, dim: int, cfg: SimilarityConfig) -> dict:
         "pairs_compared": int(probed_pairs),
         "share_compared": probed_pairs / max(1, n * (n - 1) / 2),
         # ids, assignment and order (24 bytes an image), the reduction, the k-means sample
-        "driver_memory": sizing_held(n, dim, cfg.top_k, len(cfg.thresholds), cfg),
+        "driver_memory": approx_driver_bytes(n, dim, cfg.top_k, len(cfg.thresholds), kmeans_rows(n, cfg.n_partitions)),
         "task_memory": 3 * min(n, SCAN_ROWS) * dim * 4,
         "scratch_bytes": 2 * n * dim * 4,
     }

@@ -3,9 +3,10 @@
 Pairs in partitions that are not paired are never computed: top-k lists and threshold counts can
 miss them (counts are lower bounds), and the histogram estimates them from the pairs of a uniform
 sample of images. Quality is measured, not assumed: the sample is compared with an exact brute force.
-On a GPU node with a GPU build of FAISS (the ``gpu`` extra), k-means and the assignment to
-centroids run on the GPU; otherwise, or when the FAISS build has no GPU support, on the CPU (the
-partitions record which, and why).
+On a GPU node with a GPU build of FAISS (the ``gpu`` extra), k-means runs on the GPU; otherwise, or
+when the FAISS build has no GPU support, on the CPU (the partitions record which, and why). The
+stage assigns images to centroids in its scatter tasks, on CPUs (``partitioned.py``);
+:func:`partition` assigns on the GPU too when asked.
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def faiss_gpus() -> tuple[int, str]:
 KMEANS_POINTS = 256  # training rows per centroid (FAISS's own default cap)
 
 
+def kmeans_rows(n: int, n_partitions: int | None) -> int:
+    """How many images k-means trains on: every image, or 256 per partition (about sqrt(N) partitions by default)."""
+    return min(n, KMEANS_POINTS * max(1, n_partitions or default_partitions(n)))
+
+
 def kmeans_sample(n: int, n_partitions: int, seed: int) -> np.ndarray:
     """Sorted image positions k-means trains on: every image, or a seeded sample of 256 per partition."""
-    size = min(n, KMEANS_POINTS * max(1, n_partitions))
+    size = kmeans_rows(n, n_partitions)
     if size == n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)

@@ -98,6 +98,11 @@ def driver_bytes(n: int, dim: int, k: int, n_thresholds: int) -> int:
     return n * dim * 4 + 2 * n * (k * 12 + n_thresholds * 8)
 
 
+def approx_driver_bytes(n: int, dim: int, k: int, n_thresholds: int, sample_rows: int) -> int:
+    """What the approximate mode's driver holds: ids, assignment and order, the reduction twice, the k-means sample."""
+    return 24 * n + 2 * n * (k * 12 + n_thresholds * 8) + sample_rows * dim * 4
+
+
 def choose_block(
     n: int, dim: int, k: int, n_thresholds: int, max_memory: int, workers: int, chunk_rows: int,
     held: int | None = None,

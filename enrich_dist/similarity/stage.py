@@ -35,6 +35,7 @@ from . import approx, kernel, partitioned
 from .duplicates import write_duplicates
 from .plan import (
     Tile,
+    approx_driver_bytes,
     choose_block,
     group_tiles,
     histogram_edges,
@@ -207,12 +208,6 @@ def _backend(cfg: SimilarityConfig, device: str) -> str:
     if cfg.kernel == "triton" and importlib.util.find_spec("triton") is None:
         raise ValueError("--similarity-kernel triton needs Triton: pip install triton (or use --similarity-kernel torch)")
     return cfg.kernel
-
-
-def sizing_held(n: int, dim: int, k: int, n_thresholds: int, cfg: SimilarityConfig) -> int:
-    """What the approximate mode's driver holds: ids, assignment and order, the reduction twice, the k-means sample."""
-    partitions = cfg.n_partitions or approx.default_partitions(n)
-    return 24 * n + 2 * n * (k * 12 + n_thresholds * 8) + min(n, approx.KMEANS_POINTS * partitions) * dim * 4
 
 
 def _fingerprint(x: np.ndarray, ids: np.ndarray, settings: dict) -> str:
@@ -436,7 +431,8 @@ def compute_similarity_edges(
         block = choose_block(
             n, dim, k, len(thresholds), parse_memory(cfg.max_memory), workers, kernel.chunk_rows(n),
             # the approximate mode keeps the rows in scratch files: the driver holds ids, assignment, reduction
-            held=sizing_held(n, dim, k, len(thresholds), cfg) if cfg.mode == "approx" else None,
+            held=approx_driver_bytes(n, dim, k, len(thresholds), approx.kmeans_rows(n, cfg.n_partitions))
+            if cfg.mode == "approx" else None,
         )
     settings = {
         "k": k,
@@ -469,6 +465,7 @@ def compute_similarity_edges(
         layout = partitioned.layout(
             found, cents, n, dim, cfg.sample_size, cfg.seed, k, thresholds, histogram_edges(cfg.bins), run
         )
+        found = None  # the sampled rows and, for a matrix held here, its blocks in the object store go now
         parts = layout.parts
         tiles = schedule(partition_tile_plan(parts.bounds, parts.pairs, block))
         pieces = layout.pieces(tile_ranges(tiles))
