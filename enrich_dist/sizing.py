@@ -26,7 +26,7 @@ from .config import SimilarityConfig, parse_memory
 from .similarity.approx import kmeans_rows
 from .similarity.kernel import CHUNK_ROWS
 from .similarity.partitioned import SCAN_ROWS
-from .similarity.plan import approx_driver_bytes, choose_block, driver_bytes, task_bytes
+from .similarity.plan import GPU_BLOCK, approx_driver_bytes, choose_block, driver_bytes, task_bytes
 
 log = logging.getLogger("enrich_dist.sizing")
 
@@ -105,9 +105,12 @@ def exact_plan(n: int, dim: int, cluster: Cluster, cfg: SimilarityConfig) -> dic
     """Blocks, tiles, pairs and memory of the exact stage for ``n`` images on ``cluster`` (computed, not measured)."""
     k, n_thr = cfg.top_k, len(cfg.thresholds)
     budget = parse_memory(cfg.max_memory)
-    workers = cluster.total_cpus
-    block = cfg.block_size or choose_block(n, dim, k, n_thr, max(budget, _least_budget(n, dim, k, n_thr)), workers,
-                                           CHUNK_ROWS)
+    on_gpus = cluster.gpus > 0 and cfg.device != "cpu"  # as the stage: GPU tiles of GPU_BLOCK rows
+    workers = cluster.nodes * cluster.gpus if on_gpus else cluster.total_cpus
+    block = cfg.block_size or (
+        max(1, min(GPU_BLOCK, n)) if on_gpus
+        else choose_block(n, dim, k, n_thr, max(budget, _least_budget(n, dim, k, n_thr)), workers, CHUNK_ROWS)
+    )
     n_blocks = math.ceil(n / block)
     tiles = n_blocks * (n_blocks + 1) // 2
     per_task = task_bytes(block, k, n_thr, min(block, CHUNK_ROWS))

@@ -23,6 +23,15 @@ def test_exact_plan_counts_what_the_stage_would_run(n):
     assert plan["bytes_read_by_tiles"] == plan["tiles"] * 2 * plan["block"] * 64 * 4
 
 
+def test_exact_plan_on_gpus_uses_the_stages_gpu_tiles():
+    from enrich_dist.similarity.plan import GPU_BLOCK
+
+    plan = sizing.exact_plan(10**8, 128, sizing.Cluster(nodes=64, cpus=8, gpus=1), SimilarityConfig())
+    assert plan["block"] == GPU_BLOCK and plan["tasks_in_flight"] == 2 * 64
+    cpu_only = sizing.exact_plan(10**6, 128, sizing.Cluster(nodes=1, cpus=8, gpus=1), SimilarityConfig(device="cpu"))
+    assert cpu_only["block"] < GPU_BLOCK
+
+
 def test_approx_plan_compares_a_small_share():
     plan = sizing.approx_plan(1_000_000, 128, SimilarityConfig(mode="approx"))
     assert plan["partitions"] == 1000 and plan["nprobe"] == 8

@@ -98,6 +98,9 @@ def driver_bytes(n: int, dim: int, k: int, n_thresholds: int) -> int:
     return n * dim * 4 + 2 * n * (k * 12 + n_thresholds * 8)
 
 
+GPU_BLOCK = 65536  # rows of a GPU tile side
+
+
 def approx_driver_bytes(n: int, dim: int, k: int, n_thresholds: int, sample_rows: int) -> int:
     """What the approximate mode's driver holds: ids, assignment and order, the reduction twice, the k-means sample."""
     return 24 * n + 2 * n * (k * 12 + n_thresholds * 8) + sample_rows * dim * 4

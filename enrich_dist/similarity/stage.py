@@ -34,6 +34,7 @@ from ..storage import RunDir, shard_name
 from . import approx, kernel, partitioned
 from .duplicates import write_duplicates
 from .plan import (
+    GPU_BLOCK,
     Tile,
     approx_driver_bytes,
     choose_block,
@@ -54,7 +55,6 @@ SHARD_ROWS = 50_000
 EDGE_SHARD_ROWS = 5_000_000
 EDGES_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("sim", pa.float32())])
 MIN_TASK_PAIRS = 1 << 22
-GPU_BLOCK = 65536
 SUMMARY = SIMILARITY_SUMMARY
 PARTITIONS = partitioned.PARTITIONS
 MODES = ("exact", "approx")
