@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -266,41 +267,67 @@ def reused_rows(run: RunDir, shard: int) -> pa.Table | None:
 # --- end of the incremental hook ------------------------------------------------------------------
 
 
+def _byo_parquet(source) -> tuple[str, np.ndarray, np.ndarray]:
+    """(key, keys, matrix) from a Parquet file, batch by batch into one matrix (no per-row Python objects).
+
+    Peak memory is the matrix plus one record batch, whatever the file's size.
+    """
+    file = pq.ParquetFile(source)
+    names = file.schema_arrow.names
+    key = "image_id" if "image_id" in names else "uri"
+    if "embedding" not in names or key not in names:
+        raise ValueError(f"needs columns 'embedding' and 'image_id' or 'uri', found {names}")
+    rows = file.metadata.num_rows
+    matrix, keys, widths, nulls, row = None, [], set(), 0, 0
+    for batch in file.iter_batches(columns=[key, "embedding"], batch_size=65536):
+        column = batch.column(batch.schema.get_field_index("embedding"))
+        nulls += column.null_count
+        widths.update(int(w) for w in np.unique(pc.list_value_length(column).drop_null().to_numpy()))
+        if len(widths) > 1 or nulls:
+            break
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)  # null entries become NaN: reported per image
+        if matrix is None:
+            matrix = np.empty((rows, next(iter(widths), 0)), values.dtype)
+        matrix[row : row + len(column)] = values.reshape(len(column), -1)
+        keys.append(batch.column(batch.schema.get_field_index(key)).to_numpy(zero_copy_only=False))
+        row += len(column)
+    if len(widths) > 1 or nulls:
+        raise ValueError(
+            f"embedding rows have different lengths {sorted(widths)[:2]}{' or are null' if nulls else ''}: "
+            "every image needs a vector of the same dimension"
+        )
+    if matrix is None:
+        return key, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return key, np.concatenate(keys), matrix
+
+
 def read_byo(path: str, storage_options: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:
-    """Read bring-your-own embeddings: (key column "image_id"|"uri"|"row", keys, float matrix).
+    """Read bring-your-own embeddings: (key column "image_id"|"uri"|"row", keys, numeric matrix).
 
     Parquet or .npz: an ``embedding`` column/array plus ``image_id`` or ``uri``; .npy: a 2-D array
-    whose row i is image_id i.
+    whose row i is image_id i. A local .npy is memory-mapped and a local Parquet file read column-wise
+    from disk, so the matrix is held once (as stored: float32 stays float32).
     """
-    data = read_uri(path, storage_options)
     lower = path.lower()
+    local = "://" not in path and os.path.exists(path)
     try:
         if lower.endswith(".npy"):
-            matrix = np.load(io.BytesIO(data), allow_pickle=False)
+            matrix = (
+                np.load(path, mmap_mode="r", allow_pickle=False) if local
+                else np.load(io.BytesIO(read_uri(path, storage_options)), allow_pickle=False)
+            )
             keys, key = np.arange(len(matrix), dtype=np.int64), "row"
         elif lower.endswith(".npz"):
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            with np.load(io.BytesIO(read_uri(path, storage_options)), allow_pickle=False) as npz:
                 key = "image_id" if "image_id" in npz.files else "uri"
                 if "embedding" not in npz.files or key not in npz.files:
                     raise ValueError(f"needs arrays 'embedding' and 'image_id' or 'uri', found {npz.files}")
                 matrix, keys = npz["embedding"], npz[key]
         elif lower.endswith(".parquet"):
-            table = pq.read_table(pa.BufferReader(data))
-            key = "image_id" if "image_id" in table.column_names else "uri"
-            if "embedding" not in table.column_names or key not in table.column_names:
-                raise ValueError(f"needs columns 'embedding' and 'image_id' or 'uri', found {table.column_names}")
-            rows = table.column("embedding").to_pylist()
-            widths = sorted({len(r) for r in rows if r is not None})
-            if len(widths) > 1 or any(r is None for r in rows):
-                raise ValueError(
-                    f"embedding rows have different lengths {widths[:2]}{' or are null' if None in rows else ''}: "
-                    "every image needs a vector of the same dimension"
-                )
-            matrix = np.asarray(rows, dtype=np.float64)
-            keys = np.asarray(table.column(key).to_pylist())
+            key, keys, matrix = _byo_parquet(path if local else pa.BufferReader(read_uri(path, storage_options)))
         else:
             raise ValueError("unknown format: use .parquet, .npy or .npz")
-    except (OSError, pa.ArrowInvalid) as exc:
+    except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise ValueError(f"{path}: cannot read embeddings ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -325,20 +352,23 @@ def import_embeddings(run: RunDir, cfg: EmbedConfig) -> dict:
             f"{cfg.embeddings}: {len(keys)} rows but the manifest has {manifest.num_rows} images; a .npy needs one "
             "row per image_id (use .parquet/.npz with image_id or uri columns for a subset)"
         )
-    known = manifest.column(column).to_pylist()
-    row_of = {k.item() if hasattr(k, "item") else k: i for i, k in enumerate(keys)}
-    unknown = sorted(set(row_of) - set(known), key=str)
-    if unknown:
+    try:  # keys matched column-wise (an index into the file's rows per manifest row)
+        value_set = pa.array(keys).cast(manifest.column(column).type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ValueError(f"{cfg.embeddings}: its {key}s do not match the manifest's {column}s ({exc})") from None
+    known = pc.is_in(value_set, value_set=manifest.column(column)).to_numpy(zero_copy_only=False)
+    if not known.all():
+        unknown = sorted(value_set.filter(pa.array(~known)).to_pylist(), key=str)
         raise ValueError(f"{cfg.embeddings}: {len(unknown)} {column}s are not in the manifest, e.g. {unknown[:5]}")
     stats = []
     for index, path in run.shards(schema.MANIFEST_DIR).items():
         part = run.read_table(path, columns=["image_id", "uri", "status"])
         part = part.filter(pc.equal(part.column("status"), "ok"))
         ids, uris = part.column("image_id").to_pylist(), part.column("uri").to_pylist()
-        rows = [row_of.get(i if column == "image_id" else u) for i, u in zip(ids, uris, strict=True)]
-        have = [r is not None for r in rows]
+        found = pc.index_in(part.column(column), value_set=value_set)
+        have = found.is_valid().to_numpy(zero_copy_only=False)
         errors = [(i, u, f"no embedding in {cfg.embeddings}") for i, u, h in zip(ids, uris, have, strict=True) if not h]
-        take = np.asarray([r for r in rows if r is not None], dtype=np.int64)
+        take = found.drop_null().to_numpy().astype(np.int64)
         stats.append(
             commit_shard(
                 run,

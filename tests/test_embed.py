@@ -196,3 +196,27 @@ def test_bring_your_own_bad_files_are_named(ray_local, run_dir, tmp_path):
         run_embed(run_dir, EmbedConfig(embedder="byo", embeddings=str(other)))
     with pytest.raises(ValueError, match="needs --embeddings"):
         run_embed(run_dir, EmbedConfig(embedder="byo"))
+
+
+def test_byo_parquet_is_read_column_wise(tmp_path):
+    """Fixed-size lists (what the embed stage writes) and plain lists, float32 kept, null rows named."""
+    import pyarrow.parquet as pq
+
+    from enrich_dist.embed import read_byo
+
+    vecs = np.arange(12, dtype=np.float32).reshape(4, 3)
+    fixed = tmp_path / "fixed.parquet"
+    pq.write_table(
+        pa.table({"image_id": [5, 6, 7, 8], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 3)}),
+        fixed,
+    )
+    key, keys, matrix = read_byo(str(fixed))
+    assert key == "image_id" and keys.tolist() == [5, 6, 7, 8] and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, vecs)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"uri": ["a", "b"], "embedding": [[1.0, 2.0], None]}), nulls)
+    with pytest.raises(ValueError, match=r"nulls.parquet: embedding rows have different lengths \[2\] or are null"):
+        read_byo(str(nulls))
+    holes = tmp_path / "holes.parquet"  # a missing value inside a vector becomes NaN: the image is reported
+    pq.write_table(pa.table({"image_id": [1, 2], "embedding": [[1.0, None], [0.0, 1.0]]}), holes)
+    assert np.isnan(read_byo(str(holes))[2][0, 1])
