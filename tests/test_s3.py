@@ -227,3 +227,26 @@ def test_with_retries_passes_results_and_redacts_uris():
     assert redact_uri("s3://AKIA:secret@bucket/key") == "s3://bucket/key"
     assert redact_uri("s3://bucket/a@b") == "s3://bucket/a@b"
     assert redact_uri("/local/path@x") == "/local/path@x"
+
+
+def test_approx_similarity_streams_through_s3_scratch_files(ray_local, s3, s3_endpoint, monkeypatch):
+    """The approximate mode's scatter and gather files on S3: tasks read ranges of them; same table as in memory."""
+    import numpy as np
+    from test_similarity import clustered, write_embeddings
+
+    from enrich_dist.config import SimilarityConfig
+    from enrich_dist.schema import NEIGHBORS_DIR
+    from enrich_dist.similarity import partitioned, stage
+    from enrich_dist.similarity.stage import compute_similarity, run_similarity
+
+    monkeypatch.setattr(partitioned, "SCAN_ROWS", 41)
+    monkeypatch.setattr(partitioned, "GROUP_ROWS", 60)
+    monkeypatch.setattr(stage, "_read_embeddings", lambda run: pytest.fail("approx mode must not read the matrix"))
+    run = RunDir(f"s3://{_bucket(s3, 'runs')}/approx", {"endpoint_url": s3_endpoint})
+    x = clustered(150, 8, 8, 0.4, seed=31)
+    ids = np.arange(150) * 3
+    write_embeddings(run, x, ids, shards=3)
+    cfg = SimilarityConfig(mode="approx", n_partitions=6, nprobe=2, top_k=4, block_size=16, sample_size=30)
+    run_similarity(run, cfg)
+    assert run.read_table(NEIGHBORS_DIR).equals(compute_similarity(x, ids, cfg, progress=False)[0])
+    assert not run.exists(partitioned.SCRATCH_DIR)
