@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from benchmarks.similarity import source_version
 from enrich_dist.schema import EMBEDDINGS_DIR, MANIFEST, MANIFEST_DIR, embeddings_schema
 from enrich_dist.storage import RunDir, shard_name
 
@@ -117,13 +118,6 @@ def run_command(name: str, argv: list[str], timeout: float) -> dict:
     return out
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000)
@@ -146,7 +140,7 @@ def main() -> None:
     record: dict = {
         "benchmark": "scale",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": source_version(),
         "images": args.images,
         "dim": args.dim,
         "per_cluster": args.per_cluster,

@@ -13,7 +13,21 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent(
+# both scripts: how many worker nodes the cluster counts once it has noticed a dead one
+ALIVE = textwrap.dedent(
+    """
+    def alive_worker_nodes():
+        import time, ray
+        for _ in range(60):  # the cluster notices the dead node within a few health checks
+            alive = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+            if alive == 1:
+                break
+            time.sleep(0.5)
+        return alive
+    """
+)
+
+SCRIPT = ALIVE + textwrap.dedent(
     """
     import json, sys, threading, time
     import numpy as np, ray
@@ -52,11 +66,7 @@ SCRIPT = textwrap.dedent(
     again, summary = compute_similarity(x, np.arange(len(x)), cfg, progress=False)
     ended = time.monotonic()
     killer.join()
-    for _ in range(60):  # the cluster notices the dead node within a few health checks
-        alive = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
-        if alive == 1:
-            break
-        time.sleep(0.5)
+    alive = alive_worker_nodes()
     print("RESULT " + json.dumps({
         "clean_nodes": clean_summary["tiles"]["nodes"],
         "equal": clean.equals(again),
@@ -74,25 +84,30 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_tiles_spread_over_nodes_and_a_killed_node_is_survived(tmp_path):
+def run_script(script: str, args: list[str], cwd) -> dict:
+    """Run a cluster script in a fresh process (dead nodes noticed in seconds); its RESULT line."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            # notice the dead node in seconds (defaults wait about 30 s)
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, "0.3"], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_tiles_spread_over_nodes_and_a_killed_node_is_survived(tmp_path):
+    result = run_script(SCRIPT, ["0.3"], tmp_path)
     assert result["clean_nodes"] == 2  # the tiles ran on both worker nodes
     assert result["local_run_cpus"] == [1], result  # a local run beside a running cluster starts its own Ray
     assert result["alive_workers"] == 1 and result["killed_during_run"], result  # killed while tiles were running
     assert result["equal"] and result["summary_equal"], result  # and the stage's output did not change
 
 
-EMBED_SCRIPT = textwrap.dedent(
+EMBED_SCRIPT = ALIVE + textwrap.dedent(
     """
     import json, os, shutil, sys, threading, time
     from pathlib import Path
@@ -145,11 +160,7 @@ EMBED_SCRIPT = textwrap.dedent(
     stats = run_embed(killed, cfg)
     ended = time.monotonic()
     killer.join()
-    for _ in range(60):  # the cluster notices the dead node within a few health checks
-        alive = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-        if alive == 1:
-            break
-        time.sleep(0.5)
+    alive = alive_worker_nodes()
     manifest = killed.read_table(schema.MANIFEST_DIR, columns=["image_id", "status"]).to_pylist()
     ids = killed.read_table(schema.EMBEDDINGS_DIR, columns=["image_id"]).column("image_id").to_pylist()
     clean_bytes = {p: clean.read_bytes(p) for p in clean.shards(schema.EMBEDDINGS_DIR).values()}
@@ -183,17 +194,8 @@ EMBED_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_embed_actors_spread_over_nodes_and_a_killed_node_is_survived(tmp_path):
     n, shard_size = 1500, 10
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           # notice the dead node in seconds (defaults wait about 30 s)
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-           "RAY_health_check_failure_threshold": "3"}
     tests = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-c", EMBED_SCRIPT, "0.5", tests, str(n), str(shard_size)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_script(EMBED_SCRIPT, ["0.5", tests, str(n), str(shard_size)], tmp_path)
     timings = {k: result[k] for k in ("clean_seconds", "clean_embed_seconds", "run_seconds", "kill_after",
                                       "shards_at_kill")}
     print("embed on 2 nodes, one killed:", timings)  # shown with -s

@@ -24,7 +24,7 @@ import io
 import logging
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
@@ -208,11 +208,8 @@ class Layout:
         out = {}
         for start, stop in ranges:
             g = int(np.searchsorted(self.group_starts, start, side="right")) - 1
-            base, first = self.groups[g], int(self.group_starts[g])
-            out[(start, stop)] = RowRange(
-                start - first, stop - first, base.dim, ref=base.ref, uri=base.uri,
-                storage_options=base.storage_options, rel=base.rel,
-            )
+            first = int(self.group_starts[g])
+            out[(start, stop)] = replace(self.groups[g], start=start - first, stop=stop - first)
         return out
 
 
@@ -300,9 +297,11 @@ def layout(
         gathered.append(_gather.remote(sources, counts[holding, p0:p1], dim, scratch(rel)))
         bounds.append(int(parts.bounds[p0]))
         groups.append(_where(run, gathered[-1], rel, 0, 0, dim))
-    # every group is complete before the scattered blocks go
-    ray.wait(gathered, num_returns=len(gathered), fetch_local=False)
-    ray.get([ref for ref in gathered if run is not None])  # a failed gather raises here
+    # every group is complete before the scattered blocks go (groups in the object store stay there)
+    if run is None:
+        ray.wait(gathered, num_returns=len(gathered), fetch_local=False)
+    else:
+        ray.get(gathered)  # a failed gather raises here
     del scattered
     if run is not None:
         for b in range(len(counts)):
