@@ -145,3 +145,19 @@ def test_sample_rows_against_blocks_merge_to_the_brute_force_with_ties(monkeypat
     np.testing.assert_array_equal(got_idx, idx[rows])
     np.testing.assert_array_equal(got_vals, vals[rows])
     np.testing.assert_array_equal(got_counts, counts[:, rows])
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_read_spans_decodes_in_batches_and_takes_only_the_span(run_dir, monkeypatch, batch) -> None:
+    from enrich_dist.similarity import source
+
+    monkeypatch.setattr(source, "READ_BATCH", batch)
+    x = clustered(61, 5, clusters=4, spread=0.1, seed=4)
+    write_embeddings(run_dir, x, np.arange(61), shards=3)  # shards of 21, 20, 20 rows
+    names = sorted(run_dir.shards("embeddings").values())
+    spans = [(names[0], 5, 21), (names[1], 0, 20), (names[2], 3, 9), (names[2], 9, 9)]
+    block = source.read_spans(run_dir.uri, None, spans, 5)
+    assert block.dtype == np.float32 and block.flags.c_contiguous
+    assert np.array_equal(block, np.concatenate([x[5:21], x[21:41], x[44:50]]))
+    with pytest.raises(ValueError, match="dimension 5 and 6"):
+        source.read_spans(run_dir.uri, None, spans[:1], 6)

@@ -19,7 +19,7 @@ import numpy as np
 from .kernel import float32_below, merge_topk
 from .plan import partition_pairs
 
-EXACT_CHUNK = 8192
+EXACT_CHUNK = 2048
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from ..schema import EMBEDDINGS_DIR
@@ -25,10 +26,13 @@ from ..storage import RunDir
 from . import kernel
 
 
-def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column as one float32 matrix, chunk by chunk (no combined copy of the column)."""
+def embedding_matrix(column: pa.ChunkedArray, out: np.ndarray | None = None) -> np.ndarray:
+    """A fixed-size-list column as one float32 matrix, chunk by chunk (no combined copy of the column).
+
+    ``out``: a float32 matrix of the column's shape to fill instead of a new one (a slice of a larger block).
+    """
     dim = column.type.list_size
-    x = np.empty((len(column), dim), np.float32)
+    x = np.empty((len(column), dim), np.float32) if out is None else out
     row = 0
     for chunk in column.chunks:
         if chunk.null_count:
@@ -57,17 +61,36 @@ def bad_rows_message(ids: np.ndarray, norms: np.ndarray) -> str:
     )
 
 
+READ_BATCH = 8192  # rows decoded at a time: Parquet list decoding holds several times its output
+
+
 def read_spans(uri: str, storage_options: dict | None, spans: list[tuple[str, int, int]], dim: int) -> np.ndarray:
-    """Rows ``start:stop`` of each shard in ``spans``, as one float32 matrix."""
+    """Rows ``start:stop`` of each shard in ``spans``, as one float32 matrix.
+
+    Each shard is decoded ``READ_BATCH`` rows at a time straight into the block, so a task holds the block,
+    one shard's file bytes and one batch, not each whole shard decoded and converted.
+    """
     run = RunDir(uri, storage_options)
-    parts = [
-        embedding_matrix(run.read_table(path, columns=["embedding"]).column("embedding"))[start:stop]
-        for path, start, stop in spans
-    ]
-    block = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
-    if block.shape[1] != dim:
-        raise ValueError(f"embedding shards of dimension {block.shape[1]} and {dim}: rerun `enrich embed`")
-    return block
+    block = np.empty((sum(stop - start for _, start, stop in spans), dim), np.float32)
+    row = 0
+    for path, start, stop in spans:
+        shard = pq.ParquetFile(pa.BufferReader(run.read_bytes(path)))
+        size = shard.schema_arrow.field("embedding").type.list_size
+        if size != dim:
+            raise ValueError(f"embedding shards of dimension {size} and {dim}: rerun `enrich embed`")
+        seen = 0
+        for batch in shard.iter_batches(batch_size=READ_BATCH, columns=["embedding"]):
+            lo, hi = max(start, seen), min(stop, seen + batch.num_rows)
+            if lo < hi:
+                part = pa.chunked_array([batch.column(0).slice(lo - seen, hi - lo)])
+                embedding_matrix(part, block[row : row + hi - lo])
+                row += hi - lo
+            seen += batch.num_rows
+            if seen >= stop:
+                break
+        del shard
+    pa.default_memory_pool().release_unused()
+    return block[:row]
 
 
 def digest(block: np.ndarray) -> str:
