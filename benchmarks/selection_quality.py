@@ -3,7 +3,11 @@
 For each image set (``enrich_dist.datasets.clips``) and each rule, a fixed model is trained on every
 prefix of the ranking at each budget, for ``--replicates`` replicates (different random seed sets,
 shared by every rule in a replicate, as the select stage does), and scored on held-out sources; each
-rule is compared with random subsets by a two-sided Mann-Whitney U test per budget.
+rule is compared with random subsets by a two-sided Mann-Whitney U test per budget (``p_vs_random``).
+Because a replicate's rule and random subsets share the seed set and the model's seed, the records
+also carry the paired comparison: a two-sided Wilcoxon signed-rank test of the per-replicate
+differences (``p_paired_vs_random``; it removes the model's seed-to-seed spread that both share),
+how many replicates the rule was ahead (``wins``), and every replicate's AUC (``aucs``).
 
 - Split: a seeded 20 % of the patients (sources) are held out; the test set is one frame per held-out
   clip (the first), so long clips do not weigh more; the pool to rank is every image of the others.
@@ -40,7 +44,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 from benchmarks.similarity import source_version
 from enrich_dist.config import EncoderConfig, resolve_size
@@ -223,11 +227,13 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     for (rule, budget), values in scores.items():
         base = scores[("random", budget)]
         p = float("nan") if rule == "random" else float(mannwhitneyu(values, base, alternative="two-sided").pvalue)
+        paired, wins = paired_test(values, base) if rule != "random" else (float("nan"), 0)
         records.append({
             "benchmark": "selection_quality", "set": name, "embedder": args.embedder, "model": args.model, "rule": rule,
             "budget": budget, "n_images": dict(sizes)[budget], "pool": n, "test": len(test),
             "auc_mean": float(np.nanmean(values)), "auc_std": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
             "random_auc_mean": float(np.nanmean(base)), "p_vs_random": p,
+            "p_paired_vs_random": paired, "wins": wins, "aucs": [float(v) for v in values],
             "sources_mean": float(np.mean(covered[(rule, budget)])), "random_sources_mean": float(np.mean(covered[("random", budget)])),
             "full_pool_auc": full, "replicates": args.replicates, "seed_size": seed_size, "batch_size": batch_size,
             "delta": delta, "duplicate_threshold": args.duplicate_threshold,
@@ -236,8 +242,23 @@ def run_set(name: str, args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def paired_test(values: list[float], base: list[float]) -> tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p of the per-replicate differences, and the replicates ahead.
+
+    Replicate r of a rule and of random share the seed set and the model's seed, so their difference
+    is free of the model's seed-to-seed spread. All-zero differences give p = 1.
+    """
+    diff = np.asarray(values, float) - np.asarray(base, float)
+    diff = diff[~np.isnan(diff)]
+    wins = int(np.count_nonzero(diff > 0))
+    if len(diff) == 0 or not np.any(diff):
+        return 1.0, wins
+    return float(wilcoxon(diff, alternative="two-sided").pvalue), wins
+
+
 def print_table(records: list[dict]) -> None:
-    """AUC per rule and budget, marked + / - where the difference from random is significant (p < 0.05)."""
+    """AUC per rule and budget, marked + / - where the difference from random is significant (Mann-Whitney
+    p < 0.05), each rule followed by the paired test's p."""
     budgets = sorted({r["budget"] for r in records})
     rules = list(dict.fromkeys(r["rule"] for r in records))
     by = {(r["rule"], r["budget"]): r for r in records}
@@ -252,6 +273,8 @@ def print_table(records: list[dict]) -> None:
             mark = "" if rule == "random" or not r["p_vs_random"] < 0.05 else ("+" if r["auc_mean"] > r["random_auc_mean"] else "-")
             cells.append(f"{r['auc_mean']:.3f}{mark:<1}".rjust(11))
         print(f"{rule:<16}" + "".join(cells))
+        if rule != "random" and "p_paired_vs_random" in by[(rule, budgets[0])]:
+            print(f"{'  paired p':<16}" + "".join(f"{by[(rule, b)]['p_paired_vs_random']:>11.3f}" for b in budgets))
     print(f"{'sources (rnd)':<16}" + "".join(f"{by[('random', b)]['sources_mean']:>11.0f}" for b in budgets))
 
 

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks import similarity as bench
 
 
@@ -79,3 +81,15 @@ def test_embed_benchmark_runs_the_default_embedder(tmp_path) -> None:
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["images"] == 300 and record["embedder"] == "contrastive"
     assert record["ratio_stage_to_decode"] > 0 and record["stage_images_per_s"] > 0
+
+
+def test_selection_quality_paired_test_counts_wins_and_drops_missing_replicates() -> None:
+    from benchmarks import selection_quality
+
+    base = [0.80, 0.85, 0.90, 0.70, 0.75, 0.60, 0.95, 0.82, 0.88, 0.66]
+    ahead = [b + 0.01 * (i + 1) for i, b in enumerate(base)]
+    p, wins = selection_quality.paired_test(ahead, base)
+    assert wins == 10 and p == pytest.approx(2 / 2**10)  # exact two-sided signed-rank p, all ten ahead
+    assert selection_quality.paired_test(base, base) == (1.0, 0)
+    p, wins = selection_quality.paired_test([*ahead[:9], float("nan")], base)
+    assert wins == 9 and p == pytest.approx(2 / 2**9)
