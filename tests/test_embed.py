@@ -220,3 +220,27 @@ def test_byo_parquet_is_read_column_wise(tmp_path):
     holes = tmp_path / "holes.parquet"  # a missing value inside a vector becomes NaN: the image is reported
     pq.write_table(pa.table({"image_id": [1, 2], "embedding": [[1.0, None], [0.0, 1.0]]}), holes)
     assert np.isnan(read_byo(str(holes))[2][0, 1])
+
+
+@pytest.mark.parametrize("model", ["vae", "contrastive"])
+def test_cpu_fp32_embedding_runs_a_frozen_graph_equal_to_the_eager_network(run_dir, model):
+    import torch
+
+    from enrich_dist.embed import EncoderEmbedder
+    from enrich_dist.encoder import CHECKPOINTS, ContrastiveEncoder
+
+    torch.manual_seed(1)
+    net = BetaVAE(latent_dim=16) if model == "vae" else ContrastiveEncoder(latent_dim=16)
+    if model == "contrastive":  # running statistics that are not the identity, so the fold matters
+        net.train()
+        net.backbone(torch.rand(64, 1, 64, 64))
+    run_dir.write_bytes(CHECKPOINTS[model], encoder_bytes(net, EncoderConfig(latent_dim=16)))
+    images = np.random.default_rng(2).random((13, 64, 64), dtype=np.float32)  # an odd batch, not the traced one
+    fast = EncoderEmbedder(run_dir, "cpu", "fp32", model=model)
+    assert fast.frozen is not None
+    eager = EncoderEmbedder(run_dir, "cpu", "fp32", model=model)
+    eager.frozen = None
+    got, want = fast(images), eager(images)
+    assert got.shape == (13, 16) and np.allclose(got, want, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        assert np.allclose(want, net.eval().encode(torch.from_numpy(images))[0].numpy(), rtol=0, atol=1e-5)
