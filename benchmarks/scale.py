@@ -71,7 +71,9 @@ class MemorySampler:
         return (self.before - self.least) / 2**30
 
 
-def write_archive(run: RunDir, n: int, dim: int, per_cluster: int, shard_rows: int, seed: int) -> float:
+def write_archive(
+    run: RunDir, n: int, dim: int, per_cluster: int, shard_rows: int, seed: int, spread: float = 0.5
+) -> float:
     """Clustered unit vectors as embedding shards plus a manifest, one shard at a time; seconds taken."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -79,7 +81,7 @@ def write_archive(run: RunDir, n: int, dim: int, per_cluster: int, shard_rows: i
     for s, first in enumerate(range(0, n, shard_rows)):
         ids = np.arange(first, min(first + shard_rows, n), dtype=np.int64)
         x = centres[rng.integers(0, len(centres), len(ids))]
-        x += 0.5 * rng.standard_normal(x.shape).astype(np.float32)
+        x += spread * rng.standard_normal(x.shape).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
         run.write_table(
@@ -123,6 +125,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--per-cluster", type=int, default=500, help="images per cluster centre")
+    parser.add_argument(
+        "--spread", type=float, default=0.5,
+        help="noise per coordinate around a centre (standard normal entries); smaller is more redundant",
+    )
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--similarity-mode", default="approx", choices=["approx", "exact"])
     parser.add_argument("--select-mode", default="exact")
@@ -144,6 +150,7 @@ def main() -> None:
         "images": args.images,
         "dim": args.dim,
         "per_cluster": args.per_cluster,
+        "spread": args.spread,
         "cpus": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "similarity_mode": args.similarity_mode,
@@ -154,7 +161,7 @@ def main() -> None:
     try:
         if not run.is_done(EMBEDDINGS_DIR):
             record["write_seconds"] = round(
-                write_archive(run, args.images, args.dim, args.per_cluster, args.shard_rows, seed=0), 1
+                write_archive(run, args.images, args.dim, args.per_cluster, args.shard_rows, seed=0, spread=args.spread), 1
             )
             print(f"archive: {args.images:,} embeddings written in {record['write_seconds']} s", flush=True)
         extra = args.extra.split()
