@@ -53,7 +53,7 @@ class Cluster:
 @dataclass(frozen=True)
 class Calibration:
     """The stage's cost on the current cluster: ``fixed`` seconds plus ``per_unit_cpu`` CPU-seconds per unit of
-    work (exact mode: a pair; approximate mode: an image, as measured from 2 x 10^5 to 10^6 images)."""
+    work (a pair in exact mode, a compared pair in approximate mode: :func:`work`)."""
 
     mode: str
     fixed: float
@@ -61,15 +61,22 @@ class Calibration:
     cpus: int
     runs: tuple[tuple[int, float], ...]  # (images, seconds) measured
 
-    def seconds(self, n: int, cpus: int) -> float:
-        return self.fixed + work(self.mode, n) * self.per_unit_cpu / max(1, cpus)
+    def seconds(self, n: int, cpus: int, units: float | None = None) -> float:
+        """Wall seconds for ``n`` images on ``cpus`` (``units``: the plan's own count of work, else :func:`work`)."""
+        return self.fixed + (work(self.mode, n) if units is None else units) * self.per_unit_cpu / max(1, cpus)
 
 
 def work(mode: str, n: int) -> float:
-    """The units of work the stage's time grows with: all pairs (exact); images (approx: measured on 2 cores,
-    14.3 s at 2 x 10^5 and 66.8 s at 10^6 clustered images, close to linear although its probed pairs grow as
-    N^1.5 in principle, so projections far past 10^6 are optimistic)."""
-    return n * (n - 1) / 2 if mode == "exact" else float(n)
+    """The units of work the stage's time grows with: all pairs (exact); the pairs compared with the default
+    partitions (approximate: about N^1.5 with sqrt(N) partitions).
+
+    Approximate mode measured on 2 cores: 35.5-37.4 s at 10^6 and 1,266 s at 10^7 (before the 10^6 read
+    fix), 36x for 10x the images; per image (the earlier unit) a projection from 10^5 and 2 x 10^5 was 31-35 %
+    short at 10^6 and 80 % short at 10^7.
+    """
+    if mode == "exact":
+        return n * (n - 1) / 2
+    return float(approx_plan(n, CALIBRATION_DIM, SimilarityConfig(mode="approx"))["pairs_compared"])
 
 
 def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -171,8 +178,8 @@ def project(plan: dict, cluster: Cluster, calibration: Calibration | None) -> di
     pairs = plan.get("pairs_compared", plan["pairs"])
     out: dict = {}
     if calibration is not None:
-        unit = "pair" if calibration.mode == "exact" else "image"
-        out["cpu_seconds"] = calibration.seconds(plan["images"], cluster.total_cpus)
+        unit = "pair" if calibration.mode == "exact" else "compared pair"
+        out["cpu_seconds"] = calibration.seconds(plan["images"], cluster.total_cpus, units=pairs)
         out["cpu_basis"] = (
             f"{calibration.mode} stage measured now on {calibration.cpus} CPUs: "
             + ", ".join(f"{n:,} images {t:.2f} s" for n, t in calibration.runs)

@@ -72,3 +72,13 @@ def test_plan_command_without_calibration_starts_no_ray(capsys, monkeypatch):
     assert out["plan"]["pairs"] == 10_000_000 * 9_999_999 // 2 and "gpu_seconds" in out["projection"]
     assert "cpu_seconds" not in out["projection"]  # nothing measured, nothing projected for the CPUs
     assert main(["plan", "--images", "0", "--no-calibrate"]) == 2
+
+
+def test_approx_projection_grows_with_the_pairs_compared_not_the_images():
+    cal = sizing.Calibration("approx", fixed=1.0, per_unit_cpu=2e-9, cpus=2, runs=())
+    one, four = cal.seconds(1_000_000, 2) - 1.0, cal.seconds(4_000_000, 2) - 1.0
+    assert four == pytest.approx(8 * one)  # sqrt(N) partitions: (4N)^1.5 / N^1.5
+    plan = sizing.approx_plan(1_000_000, 128, SimilarityConfig(mode="approx", nprobe=4))
+    out = sizing.project(plan, sizing.Cluster(nodes=1, cpus=2), cal)
+    assert out["cpu_seconds"] == pytest.approx(1.0 + plan["pairs_compared"] * 2e-9 / 2)
+    assert "per compared pair" in out["cpu_basis"]
