@@ -2,9 +2,10 @@
 
 Writes ``--images`` unit vectors of ``--dim`` around ``images / --per-cluster`` random centres as the
 embed stage's shards (``embeddings/part-*.parquet``, ``--shard-rows`` each; what ``enrich embed
---embedder byo`` leaves), a manifest to match, and marks both stages done: the import itself is not
-timed. Then runs each stage as its own ``enrich`` command (a cold process, as a user or a cron job
-runs it): ``similarity`` (``--similarity-mode approx`` by default; duplicate groups come with it),
+--embedder byo`` leaves), a manifest to match, and marks both stages done. With ``embed`` among
+``--stages`` it writes the vectors to one bring-your-own Parquet file instead, and the timed ``embed``
+command (``enrich embed --embedder byo``) imports it. Then runs each stage as its own ``enrich``
+command (a cold process, as a user or a cron job runs it): ``similarity`` (``--similarity-mode approx`` by default; duplicate groups come with it),
 ``select`` (``--select-mode``, default ``exact``, ``--replicates``) and ``export`` (csv of the first
 ``--export-n`` images). Memory is the whole machine's, sampled independently of Ray: MemAvailable
 from /proc/meminfo every 0.5 s, peak = available before the command minus the least seen during it.
@@ -12,6 +13,7 @@ Approximate recall@k and threshold-count errors are the stage's own brute force 
 
     python -m benchmarks.scale --images 1000000 --out results.jsonl
     python -m benchmarks.scale --images 10000000 --out results.jsonl
+    python -m benchmarks.scale --images 1000000 --stages embed,similarity --out results.jsonl
 
 Prints one line per stage and appends one JSON line (with the commit) to ``--out``.
 """
@@ -31,6 +33,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from benchmarks.similarity import source_version
 from enrich_dist.schema import EMBEDDINGS_DIR, MANIFEST, MANIFEST_DIR, embeddings_schema
@@ -72,21 +75,29 @@ class MemorySampler:
 
 
 def write_archive(
-    run: RunDir, n: int, dim: int, per_cluster: int, shard_rows: int, seed: int, spread: float = 0.5
+    run: RunDir, n: int, dim: int, per_cluster: int, shard_rows: int, seed: int, spread: float = 0.5,
+    byo: str | None = None,
 ) -> float:
-    """Clustered unit vectors as embedding shards plus a manifest, one shard at a time; seconds taken."""
+    """Clustered unit vectors as embedding shards plus a manifest, one shard at a time; seconds taken.
+
+    ``byo``: write the vectors to this one Parquet file instead (``image_id``, ``embedding``), for a timed
+    ``enrich embed --embedder byo`` to import; the embed stage is then left to do.
+    """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // per_cluster), dim)).astype(np.float32)
+    writer = pq.ParquetWriter(byo, embeddings_schema(dim)) if byo else None
     for s, first in enumerate(range(0, n, shard_rows)):
         ids = np.arange(first, min(first + shard_rows, n), dtype=np.int64)
         x = centres[rng.integers(0, len(centres), len(ids))]
         x += spread * rng.standard_normal(x.shape).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
-        run.write_table(
-            f"{EMBEDDINGS_DIR}/{shard_name(s)}", pa.Table.from_arrays([pa.array(ids), emb], schema=embeddings_schema(dim))
-        )
+        table = pa.Table.from_arrays([pa.array(ids), emb], schema=embeddings_schema(dim))
+        if writer is not None:
+            writer.write_table(table)
+        else:
+            run.write_table(f"{EMBEDDINGS_DIR}/{shard_name(s)}", table)
         columns = {f.name: pa.nulls(len(ids), f.type) for f in MANIFEST}
         columns.update(
             image_id=pa.array(ids),
@@ -95,7 +106,10 @@ def write_archive(
         )
         run.write_table(f"{MANIFEST_DIR}/{shard_name(s)}", pa.table(columns, schema=MANIFEST))
     run.mark_done(MANIFEST_DIR, {"n_images": n, "n_ok": n, "source": "benchmarks.scale"})
-    run.mark_done(EMBEDDINGS_DIR, {"n_embedded": n, "dim": dim, "embedder": "byo", "source": "benchmarks.scale"})
+    if writer is not None:
+        writer.close()
+    else:
+        run.mark_done(EMBEDDINGS_DIR, {"n_embedded": n, "dim": dim, "embedder": "byo", "source": "benchmarks.scale"})
     return time.perf_counter() - start
 
 
@@ -159,19 +173,25 @@ def main() -> None:
         "stages": [],
     }
     try:
-        if not run.is_done(EMBEDDINGS_DIR):
+        stages = args.stages.split(",")
+        byo = os.path.join(folder, "byo-embeddings.parquet") if "embed" in stages else None
+        os.makedirs(folder, exist_ok=True)
+        if not run.is_done(MANIFEST_DIR if byo else EMBEDDINGS_DIR):
             record["write_seconds"] = round(
-                write_archive(run, args.images, args.dim, args.per_cluster, args.shard_rows, seed=0, spread=args.spread), 1
+                write_archive(
+                    run, args.images, args.dim, args.per_cluster, args.shard_rows, seed=0, spread=args.spread, byo=byo
+                ), 1,
             )
             print(f"archive: {args.images:,} embeddings written in {record['write_seconds']} s", flush=True)
         extra = args.extra.split()
         commands = {
+            "embed": ["embed", "--output", folder, "--embedder", "byo", "--embeddings", str(byo)],
             "similarity": ["similarity", "--output", folder, "--similarity-mode", args.similarity_mode, *extra],
             "select": ["select", "--output", folder, "--mode", args.select_mode,
                        "--replicates", str(args.replicates), *extra],
             "export": ["export", "--output", folder, "--n", str(args.export_n), "--to", os.path.join(folder, "next.csv")],
         }
-        for name in args.stages.split(","):
+        for name in stages:
             result = run_command(name, commands[name], args.timeout)
             record["stages"].append(result)
             if result["returncode"]:

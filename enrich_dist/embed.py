@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -303,10 +304,25 @@ def reused_rows(run: RunDir, shard: int) -> pa.Table | None:
 # --- end of the incremental hook ------------------------------------------------------------------
 
 
-def _byo_parquet(source) -> tuple[str, np.ndarray, np.ndarray]:
+BYO_IN_MEMORY = 1 << 30  # a bring-your-own matrix larger than this goes to a temporary file, not the heap
+
+
+def _byo_matrix(rows: int, dim: int, dtype: np.dtype, spill: str | None) -> np.ndarray:
+    """An empty (rows, dim) matrix: in memory, or above ``BYO_IN_MEMORY`` bytes a memory-mapped file in the
+    folder ``spill`` (the page cache holds what is in use, so the import needs no heap of N x d)."""
+    size = rows * dim * np.dtype(dtype).itemsize
+    if spill is None or size <= BYO_IN_MEMORY:
+        return np.empty((rows, dim), dtype)
+    path = os.path.join(spill, "byo-matrix.npy")
+    log.info("embed: holding the %.1f GB imported matrix in %s (set TMPDIR to use another disk)", size / 1e9, path)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))
+
+
+def _byo_parquet(source, spill: str | None = None) -> tuple[str, np.ndarray, np.ndarray]:
     """(key, keys, matrix) from a Parquet file, batch by batch into one matrix (no per-row Python objects).
 
-    Peak memory is the matrix plus one record batch, whatever the file's size.
+    Peak memory is the matrix plus one record batch, whatever the file's size; with ``spill`` (a folder) a
+    matrix above ``BYO_IN_MEMORY`` bytes is a memory-mapped file there instead.
     """
     file = pq.ParquetFile(source)
     names = file.schema_arrow.names
@@ -323,7 +339,7 @@ def _byo_parquet(source) -> tuple[str, np.ndarray, np.ndarray]:
             break
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False)  # null entries become NaN: reported per image
         if matrix is None:
-            matrix = np.empty((rows, next(iter(widths), 0)), values.dtype)
+            matrix = _byo_matrix(rows, next(iter(widths), 0), values.dtype, spill)
         matrix[row : row + len(column)] = values.reshape(len(column), -1)
         keys.append(batch.column(batch.schema.get_field_index(key)).to_numpy(zero_copy_only=False))
         row += len(column)
@@ -337,12 +353,15 @@ def _byo_parquet(source) -> tuple[str, np.ndarray, np.ndarray]:
     return key, np.concatenate(keys), matrix
 
 
-def read_byo(path: str, storage_options: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+def read_byo(
+    path: str, storage_options: dict | None = None, spill: str | None = None
+) -> tuple[str, np.ndarray, np.ndarray]:
     """Read bring-your-own embeddings: (key column "image_id"|"uri"|"row", keys, numeric matrix).
 
     Parquet or .npz: an ``embedding`` column/array plus ``image_id`` or ``uri``; .npy: a 2-D array
     whose row i is image_id i. A local .npy is memory-mapped and a local Parquet file read column-wise
-    from disk, so the matrix is held once (as stored: float32 stays float32).
+    from disk, so the matrix is held once (as stored: float32 stays float32); with ``spill`` (a folder), a
+    Parquet matrix above ``BYO_IN_MEMORY`` bytes is held in a memory-mapped file there, not on the heap.
     """
     lower = path.lower()
     local = "://" not in path and os.path.exists(path)
@@ -360,7 +379,7 @@ def read_byo(path: str, storage_options: dict | None = None) -> tuple[str, np.nd
                     raise ValueError(f"needs arrays 'embedding' and 'image_id' or 'uri', found {npz.files}")
                 matrix, keys = npz["embedding"], npz[key]
         elif lower.endswith(".parquet"):
-            key, keys, matrix = _byo_parquet(path if local else pa.BufferReader(read_uri(path, storage_options)))
+            key, keys, matrix = _byo_parquet(path if local else pa.BufferReader(read_uri(path, storage_options)), spill)
         else:
             raise ValueError("unknown format: use .parquet, .npy or .npz")
     except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -380,7 +399,11 @@ def import_embeddings(run: RunDir, cfg: EmbedConfig) -> dict:
     """Write embedding shards from a bring-your-own file, aligned with the manifest shards."""
     if not cfg.embeddings:
         raise ValueError("embedder 'byo' needs --embeddings FILE (.parquet, .npy or .npz)")
-    key, keys, matrix = read_byo(cfg.embeddings, run.storage_options)
+    with tempfile.TemporaryDirectory(prefix="enrich-byo-") as spill:
+        return _import_embeddings(run, cfg, *read_byo(cfg.embeddings, run.storage_options, spill))
+
+
+def _import_embeddings(run: RunDir, cfg: EmbedConfig, key: str, keys: np.ndarray, matrix: np.ndarray) -> dict:
     manifest = run.read_table(schema.MANIFEST_DIR, columns=["image_id", "uri", "status"])
     column = "image_id" if key in ("image_id", "row") else "uri"
     if key == "row" and len(keys) != manifest.num_rows:

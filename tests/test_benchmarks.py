@@ -93,3 +93,21 @@ def test_selection_quality_paired_test_counts_wins_and_drops_missing_replicates(
     assert selection_quality.paired_test(base, base) == (1.0, 0)
     p, wins = selection_quality.paired_test([*ahead[:9], float("nan")], base)
     assert wins == 9 and p == pytest.approx(2 / 2**9)
+
+
+def test_scale_benchmark_imports_bring_your_own_embeddings_then_runs_the_stages(tmp_path, monkeypatch) -> None:
+    """Cold commands (their own local Ray each): the byo import, approximate similarity, selection, export."""
+    from benchmarks import scale
+
+    out, run = tmp_path / "scale.jsonl", tmp_path / "run"
+    monkeypatch.setattr("sys.argv", [
+        "scale.py", "--images", "2500", "--per-cluster", "50", "--shard-rows", "700", "--export-n", "100",
+        "--stages", "embed,similarity,select,export", "--run", str(run), "--out", str(out),
+    ])
+    scale.main()
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["stage"] for s in record["stages"]] == ["embed", "similarity", "select", "export"]
+    assert all(s["returncode"] == 0 and s["peak_gib"] >= 0 for s in record["stages"]), record["stages"]
+    assert any("imported 2500 embeddings of dim 128" in line for line in record["stages"][0]["log"])
+    assert record["similarity"]["mode"] == "approx" and record["similarity"]["approx"]["recall_at_k"] > 0.9
+    assert len((run / "next.csv").read_text().splitlines()) == 101  # header + the first 100 ranked images

@@ -151,17 +151,27 @@ def test_pixels_embedder_end_to_end_without_encoder(ray_local, run_dir, tmp_path
         run_embed(run_dir, EmbedConfig(embedder="vae"))
 
 
-@pytest.mark.parametrize("fmt", ["parquet-id", "npz-uri", "npy"])
-def test_bring_your_own_embeddings_round_trip(ray_local, run_dir, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["parquet-id", "parquet-id-spilled", "npz-uri", "npy"])
+def test_bring_your_own_embeddings_round_trip(ray_local, run_dir, tmp_path, fmt, monkeypatch, caplog):
+    import tempfile
+
     import pyarrow.parquet as pq
 
+    from enrich_dist import embed
+
+    caplog.set_level("INFO")
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    if fmt == "parquet-id-spilled":  # every matrix above the in-memory limit: held in a memory-mapped file
+        monkeypatch.setattr(embed, "BYO_IN_MEMORY", 0)
     root = make_run(run_dir, tmp_path, n=10, shard_size=3)
     rng = np.random.default_rng(5)
     vecs = rng.normal(size=(10, 7))
     vecs[4] = 0.0  # a zero vector: recorded as an error, never normalised into NaN
     path = tmp_path / f"mine.{fmt.split('-')[0]}"
     keep = [i for i in range(10) if i != 8]  # image 8 has no embedding in the parquet/npz files
-    if fmt == "parquet-id":
+    if fmt.startswith("parquet-id"):
         pq.write_table(pa.table({"image_id": keep, "embedding": [list(vecs[i]) for i in keep]}), path)
     elif fmt == "npz-uri":
         np.savez(path, uri=np.array([str(root / f"{i:03d}.png") for i in keep]), embedding=vecs[keep])
@@ -178,6 +188,8 @@ def test_bring_your_own_embeddings_round_trip(ray_local, run_dir, tmp_path, fmt)
     assert errors[4] == "zero-norm embedding"
     if fmt != "npy":
         assert "no embedding in" in errors[8]
+    assert ("imported matrix in" in caplog.text) == (fmt == "parquet-id-spilled")
+    assert not list(spill.iterdir())  # the temporary file is gone
 
 
 def test_bring_your_own_bad_files_are_named(ray_local, run_dir, tmp_path):
