@@ -82,3 +82,13 @@ def test_approx_projection_grows_with_the_pairs_compared_not_the_images():
     out = sizing.project(plan, sizing.Cluster(nodes=1, cpus=2), cal)
     assert out["cpu_seconds"] == pytest.approx(1.0 + plan["pairs_compared"] * 2e-9 / 2)
     assert "per compared pair" in out["cpu_basis"]
+
+
+def test_approx_projection_is_a_range_from_the_same_two_runs():
+    cal = sizing.Calibration("approx", fixed=0.5, per_unit_cpu=1e-9, cpus=2, runs=((100_000, 3.0), (200_000, 5.0)))
+    plan = sizing.approx_plan(1_000_000, 128, SimilarityConfig(mode="approx"))
+    out = sizing.project(plan, sizing.Cluster(nodes=1, cpus=2), cal)
+    # per image: 2 s per 100,000 images on these 2 CPUs, 1 s fixed -> 21 s at 10^6
+    assert out["cpu_seconds_low"] == pytest.approx(1.0 + 1_000_000 * 2e-5)
+    assert out["cpu_seconds"] == pytest.approx(0.5 + plan["pairs_compared"] * 1e-9 / 2)
+    assert "if it grew with the images only" in out["cpu_basis"]
