@@ -324,7 +324,9 @@ def _byo_parquet(source, spill: str | None = None) -> tuple[str, np.ndarray, np.
     Peak memory is the matrix plus one record batch, whatever the file's size; with ``spill`` (a folder) a
     matrix above ``BYO_IN_MEMORY`` bytes is a memory-mapped file there instead.
     """
-    file = pq.ParquetFile(source)
+    # pre_buffer off: with it, pyarrow keeps every row group it has read cached until the file is closed
+    # (measured: 5.9 GB of heap after reading a 10^7 x 128 file batch by batch; off: flat at one batch)
+    file = pq.ParquetFile(source, pre_buffer=False)
     names = file.schema_arrow.names
     key = "image_id" if "image_id" in names else "uri"
     if "embedding" not in names or key not in names:

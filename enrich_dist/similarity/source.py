@@ -74,7 +74,7 @@ def read_spans(uri: str, storage_options: dict | None, spans: list[tuple[str, in
     block = np.empty((sum(stop - start for _, start, stop in spans), dim), np.float32)
     row = 0
     for path, start, stop in spans:
-        shard = pq.ParquetFile(pa.BufferReader(run.read_bytes(path)))
+        shard = pq.ParquetFile(pa.BufferReader(run.read_bytes(path)), pre_buffer=False)  # no cache of read groups
         size = shard.schema_arrow.field("embedding").type.list_size
         if size != dim:
             raise ValueError(f"embedding shards of dimension {size} and {dim}: rerun `enrich embed`")
