@@ -19,7 +19,7 @@ from .config import EmbedConfig, RunConfig
 from .executor import Context, execute
 from .invariants import NORM_TOLERANCE, count_duplicates, ids_of, manifest_ok_ids
 from .runtime import Resources, cluster_resources, quiet_ray_data  # ray is imported inside their bodies
-from .storage import RunDir, read_uri, shard_name
+from .storage import RunDir, filesystem, read_uri, shard_name, with_retries
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = schema.EMBED_ERRORS_DIR
@@ -361,8 +361,9 @@ def read_byo(
     """Read bring-your-own embeddings: (key column "image_id"|"uri"|"row", keys, numeric matrix).
 
     Parquet or .npz: an ``embedding`` column/array plus ``image_id`` or ``uri``; .npy: a 2-D array
-    whose row i is image_id i. A local .npy is memory-mapped and a local Parquet file read column-wise
-    from disk, so the matrix is held once (as stored: float32 stays float32); with ``spill`` (a folder), a
+    whose row i is image_id i. A local .npy is memory-mapped and a Parquet file read column-wise (from
+    disk, or by ranges from an object store), so the matrix is held once (as stored: float32 stays
+    float32); with ``spill`` (a folder), a
     Parquet matrix above ``BYO_IN_MEMORY`` bytes is held in a memory-mapped file there, not on the heap.
     """
     lower = path.lower()
@@ -380,8 +381,16 @@ def read_byo(
                 if "embedding" not in npz.files or key not in npz.files:
                     raise ValueError(f"needs arrays 'embedding' and 'image_id' or 'uri', found {npz.files}")
                 matrix, keys = npz["embedding"], npz[key]
-        elif lower.endswith(".parquet"):
-            key, keys, matrix = _byo_parquet(path if local else pa.BufferReader(read_uri(path, storage_options)), spill)
+        elif lower.endswith(".parquet") and local:
+            key, keys, matrix = _byo_parquet(path, spill)
+        elif lower.endswith(".parquet"):  # an object store: read by ranges, row group by row group, not whole
+            fs, inner = filesystem(path, storage_options)
+
+            def stream() -> tuple[str, np.ndarray, np.ndarray]:
+                with fs.open(inner, "rb") as handle:
+                    return _byo_parquet(handle, spill)
+
+            key, keys, matrix = with_retries(stream, path)  # a transient error reads the file again
         else:
             raise ValueError("unknown format: use .parquet, .npy or .npz")
     except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

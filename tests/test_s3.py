@@ -250,3 +250,37 @@ def test_approx_similarity_streams_through_s3_scratch_files(ray_local, s3, s3_en
     run_similarity(run, cfg)
     assert run.read_table(NEIGHBORS_DIR).equals(compute_similarity(x, ids, cfg, progress=False)[0])
     assert not run.exists(partitioned.SCRATCH_DIR)
+
+
+def test_bring_your_own_parquet_is_read_from_s3_by_ranges(s3, s3_endpoint, monkeypatch, tmp_path):
+    """A byo Parquet file on S3 is read through a file handle (row group by row group), never fetched whole;
+    a matrix above the in-memory limit goes to a memory-mapped file; transient errors read it again."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from enrich_dist import embed
+
+    opts = {"endpoint_url": s3_endpoint}
+    uri = f"s3://{_bucket(s3, 'byo')}/mine.parquet"
+    vecs = np.random.default_rng(3).standard_normal((5000, 16)).astype(np.float32)
+    table = pa.table({"image_id": np.arange(5000) * 2, "embedding": pa.FixedSizeListArray.from_arrays(vecs.ravel(), 16)})
+    with fsspec.open(uri, "wb", **opts) as fh:
+        pq.write_table(table, fh, row_group_size=700)
+    monkeypatch.setattr(embed, "read_uri", lambda *a, **kw: pytest.fail("a byo Parquet file must not be read whole"))
+    monkeypatch.setattr(embed, "BYO_IN_MEMORY", 0)
+    key, keys, matrix = embed.read_byo(uri, opts, spill=str(tmp_path))
+    assert key == "image_id" and keys.tolist() == list(range(0, 10000, 2))
+    assert isinstance(matrix, np.memmap) and np.array_equal(matrix, vecs)
+
+    real, calls = embed._byo_parquet, []
+
+    def flaky(source, spill=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real(source, spill)
+
+    monkeypatch.setattr(embed, "_byo_parquet", flaky)
+    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.0)
+    assert np.array_equal(embed.read_byo(uri, opts, spill=str(tmp_path))[2], vecs) and len(calls) == 2
