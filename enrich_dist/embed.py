@@ -363,8 +363,8 @@ def read_byo(
     Parquet or .npz: an ``embedding`` column/array plus ``image_id`` or ``uri``; .npy: a 2-D array
     whose row i is image_id i. A local .npy is memory-mapped and a Parquet file read column-wise (from
     disk, or by ranges from an object store), so the matrix is held once (as stored: float32 stays
-    float32); with ``spill`` (a folder), a
-    Parquet matrix above ``BYO_IN_MEMORY`` bytes is held in a memory-mapped file there, not on the heap.
+    float32); with ``spill`` (a folder), a Parquet matrix above ``BYO_IN_MEMORY`` bytes is held in a
+    memory-mapped file there, not on the heap.
     """
     lower = path.lower()
     local = "://" not in path and os.path.exists(path)

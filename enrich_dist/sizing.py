@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import SimilarityConfig, parse_memory
-from .similarity.approx import kmeans_rows
+from .similarity.approx import default_partitions, kmeans_rows
 from .similarity.kernel import CHUNK_ROWS
 from .similarity.partitioned import SCAN_ROWS
 from .similarity.plan import GPU_BLOCK, approx_driver_bytes, choose_block, driver_bytes, task_bytes
@@ -152,7 +152,7 @@ def reduction_bytes(n: int, k: int, n_thresholds: int) -> int:
 
 def approx_plan(n: int, dim: int, cfg: SimilarityConfig) -> dict:
     """Partitions and probed pairs of the approximate mode (each partition against its ``nprobe`` nearest)."""
-    partitions = cfg.n_partitions or max(1, round(math.sqrt(n)))
+    partitions = cfg.n_partitions or default_partitions(n)
     nprobe = min(cfg.nprobe, partitions)
     per_partition = n / partitions
     # each unordered pair of probed partitions once; a partition pair (p, q) is probed from p or from q
@@ -193,10 +193,7 @@ def project(plan: dict, cluster: Cluster, calibration: Calibration | None) -> di
             per_image = max((t2 - t1) / max(1, n2 - n1), 0.0) * calibration.cpus
             fixed = max(0.0, t1 - n1 * per_image / calibration.cpus)
             out["cpu_seconds_low"] = fixed + plan["images"] * per_image / max(1, cluster.total_cpus)
-            out["cpu_basis"] += (
-                f"; {_duration(out['cpu_seconds_low'])} if it grew with the images only (measured on 2 cores: "
-                "10^6 and 10^7 images fell between the two)"
-            )
+            out["cpu_basis"] += f"; {_duration(out['cpu_seconds_low'])} if it grew with the images only"
     if cluster.gpus:
         out["gpu_seconds"] = pairs / (H200_PAIRS_PER_SECOND * cluster.gpus * cluster.nodes)
         out["gpu_basis"] = "the fused pass measured on one H200 (2026-11-30), not calibrated on this cluster"
