@@ -278,6 +278,9 @@ class SelectConfig:
     """The ranking: farthest-first (``mode`` "exact", the default, chosen by ``benchmarks/selection_quality.py``).
 
     ``mode`` "batch" is the paper's rule (each round adds the ``batch_size`` least similar images).
+    ``mode`` "cells" runs farthest-first within spherical k-means cells of about ``cell_size`` images
+    and merges the cells by score (``selection/cells.py``): N x cell size products instead of N^2 / 2,
+    for archives a complete ranking cannot reach; no caps, label balance or mean scores.
 
     ``seed_ids`` names a file of already-labelled images (ids or uris) used as every replicate's
     seed set instead of a random one. ``mode`` "coverage" (ProbCover's greedy coverage of delta-balls)
@@ -291,9 +294,14 @@ class SelectConfig:
     mode: str = option(
         "exact", "--mode",
         "exact farthest-first (never behind random in the benchmarks), batch (the paper's rule), coverage"
-        " (ProbCover: greedy coverage of delta-balls) or herding (facility location on the same graph)",
+        " (ProbCover: greedy coverage of delta-balls), herding (facility location on the same graph) or cells"
+        " (farthest-first within k-means cells of --cell-size images: N x cell size products instead of N^2)",
     )
     seed_size: Size = option(0.022, "--seed-size", "random seed set: count or fraction")
+    cell_size: int = option(
+        4096, "--cell-size",
+        "cells mode: about this many images per k-means cell (farthest-first runs within each cell)",
+    )
     batch_size: Size = option(0.11, "--batch-size", "images added per round in batch mode: count or fraction")
     budgets: tuple[Size, ...] = option(
         (0.07, 0.11, 0.22, 0.33, 0.44, 0.55, 0.66, 0.77, 0.88, 1.0), "--budgets",
@@ -511,7 +519,7 @@ CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("similarity", "kernel"): ("auto", "torch", "triton"),
     ("similarity", "precision"): ("fp32", "fp16", "bf16"),
     ("similarity", "keep"): ("lowest_id", "central"),
-    ("select", "mode"): ("batch", "exact", "coverage", "herding"),
+    ("select", "mode"): ("batch", "exact", "coverage", "herding", "cells"),
     ("select", "aggregate"): ("max", "mean"),
     ("evaluate", "task"): ("classification", "segmentation"),
     ("evaluate", "model"): ("auto", "linear", "cnn", "resnet", "unet"),
@@ -529,7 +537,7 @@ _RANGES: dict[str, tuple[str, ...]] = {
         "encoder.learning_rate", "encoder.temperature", "encoder.contrastive_batch_size", "encoder.image_size",
         "embed.pixel_size", "embed.batch_size", "embed.num_actors", "embed.decode_threads", "similarity.block_size",
         "similarity.top_k", "similarity.bins", "similarity.n_partitions", "similarity.nprobe", "similarity.sample_size",
-        "select.replicates", "select.max_per_clip", "select.max_per_patient",
+        "select.replicates", "select.cell_size", "select.max_per_clip", "select.max_per_patient",
         "select.max_edges", "evaluate.image_size", "evaluate.width", "evaluate.replicates",
         "evaluate.epochs", "evaluate.batch_size", "evaluate.learning_rate", "evaluate.seconds_per_image",
     ),
@@ -664,7 +672,26 @@ def _evaluate_dependent(ev: EvaluateConfig) -> list[str]:
     return []
 
 
-_DEPENDENT = {"similarity": _similarity_dependent, "evaluate": _evaluate_dependent}
+def _select_dependent(sel: SelectConfig) -> list[str]:
+    if sel.mode != "cells":
+        return []
+    unsupported = [
+        flag for flag, on in (
+            ("--aggregate mean", sel.aggregate != "max"),
+            ("--max-per-clip", sel.max_per_clip is not None),
+            ("--max-per-patient", sel.max_per_patient is not None),
+            ("--balance-labels", sel.balance_labels),
+        ) if on
+    ]
+    if not unsupported:
+        return []
+    return [
+        f"select.mode 'cells' ranks each cell on its own, without {', '.join(unsupported)}: "
+        "use --mode exact for caps, label balance or mean scores"
+    ]
+
+
+_DEPENDENT = {"similarity": _similarity_dependent, "evaluate": _evaluate_dependent, "select": _select_dependent}
 
 
 def _size_error(value: Any) -> str | None:

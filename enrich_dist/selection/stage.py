@@ -52,9 +52,10 @@ from ..schema import (
 )
 from ..storage import RunDir
 from .actors import start_actors
+from .cells import CELLS_MODE, cell_count, cells_in_flight, make_cells, rank_by_cells, vectors_of
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
 from .covering import COVER_MODES, finish, guard_groups, rank_covering
-from .greedy import Ranking, Settings, choose_seeds, rank
+from .greedy import DEFAULT_POOL, Ranking, Settings, choose_seeds, rank
 from .inputs import (
     Part,
     codes,
@@ -115,9 +116,10 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     fixed = read_seed_ids(cfg.seed_ids, run.storage_options, manifest_all, ids) if cfg.seed_ids else None
     seed_size, batch_size, budgets = _resolve_sizes(cfg, n, None if fixed is None else len(fixed))
     covering = cfg.mode in COVER_MODES
-    settings = Settings("exact" if covering else cfg.mode, cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
+    by_cells = cfg.mode == CELLS_MODE
+    settings = Settings("batch" if cfg.mode == "batch" else "exact", cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
     rules_args = _rules_args(cfg, groups, n)
-    workers = 0 if covering else _workers(cfg, n, dim)
+    workers = 0 if covering or by_cells else _workers(cfg, n, dim)
     lists = neighbor_parts(run, n) if cfg.aggregate == "max" else None
     log.info(
         "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
@@ -128,6 +130,7 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         seed_size,
         f" from {cfg.seed_ids}" if fixed is not None else "",
         cfg.replicates,
+        f"cells of about {cfg.cell_size} images" if by_cells else
         f"{workers} shard actors" if workers else "one process per replicate",
     )
 
@@ -137,8 +140,11 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         seed_rows = fixed if fixed is not None else rng.permutation(choose_seeds(n, seed_size, rng))
         seeds.append(seed_rows)
         randoms.append(_random_ranking(n, seed_rows, rng))
-    cover = None
-    if covering:
+    cover = cells_record = None
+    if by_cells:
+        rankings, seconds, cells_record = _rank_in_cells(run, parts, ids, dim, seeds, cfg)
+        pruning = False
+    elif covering:
         rankings, seconds, cover = rank_covering(
             read_vectors(run, parts, ids), seeds, cfg, rules_args, edge_list(run, ids)
         )
@@ -172,6 +178,7 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         "workers": workers,
         "pruning": pruning,
         "coverage": cover,
+        "cells": cells_record,
         "remove_by_ranking": ranked_removal,
         "repeats_measured_by": measure,
         "redundancy_concentration": redundancy_concentration(run, ids, groups["clip_id"][0]),
@@ -329,6 +336,47 @@ def _rank_with_actors(
     finally:
         store.close()
     return (*_spread(jobs, rankings, seconds, len(seeds)), pruning)
+
+
+def _rank_in_cells(
+    run: RunDir, parts: list[Part], ids: np.ndarray, dim: int, seeds: list[np.ndarray], cfg: SelectConfig
+) -> tuple[list[Ranking], list[float], dict]:
+    """Every distinct ranking by farthest-first within k-means cells (``cells.py``); and the cells' record."""
+    n = len(ids)
+    n_cells = cell_count(n, cfg.cell_size)
+    with vectors_of(run, parts, ids, dim) as x:
+        start = time.perf_counter()
+        cells = make_cells(x, n_cells, cfg.seed, max(1, cluster_resources().cpus))
+        kmeans_seconds = time.perf_counter() - start
+        sizes = np.diff(cells.bounds)
+        log.info(
+            "cells mode: %d cells (sizes %d-%d, median %d) in %.1f s",
+            cells.count, sizes.min(), sizes.max(), int(np.median(sizes)), kmeans_seconds,
+        )
+        done: dict[bytes, tuple[Ranking, float]] = {}
+        rankings, seconds = [], []
+        products = 0.0
+        for r, seed_rows in enumerate(seeds):
+            key = seed_rows.tobytes()
+            if key in done:
+                rankings.append(done[key][0])
+                seconds.append(0.0)
+                continue
+            ranking, cost = rank_by_cells(x, cells, seed_rows, DEFAULT_POOL, cells_in_flight())
+            log.info("replicate %d ranked %d images (cells) in %.2f s", r, n, cost["seconds"])
+            done[key] = (ranking, cost["seconds"])
+            rankings.append(ranking)
+            seconds.append(cost["seconds"])
+            products = cost["products"]
+    record = {
+        "n_cells": int(cells.count),
+        "cell_size": cfg.cell_size,
+        "largest_cell": int(sizes.max()),
+        "kmeans_seconds": kmeans_seconds,
+        "products_per_replicate": products,
+        "products_complete": n * (n - 1) / 2,
+    }
+    return rankings, seconds, record
 
 
 def _log_pruning(pruning: bool, readable: bool) -> None:
