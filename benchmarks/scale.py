@@ -6,7 +6,7 @@ embed stage's shards (``embeddings/part-*.parquet``, ``--shard-rows`` each; what
 ``--stages`` it writes the vectors to one bring-your-own Parquet file instead, and the timed ``embed``
 command (``enrich embed --embedder byo``) imports it. Then runs each stage as its own ``enrich``
 command (a cold process, as a user or a cron job runs it): ``similarity`` (``--similarity-mode approx`` by default; duplicate groups come with it),
-``select`` (``--select-mode``, default ``exact``, ``--replicates``) and ``export`` (csv of the first
+``select`` (``--select-mode``, default ``exact``; ``cells`` with ``--cell-size``; ``--replicates``) and ``export`` (csv of the first
 ``--export-n`` images). Memory is the whole machine's, sampled independently of Ray: MemAvailable
 from /proc/meminfo every 0.5 s, peak = available before the command minus the least seen during it.
 Approximate recall@k and threshold-count errors are the stage's own brute force on its sample.
@@ -14,6 +14,7 @@ Approximate recall@k and threshold-count errors are the stage's own brute force 
     python -m benchmarks.scale --images 1000000 --out results.jsonl
     python -m benchmarks.scale --images 10000000 --out results.jsonl
     python -m benchmarks.scale --images 1000000 --stages embed,similarity --out results.jsonl
+    python -m benchmarks.scale --images 10000000 --stages embed,similarity,select,export --select-mode cells
 
 Prints one line per stage and appends one JSON line (with the commit) to ``--out``.
 """
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--similarity-mode", default="approx", choices=["approx", "exact"])
     parser.add_argument("--select-mode", default="exact")
+    parser.add_argument("--cell-size", type=int, help="cells mode: images per k-means cell (default: the stage's)")
     parser.add_argument("--replicates", type=int, default=1)
     parser.add_argument("--export-n", type=int, default=10_000)
     parser.add_argument("--stages", default="similarity,select,export")
@@ -188,7 +190,8 @@ def main() -> None:
             "embed": ["embed", "--output", folder, "--embedder", "byo", "--embeddings", str(byo)],
             "similarity": ["similarity", "--output", folder, "--similarity-mode", args.similarity_mode, *extra],
             "select": ["select", "--output", folder, "--mode", args.select_mode,
-                       "--replicates", str(args.replicates), *extra],
+                       "--replicates", str(args.replicates),
+                       *(["--cell-size", str(args.cell_size)] if args.cell_size else []), *extra],
             "export": ["export", "--output", folder, "--n", str(args.export_n), "--to", os.path.join(folder, "next.csv")],
         }
         for name in stages:
@@ -196,6 +199,9 @@ def main() -> None:
             record["stages"].append(result)
             if result["returncode"]:
                 break
+            if name == "select":
+                chosen = run.read_json("selection/selection.json")
+                record["selection"] = {key: chosen.get(key) for key in ("seconds", "replicate_seconds", "workers", "cells")}
             if name == "similarity":
                 summary = run.read_json("similarity/summary.json")
                 record["similarity"] = {

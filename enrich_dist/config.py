@@ -299,7 +299,7 @@ class SelectConfig:
     )
     seed_size: Size = option(0.022, "--seed-size", "random seed set: count or fraction")
     cell_size: int = option(
-        4096, "--cell-size",
+        1024, "--cell-size",
         "cells mode: about this many images per k-means cell (farthest-first runs within each cell)",
     )
     batch_size: Size = option(0.11, "--batch-size", "images added per round in batch mode: count or fraction")

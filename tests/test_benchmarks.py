@@ -96,13 +96,14 @@ def test_selection_quality_paired_test_counts_wins_and_drops_missing_replicates(
 
 
 def test_scale_benchmark_imports_bring_your_own_embeddings_then_runs_the_stages(tmp_path, monkeypatch) -> None:
-    """Cold commands (their own local Ray each): the byo import, approximate similarity, selection, export."""
+    """Cold commands (their own local Ray each): the byo import, approximate similarity, selection (cells), export."""
     from benchmarks import scale
 
     out, run = tmp_path / "scale.jsonl", tmp_path / "run"
     monkeypatch.setattr("sys.argv", [
         "scale.py", "--images", "2500", "--per-cluster", "50", "--shard-rows", "700", "--export-n", "100",
-        "--stages", "embed,similarity,select,export", "--run", str(run), "--out", str(out),
+        "--stages", "embed,similarity,select,export", "--select-mode", "cells", "--cell-size", "500",
+        "--run", str(run), "--out", str(out),
     ])
     scale.main()
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
@@ -110,4 +111,5 @@ def test_scale_benchmark_imports_bring_your_own_embeddings_then_runs_the_stages(
     assert all(s["returncode"] == 0 and s["peak_gib"] >= 0 for s in record["stages"]), record["stages"]
     assert any("imported 2500 embeddings of dim 128" in line for line in record["stages"][0]["log"])
     assert record["similarity"]["mode"] == "approx" and record["similarity"]["approx"]["recall_at_k"] > 0.9
+    assert record["selection"]["cells"]["n_cells"] == 5 and record["selection"]["replicate_seconds"][0] > 0
     assert len((run / "next.csv").read_text().splitlines()) == 101  # header + the first 100 ranked images

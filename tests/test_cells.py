@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from test_selection import make_data, write_inputs  # tests/ is on sys.path
 
 from enrich_dist.config import SelectConfig
 from enrich_dist.errors import ConfigError
@@ -15,8 +16,6 @@ from enrich_dist.selection.cells import Cells, make_cells, merge, rank_by_cells,
 from enrich_dist.selection.greedy import choose_seeds, exact_greedy
 from enrich_dist.selection.sims import exact_sims
 from enrich_dist.selection.stage import run_select
-
-from test_selection import make_data, write_inputs  # tests/ is on sys.path
 
 
 def dense_masked(x: np.ndarray, assignment: np.ndarray, reach: list[np.ndarray], seeds: np.ndarray) -> tuple:
@@ -33,7 +32,7 @@ def dense_masked(x: np.ndarray, assignment: np.ndarray, reach: list[np.ndarray],
     order, picked_scores = list(seeds), [np.nan] * len(seeds)
     while not chosen.all():
         left = np.flatnonzero(~chosen)
-        best = min(zip(scores[left].tolist(), left.tolist()))[1]
+        best = min(zip(scores[left].tolist(), left.tolist(), strict=True))[1]
         order.append(best)
         picked_scores.append(scores[best])
         chosen[best] = True
@@ -148,3 +147,14 @@ def test_choose_seeds_is_what_the_stage_uses() -> None:
     assert choose_seeds(10, 3, np.random.default_rng(0)).tolist() == sorted(
         choose_seeds(10, 3, np.random.default_rng(0)).tolist()
     )
+
+
+def test_in_process_equals_tasks(ray_local) -> None:
+    from enrich_dist.selection.cells import rank_in_process
+
+    x, seeds = make_data("gauss", 257)
+    cells = make_cells(x, 5, seed=2)
+    ranking, _ = rank_by_cells(x, cells, seeds, pool=64, in_flight=3)
+    local = rank_in_process(x, cells, seeds, pool=64)
+    np.testing.assert_array_equal(ranking.order, local.order)
+    np.testing.assert_array_equal(ranking.score, local.score)

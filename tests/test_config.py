@@ -72,14 +72,14 @@ def test_choices_match_the_modules_that_use_them():
     from enrich_dist.config import CHOICES
     from enrich_dist.evaluation import stage as evaluation_stage
     from enrich_dist.report import stage as report_stage
-    from enrich_dist.selection import covering, greedy, shard
+    from enrich_dist.selection import cells, covering, greedy, shard
     from enrich_dist.similarity import stage as similarity_stage
 
     assert CHOICES["embed", "embedder"] == embed.EMBEDDERS
     assert CHOICES["similarity", "mode"] == similarity_stage.MODES
     assert CHOICES["similarity", "device"] == similarity_stage.DEVICES
     assert CHOICES["similarity", "keep"] == pairgraph.KEEP_POLICIES
-    assert CHOICES["select", "mode"] == (*greedy.MODES, *covering.COVER_MODES)
+    assert CHOICES["select", "mode"] == (*greedy.MODES, *covering.COVER_MODES, cells.CELLS_MODE)
     assert CHOICES["select", "aggregate"] == shard.AGGREGATES
     assert set(CHOICES["evaluate", "task"]) == set(evaluation_stage.TASKS)
     assert CHOICES["report", "images"] == report_stage.REPORT_IMAGES
@@ -89,7 +89,7 @@ def test_choices_match_the_modules_that_use_them():
     "text, named",
     [
         ("encoder:\n  epochs: abc\n", r"encoder\.epochs must be an integer, got 'abc'"),
-        ("select:\n  mode: fast\n", r"select\.mode must be one of batch, exact, coverage, herding, got 'fast'"),
+        ("select:\n  mode: fast\n", r"select\.mode must be one of batch, exact, coverage, herding, cells, got 'fast'"),
         ("select:\n  mode: herdin\n", r"did you mean 'herding'"),
         ("similarity:\n  thresholds: [0.5, 1.5]\n", r"similarity\.thresholds must be in \[-1,1\)"),
         ("similarity:\n  max_memory: lots\n", r"similarity\.max_memory is not an amount of memory"),

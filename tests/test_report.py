@@ -396,3 +396,15 @@ def test_largest_duplicate_groups_are_shown_at_the_strictest_threshold(tmp_path:
     run_report(run, images="none")
     private = _page(run)
     assert "Largest near-duplicate groups" not in private and "#50<" not in private
+
+
+def test_cells_mode_says_what_it_left_out(full_run: tuple[RunDir, list[str]]) -> None:
+    run, _ = full_run
+    run.write_json(
+        "selection/selection.json",
+        {"cells": {"n_cells": 9766, "cell_size": 1024, "products_per_replicate": 5.1e9, "products_complete": 5e13}},
+    )
+    run_report(run)
+    page = _page(run)
+    assert "farthest-first within 9,766 k-means cells of about 1,024 images (cells mode), 0.01% of the" in page
+    assert "picks in its own cell only" in page

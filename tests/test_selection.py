@@ -296,7 +296,7 @@ def test_run_select_tiny_archives(ray_local, run_dir, n: int) -> None:
         ({"seed_size": 20}, "seed_size 20 gives 20 seeds"),
         ({"seed_size": 0}, "seed_size 0"),
         ({"batch_size": 0}, "batch_size 0"),
-        ({"mode": "greedy"}, r"select.mode \(--mode\) must be one of batch, exact, coverage, herding, got 'greedy'"),
+        ({"mode": "greedy"}, r"select.mode \(--mode\) must be one of batch, exact, coverage, herding, cells, got 'greedy'"),
         ({"aggregate": "min"}, r"select.aggregate \(--aggregate\) must be one of max, mean, got 'min'"),
         ({"replicates": 0}, r"select.replicates \(--replicates\) must be >0, got 0"),
     ],

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..executor import done_record
 from ..schema import EMBEDDINGS_DIR
+from ..schema import SELECTION_STATS as SELECTION_JSON
 from . import figures
 from .artifacts import RECONSTRUCTIONS, SUBSETS, TRAIN_JSON, VIEWS, Manifest, read_json
 from .html import Markup, figure, fmt_int, fmt_mean_std, fmt_pct, join, note, table, tag
@@ -253,6 +254,7 @@ def selection(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
     ]
     parts = [
         note(f"Mean ± sd over {replicates} replicate(s) per method and budget."),
+        *_cells_note(read_json(out.run, SELECTION_JSON) or {}),
         table(headers, table_rows),
     ]
     png = figures.coverage({m: dict(s) for m, s in series.items()})
@@ -265,6 +267,22 @@ def selection(out: ReportPage, manifest: Manifest | None) -> list[Markup]:
     )
     parts += _label_table(rows, methods, budgets)
     return parts
+
+
+def _cells_note(stats: dict) -> list[Markup]:
+    """What cells mode left out, when the ranking used it."""
+    cells = stats.get("cells")
+    if not cells:
+        return []
+    share = cells["products_per_replicate"] / max(1.0, cells["products_complete"])
+    return [
+        note(
+            f"Ranking rule: farthest-first within {fmt_int(cells['n_cells'])} k-means cells of about "
+            f"{fmt_int(cells['cell_size'])} images (cells mode), {fmt_pct(share)} of the similarity products a "
+            "complete ranking computes. An image is compared with picks in its own cell only (and with the "
+            "seeds its cell starts from), so images near a cell border can be chosen twice over."
+        )
+    ]
 
 
 def _label_table(rows: list[dict], methods: list[str], budgets: list[float]) -> list[Markup]:

@@ -45,7 +45,6 @@ from .shard import Shard
 log = logging.getLogger("enrich_dist.selection")
 
 CELLS_MODE = "cells"
-CELL_SIZE = 4096
 GROUP_ROWS = 1 << 17
 IN_MEMORY_BYTES = 1 << 30
 KMEANS_POINTS = 256  # training rows per cell
@@ -146,13 +145,20 @@ def rank_cell(vectors: np.ndarray, rows: np.ndarray, seed_mask: np.ndarray, pool
 def _rank_group(
     vectors: np.ndarray, rows: np.ndarray, seed_mask: np.ndarray, bounds: np.ndarray, pool: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rank_group` as a Ray task on one thread."""
+    with threadpool_limits(limits=1):
+        return rank_group(vectors, rows, seed_mask, bounds, pool)
+
+
+def rank_group(
+    vectors: np.ndarray, rows: np.ndarray, seed_mask: np.ndarray, bounds: np.ndarray, pool: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Every cell of one group (cell c: positions ``bounds[c]:bounds[c + 1]``); picks and scores, concatenated."""
     out_rows, out_scores = [], []
-    with threadpool_limits(limits=1):
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            r, s = rank_cell(vectors[a:b], rows[a:b], seed_mask[a:b], pool)
-            out_rows.append(r)
-            out_scores.append(s)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        r, s = rank_cell(vectors[a:b], rows[a:b], seed_mask[a:b], pool)
+        out_rows.append(r)
+        out_scores.append(s)
     return np.concatenate(out_rows), np.concatenate(out_scores)
 
 
@@ -241,6 +247,16 @@ def rank_by_cells(
     sizes = np.diff(cells.bounds)
     products = float(np.sum(sizes.astype(np.float64) ** 2) / 2)
     return ranking, {"seconds": time.perf_counter() - started, "products": products, "groups": len(groups)}
+
+
+def rank_in_process(x: np.ndarray, cells: Cells, seeds: np.ndarray, pool: int) -> Ranking:
+    """:func:`rank_by_cells` in this process, one cell after another (benchmarks and small archives)."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    reach = seed_reach(cells, seeds)
+    is_seed = np.zeros(len(x), dtype=bool)
+    is_seed[seeds] = True
+    picks = [rank_group(*_group_inputs(x, cells, reach, is_seed, group), pool) for group in _groups(cells, reach)]
+    return merge(seeds, np.concatenate([p[0] for p in picks]), np.concatenate([p[1] for p in picks]))
 
 
 @contextlib.contextmanager
