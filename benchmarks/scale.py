@@ -14,7 +14,8 @@ Approximate recall@k and threshold-count errors are the stage's own brute force 
     python -m benchmarks.scale --images 1000000 --out results.jsonl
     python -m benchmarks.scale --images 10000000 --out results.jsonl
     python -m benchmarks.scale --images 1000000 --stages embed,similarity --out results.jsonl
-    python -m benchmarks.scale --images 10000000 --stages embed,similarity,select,export --select-mode cells
+    python -m benchmarks.scale --images 10000000 --stages embed,similarity,select,export --select-mode cells \
+        --max-memory 4G
 
 Prints one line per stage and appends one JSON line (with the commit) to ``--out``.
 """
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--stages", default="similarity,select,export")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per command")
     parser.add_argument("--run", help="run dir to use (default: a temporary folder, removed at the end)")
+    parser.add_argument("--max-memory", help="the similarity stage's --max-memory (e.g. 4G at 10^7)")
     parser.add_argument("--extra", default="", help="more options for every stage command, e.g. '--max-memory 2G'")
     parser.add_argument("--out", help="append the JSON line here")
     args = parser.parse_args()
@@ -188,7 +190,8 @@ def main() -> None:
         extra = args.extra.split()
         commands = {
             "embed": ["embed", "--output", folder, "--embedder", "byo", "--embeddings", str(byo)],
-            "similarity": ["similarity", "--output", folder, "--similarity-mode", args.similarity_mode, *extra],
+            "similarity": ["similarity", "--output", folder, "--similarity-mode", args.similarity_mode,
+                           *(["--max-memory", args.max_memory] if args.max_memory else []), *extra],
             "select": ["select", "--output", folder, "--mode", args.select_mode,
                        "--replicates", str(args.replicates),
                        *(["--cell-size", str(args.cell_size)] if args.cell_size else []), *extra],

@@ -81,16 +81,20 @@ def test_seedless_cells_borrow_the_nearest_seeded_cell() -> None:
         seed_reach(cells, np.array([], dtype=np.int64))
 
 
-def test_kmeans_cells_group_clusters_and_cover_every_image() -> None:
+@pytest.mark.parametrize("flat", [256, 2])
+def test_kmeans_cells_group_clusters_and_cover_every_image(monkeypatch, flat: int) -> None:
+    monkeypatch.setattr(cells_mod, "FLAT_CELLS", flat)  # 2: coarse cells first, then each split
     rng = np.random.default_rng(3)
-    centres = rng.standard_normal((6, 16)).astype(np.float32)
-    labels = rng.integers(0, 6, 3000)
-    x = centres[labels] + 0.05 * rng.standard_normal((3000, 16)).astype(np.float32)
-    cells = make_cells(x, 6, seed=0)
-    assert sorted(cells.perm.tolist()) == list(range(3000)) and cells.bounds[-1] == 3000
-    # each cell holds one cluster: k-means on well-separated clusters recovers them
-    pairs = {(int(a), int(b)) for a, b in zip(cells.assignment, labels, strict=True)}
-    assert len(pairs) == 6
+    centres = rng.standard_normal((16, 16)).astype(np.float32)
+    labels = rng.integers(0, 16, 6000)
+    x = centres[labels] + 0.05 * rng.standard_normal((6000, 16)).astype(np.float32)
+    cells = make_cells(x, 16, seed=0)
+    assert sorted(cells.perm.tolist()) == list(range(6000)) and cells.bounds[-1] == 6000
+    assert 12 <= cells.count <= 20 and len(cells.centroids) == cells.count
+    assert np.array_equal(cells.assignment[cells.perm], np.repeat(np.arange(cells.count), np.diff(cells.bounds)))
+    # k-means on well-separated clusters keeps most clusters whole (a local optimum may split one or two)
+    whole = sum(len(np.unique(cells.assignment[labels == c])) == 1 for c in range(16))
+    assert whole >= 12, whole
 
 
 def test_merge_orders_picks_by_score_then_row() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -50,6 +51,7 @@ IN_MEMORY_BYTES = 1 << 30
 KMEANS_POINTS = 256  # training rows per cell
 KMEANS_ITERATIONS = 20
 ASSIGN_ROWS = 1 << 16
+FLAT_CELLS = 256
 
 
 def cell_count(n: int, cell_size: int) -> int:
@@ -81,32 +83,62 @@ class Cells:
 
 
 def make_cells(x: np.ndarray, n_cells: int, seed: int, threads: int = 1) -> Cells:
-    """Spherical k-means cells of the rows of ``x`` (trained on a seeded sample of 256 per cell)."""
+    """Spherical k-means cells of the rows of ``x``, in two levels above ``FLAT_CELLS`` cells.
+
+    Flat k-means trains on 256 rows per cell and compares every row with every centroid (N x cells
+    products); above ``FLAT_CELLS`` it first splits the rows into about sqrt(cells) coarse cells, then
+    each coarse cell into its share of the cells, so training and assignment cost N x 2 sqrt(cells).
+    """
     n, dim = x.shape
     n_cells = max(1, min(n_cells, n))
     if n_cells == 1:
-        assignment = np.zeros(n, dtype=np.int64)
-        centroids = np.zeros((1, dim), dtype=np.float32)
-    else:
-        import faiss
+        return Cells.of(np.zeros(n, dtype=np.int64), np.zeros((1, dim), dtype=np.float32))
+    import faiss
 
-        faiss.omp_set_num_threads(max(1, threads))
-        size = min(n, KMEANS_POINTS * n_cells)
-        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-        train = _unit(np.asarray(x[sample], dtype=np.float32))
-        kmeans = faiss.Kmeans(
-            dim, n_cells, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
-            min_points_per_centroid=1, max_points_per_centroid=KMEANS_POINTS,
-        )
-        kmeans.train(train)
-        centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
-        index = faiss.IndexFlatIP(dim)
-        index.add(centroids)
-        assignment = np.empty(n, dtype=np.int64)
-        for start in range(0, n, ASSIGN_ROWS):
-            block = _unit(np.asarray(x[start : start + ASSIGN_ROWS], dtype=np.float32))
-            assignment[start : start + len(block)] = index.search(block, 1)[1][:, 0]
-    return Cells.of(assignment, centroids)
+    faiss.omp_set_num_threads(max(1, threads))
+    everything = np.arange(n, dtype=np.int64)
+    if n_cells <= FLAT_CELLS:
+        centroids, assignment = _kmeans(x, everything, n_cells, seed)
+        return Cells.of(assignment, centroids)
+    coarse_centroids, coarse = _kmeans(x, everything, round(math.sqrt(n_cells)), seed)
+    assignment = np.empty(n, dtype=np.int64)
+    centroids = []
+    offset = 0
+    for c in range(len(coarse_centroids)):
+        rows = np.flatnonzero(coarse == c)
+        if len(rows) == 0:
+            continue
+        k = max(1, min(len(rows), round(len(rows) * n_cells / n)))
+        if k == 1:
+            fine_centroids, fine = coarse_centroids[c : c + 1], np.zeros(len(rows), dtype=np.int64)
+        else:
+            fine_centroids, fine = _kmeans(x, rows, k, seed + 1 + c)
+        assignment[rows] = offset + fine
+        centroids.append(fine_centroids)
+        offset += len(fine_centroids)
+    return Cells.of(assignment, np.concatenate(centroids))
+
+
+def _kmeans(x: np.ndarray, rows: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means of ``x[rows]`` (sorted rows; trained on a seeded sample of 256 per centroid): centroids, cells."""
+    import faiss
+
+    dim = x.shape[1]
+    size = min(len(rows), KMEANS_POINTS * k)
+    sample = rows[np.sort(np.random.default_rng(seed).choice(len(rows), size=size, replace=False))]
+    kmeans = faiss.Kmeans(
+        dim, k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+        min_points_per_centroid=1, max_points_per_centroid=KMEANS_POINTS,
+    )
+    kmeans.train(_unit(np.asarray(x[sample], dtype=np.float32)))
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(centroids)
+    assignment = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), ASSIGN_ROWS):
+        block = _unit(np.asarray(x[rows[start : start + ASSIGN_ROWS]], dtype=np.float32))
+        assignment[start : start + len(block)] = index.search(block, 1)[1][:, 0]
+    return centroids, assignment
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

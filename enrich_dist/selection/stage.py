@@ -120,7 +120,7 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     settings = Settings("batch" if cfg.mode == "batch" else "exact", cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
     rules_args = _rules_args(cfg, groups, n)
     workers = 0 if covering or by_cells else _workers(cfg, n, dim)
-    lists = neighbor_parts(run, n) if cfg.aggregate == "max" else None
+    lists = neighbor_parts(run, n) if cfg.aggregate == "max" and not (covering or by_cells) else None
     log.info(
         "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
         n,
