@@ -17,7 +17,8 @@ how many replicates the rule was ahead (``wins``), and every replicate's AUC (``
   ``--batch-size``); ``exact`` (farthest-first); ``coverage`` (ProbCover's greedy coverage of
   delta-balls, delta by its label-free purity rule); ``herding`` (facility location on the same
   graph); and ``+guard`` variants (no second member of a near-duplicate group, pairs above
-  ``--duplicate-threshold``, before every group has one).
+  ``--duplicate-threshold``, before every group has one); ``cells`` (farthest-first within k-means
+  cells of the stage's default 1,024 images, ``--mode cells``).
 - Model: multinomial logistic regression (scikit-learn, fixed settings) on the 16x16 block means of
   the images (``--model pixels``), independent of the embedding that chose the subset; or on the
   embedding itself (``--model probe``, a linear probe); or the evaluation stage's own networks on
@@ -47,11 +48,12 @@ import torch
 from scipy.stats import mannwhitneyu, wilcoxon
 
 from benchmarks.similarity import source_version
-from enrich_dist.config import EncoderConfig, resolve_size
+from enrich_dist.config import EncoderConfig, SelectConfig, resolve_size
 from enrich_dist.datasets import clips
 from enrich_dist.embed import PixelEmbedder
 from enrich_dist.encoder import embed_images, train_encoder_model
 from enrich_dist.selection import batch_greedy, choose_seeds, exact_greedy
+from enrich_dist.selection.cells import cell_count, make_cells, rank_in_process
 from enrich_dist.selection.coverage import (
     choose_delta,
     coverage_ranking,
@@ -60,10 +62,11 @@ from enrich_dist.selection.coverage import (
     herding_ranking,
     neighbor_graph,
 )
+from enrich_dist.selection.greedy import DEFAULT_POOL
 
 log = logging.getLogger("benchmarks.selection_quality")
 SETS = ("digits-uneven", "digits-5", "echo-uneven")
-RULES = ("batch", "exact", "coverage", "herding", "exact+guard", "coverage+guard")
+RULES = ("batch", "exact", "coverage", "herding", "exact+guard", "coverage+guard", "cells")
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.22, 0.44)
 
 
@@ -173,6 +176,7 @@ def rankings(x: np.ndarray, seeds: np.ndarray, batch_size: int, graph, groups: n
     out["herding"] = herding_ranking(graph, n, seeds).order
     out["exact+guard"] = duplicate_guard(out["exact"], groups, len(seeds))
     out["coverage+guard"] = duplicate_guard(out["coverage"], groups, len(seeds))
+    out["cells"] = rank_in_process(x, make_cells(x, cell_count(n, SelectConfig().cell_size), seed=0, threads=2), seeds, DEFAULT_POOL).order
     return out
 
 

@@ -162,3 +162,36 @@ def test_in_process_equals_tasks(ray_local) -> None:
     local = rank_in_process(x, cells, seeds, pool=64)
     np.testing.assert_array_equal(ranking.order, local.order)
     np.testing.assert_array_equal(ranking.score, local.score)
+
+
+def test_stage_cells_mode_resumes_finished_rankings(ray_local, tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from enrich_dist.selection import stage as stage_mod
+    from enrich_dist.storage import RunDir
+
+    cfg = SelectConfig(mode="cells", cell_size=15, seed_size=3, replicates=3, seed=2)
+    whole = RunDir(str(tmp_path / "whole"))
+    write_inputs(whole, 50)
+    run_select(whole, cfg)
+
+    run = RunDir(str(tmp_path / "crash"))
+    write_inputs(run, 50)
+    real, calls = stage_mod.rank_by_cells, []
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "rank_by_cells", failing_third)
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_select(run, cfg)
+    assert not run.is_done("selection") and len(run.listdir("selection/checkpoints")) == 2
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
+        run_select(run, cfg)
+    assert len(calls) == 1 and caplog.text.count("ranking resumed whole from its checkpoint") == 2
+    assert run.read_table("selection/ranking.parquet").equals(whole.read_table("selection/ranking.parquet"))
+    assert not run.exists("selection/checkpoints")

@@ -55,7 +55,7 @@ from .actors import start_actors
 from .cells import CELLS_MODE, cell_count, cells_in_flight, make_cells, rank_by_cells, vectors_of
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
 from .covering import COVER_MODES, finish, guard_groups, rank_covering
-from .greedy import DEFAULT_POOL, Ranking, Settings, choose_seeds, rank
+from .greedy import DEFAULT_POOL, Ranking, Settings, State, choose_seeds, rank
 from .inputs import (
     Part,
     codes,
@@ -70,12 +70,13 @@ from .inputs import (
 )
 from .repeats import redundancy_concentration, repeat_measure
 from .rules import Rules
-from .shard import Shard
+from .shard import CandidateState, Shard, vectors_checksum
 
 log = logging.getLogger("enrich_dist.selection")
 
 STATS_PATH = SELECTION_STATS
 LOCAL_FLOATS = 2e8
+LARGE_RANKING = 1_000_000  # above this a complete ranking takes hours on a few CPUs: the log says so
 
 
 @dataclasses.dataclass
@@ -134,6 +135,12 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         f"{workers} shard actors" if workers else "one process per replicate",
     )
 
+    if cfg.mode in ("exact", "batch") and n > LARGE_RANKING:
+        log.warning(
+            "a complete %s ranking of %d images folds every pick into every candidate: about %.1e similarity "
+            "products per replicate, growing as N^2; --mode cells ranks within k-means cells instead (about %.1e)",
+            cfg.mode, n, n * (n - 1) / 2, n * cfg.cell_size / 2,
+        )
     seeds, randoms = [], []
     for r in range(cfg.replicates):
         rng = np.random.default_rng([cfg.seed, r])
@@ -341,33 +348,38 @@ def _rank_with_actors(
 def _rank_in_cells(
     run: RunDir, parts: list[Part], ids: np.ndarray, dim: int, seeds: list[np.ndarray], cfg: SelectConfig
 ) -> tuple[list[Ranking], list[float], dict]:
-    """Every distinct ranking by farthest-first within k-means cells (``cells.py``); and the cells' record."""
+    """Every distinct ranking by farthest-first within k-means cells (``cells.py``); and the cells' record.
+
+    Each finished ranking is checkpointed, so a rerun after a failure redoes only the rankings not finished.
+    """
     n = len(ids)
-    n_cells = cell_count(n, cfg.cell_size)
     with vectors_of(run, parts, ids, dim) as x:
+        fingerprint = {
+            "mode": CELLS_MODE, "cell_size": cfg.cell_size, "seed": cfg.seed, "n": n, "dim": dim,
+            "embeddings": vectors_checksum(np.arange(n), x),
+        }
+        jobs = _jobs(run, ids, seeds, fingerprint, cfg)
+        saved = {j: job.checkpoint.load() for j, job in enumerate(jobs)}
+        rankings = {j: state.ranking for j, state in saved.items() if state is not None and len(state.ranking.order) == n}
+        seconds = dict.fromkeys(rankings, 0.0)
+        for j in rankings:
+            log.info("replicate %d: ranking resumed whole from its checkpoint", jobs[j].replicates[0])
         start = time.perf_counter()
-        cells = make_cells(x, n_cells, cfg.seed, max(1, cluster_resources().cpus))
+        cells = make_cells(x, cell_count(n, cfg.cell_size), cfg.seed, max(1, cluster_resources().cpus))
         kmeans_seconds = time.perf_counter() - start
         sizes = np.diff(cells.bounds)
         log.info(
             "cells mode: %d cells (sizes %d-%d, median %d) in %.1f s",
             cells.count, sizes.min(), sizes.max(), int(np.median(sizes)), kmeans_seconds,
         )
-        done: dict[bytes, tuple[Ranking, float]] = {}
-        rankings, seconds = [], []
-        products = 0.0
-        for r, seed_rows in enumerate(seeds):
-            key = seed_rows.tobytes()
-            if key in done:
-                rankings.append(done[key][0])
-                seconds.append(0.0)
+        products = float(np.sum(sizes.astype(np.float64) ** 2) / 2)
+        for j, job in enumerate(jobs):
+            if j in rankings:
                 continue
-            ranking, cost = rank_by_cells(x, cells, seed_rows, DEFAULT_POOL, cells_in_flight())
-            log.info("replicate %d ranked %d images (cells) in %.2f s", r, n, cost["seconds"])
-            done[key] = (ranking, cost["seconds"])
-            rankings.append(ranking)
-            seconds.append(cost["seconds"])
-            products = cost["products"]
+            rankings[j], cost = rank_by_cells(x, cells, job.seeds, DEFAULT_POOL, cells_in_flight())
+            seconds[j] = cost["seconds"]
+            job.checkpoint.save(State(rankings[j], CandidateState(np.empty(0, np.int64), np.empty(0, np.float32), None), False))
+            log.info("replicate %d ranked %d images (cells) in %.2f s", job.replicates[0], n, seconds[j])
     record = {
         "n_cells": int(cells.count),
         "cell_size": cfg.cell_size,
@@ -376,7 +388,7 @@ def _rank_in_cells(
         "products_per_replicate": products,
         "products_complete": n * (n - 1) / 2,
     }
-    return rankings, seconds, record
+    return (*_spread(jobs, rankings, seconds, len(seeds)), record)
 
 
 def _log_pruning(pruning: bool, readable: bool) -> None:
