@@ -150,7 +150,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def seed_reach(cells: Cells, seeds: np.ndarray) -> list[np.ndarray]:
     """Per cell, the seed rows its images start from: its own, else those of the nearest cell holding any."""
     seed_cells = cells.assignment[seeds]
-    own = [np.sort(seeds[seed_cells == c]) for c in range(cells.count)]
+    by_cell = np.lexsort((seeds, seed_cells))
+    cuts = np.searchsorted(seed_cells[by_cell], np.arange(cells.count + 1))
+    own = [seeds[by_cell[cuts[c] : cuts[c + 1]]] for c in range(cells.count)]
     holding = np.flatnonzero([len(s) > 0 for s in own])
     if len(holding) == 0:
         raise ValueError("at least one seed row is needed")
