@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="rank images from least to most redundant")
     evl = sub.add_parser("evaluate", help="train models on ENRICH vs random subsets and compare them")
     rep = sub.add_parser("report", help="write report/index.html")
-    pln = sub.add_parser("plan", help="the similarity stage's plan for N images on a cluster: tiles, memory, bytes, "
-                         "projected time (calibrated by a short run here)")
+    pln = sub.add_parser("plan", help="the similarity and select stages' plans for N images on a cluster: tiles, "
+                         "memory, bytes, products, projected time (calibrated by short runs here)")
     pln.add_argument("--images", type=int, required=True, help="archive size N")
     pln.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     pln.add_argument("--similarity-mode", choices=["exact", "approx"], default="exact", help="default exact")
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--gpus", type=int, default=0, help="GPUs per node (default 0)")
     pln.add_argument("--memory", help="memory per node, e.g. 64G (default: not checked)")
     pln.add_argument("--max-memory", default="2G", help="the similarity stage's --max-memory (default 2G)")
+    pln.add_argument("--select-mode", choices=["exact", "batch", "cells"], default="exact", help="default exact")
+    pln.add_argument("--cell-size", type=int, default=1024, help="cells mode: images per cell (default 1024)")
+    pln.add_argument("--replicates", type=int, default=10, help="the select stage's replicates (default 10)")
     pln.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the short measured run (no CPU time projected)")
     pln.add_argument("--ray-address", help="calibrate on this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
@@ -259,7 +262,7 @@ def _failed(exc: Exception) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """``enrich plan``: print the similarity plan; Ray starts only for the calibration run."""
+    """``enrich plan``: print the similarity and select plans; Ray starts only for the similarity calibration."""
     from . import sizing
     from .config import SimilarityConfig, parse_memory
 
@@ -271,19 +274,28 @@ def _plan(args: argparse.Namespace) -> int:
             raise ConfigError("--images, --dim, --nodes and --cpus must be >= 1, --gpus >= 0")
         plan = (sizing.exact_plan(args.images, args.dim, cluster, cfg) if args.similarity_mode == "exact"
                 else sizing.approx_plan(args.images, args.dim, cfg))
-        calibration = None
+        if min(args.cell_size, args.replicates) < 1:
+            raise ConfigError("--cell-size and --replicates must be >= 1")
+        select = sizing.select_plan(args.images, args.dim, args.select_mode, args.cell_size, args.replicates)
+        calibration = select_calibration = None
         if args.calibrate:
             from .runtime import ray_session
 
             with ray_session(args.ray_address) as res:
                 calibration = sizing.calibrate(res.cpus, args.similarity_mode)
+            select_calibration = sizing.calibrate_select(
+                sizing.Cluster().cpus, "cells" if args.select_mode == "cells" else "exact"
+            )
         projection = sizing.project(plan, cluster, calibration)
+        select_projection = sizing.project_select(select, cluster, select_calibration)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with its documented exit status
         return _failed(exc)
     if args.json:
-        print(json.dumps({"plan": plan, "projection": projection}, indent=1))
+        print(json.dumps({"plan": plan, "projection": projection, "select": select,
+                          "select_projection": select_projection}, indent=1))
     else:
         print(sizing.describe(plan, projection, cluster))
+        print(sizing.describe_select(select, select_projection))
     return 0
 
 

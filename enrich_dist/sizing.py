@@ -1,4 +1,4 @@
-"""``enrich plan``: the similarity stage's plan for an archive size on a cluster, before anything runs.
+"""``enrich plan``: the similarity and select stages' plans for an archive size on a cluster, before anything runs.
 
 For N images of dimension D on ``nodes`` x (``cpus``, ``gpus``, ``memory``) it prints what the stage
 would do and need: exact mode's block size, tiles and pairs, the buffers of one tile task, the driver's
@@ -7,6 +7,10 @@ mode's partitions, probed pairs and the share of all pairs they are. Wall time i
 run of the real stage on the cluster it is started on (``calibrate``): two sizes give a fixed cost and a
 cost per pair, scaled by the target's CPUs. GPU projections use the rate measured on one H200 on
 2026-11-30 (docs/performance.md), as no GPU run calibrates here; they are labelled so.
+
+The select stage's part (:func:`select_plan`): a complete ranking (``exact``, ``batch``) computes N^2 / 2
+similarity products per replicate, cells mode about N x cell size / 2; its time per replicate is
+projected from the ranking itself timed here in this process at two sizes (:func:`calibrate_select`).
 
 A projection is a projection: the output says which numbers are computed from the plan (exact), which
 are measured now (calibration) and which are projected.
@@ -30,6 +34,8 @@ from .similarity.plan import GPU_BLOCK, approx_driver_bytes, choose_block, drive
 
 log = logging.getLogger("enrich_dist.sizing")
 
+SELECT_CALIBRATION = {"exact": (10_000, 20_000), "cells": (40_000, 80_000)}
+SELECT_SEED_SHARE = 0.022  # the select stage's default seed set
 H200_PAIRS_PER_SECOND = 5.0e11 / 33.7  # all pairs of 10^6 images, fp32, fused pass incl. reduction (2026-11-30)
 CALIBRATION_SIZES = {"exact": (30_000, 60_000), "approx": (100_000, 200_000)}
 WARM_UP_SIZE = 3_000  # compiles the kernels and starts the workers before anything is timed
@@ -198,6 +204,113 @@ def project(plan: dict, cluster: Cluster, calibration: Calibration | None) -> di
         out["gpu_seconds"] = pairs / (H200_PAIRS_PER_SECOND * cluster.gpus * cluster.nodes)
         out["gpu_basis"] = "the fused pass measured on one H200 (2026-11-30), not calibrated on this cluster"
     return out
+
+
+def select_plan(n: int, dim: int, mode: str, cell_size: int, replicates: int) -> dict:
+    """What one ranking computes and holds: products per replicate, where the vectors sit, a cells task's memory."""
+    from .selection.cells import GROUP_ROWS, IN_MEMORY_BYTES, cell_count
+
+    cells = mode == "cells"
+    vectors = n * dim * 4
+    if cells:
+        # sum over cells of size^2 / 2: k-means cells vary in size (10^7 measured: 7 % above N x size / 2)
+        products = n * min(n, cell_size) / 2
+        held = "a memory-mapped file in TMPDIR" if vectors > IN_MEMORY_BYTES else "the driver's memory"
+    else:
+        products = n * (n - 1) / 2
+        held = "the shard actors' memory (or one process per replicate when small)"
+    return {
+        "mode": mode,
+        "images": n,
+        "dim": dim,
+        "replicates": replicates,
+        "products_per_replicate": products,
+        "share_of_complete": products / max(1.0, n * (n - 1) / 2),
+        "cells": cell_count(n, cell_size) if cells else None,
+        "vectors_bytes": vectors,
+        "vectors_held_in": held,
+        "task_memory": 3 * min(n, GROUP_ROWS) * dim * 4 if cells else None,
+    }
+
+
+def calibrate_select(cpus: int, mode: str, sizes: tuple[int, int] | None = None, dim: int = CALIBRATION_DIM) -> Calibration:
+    """Time one ranking in this process at two sizes (2.2 % seeds, clustered vectors): fixed cost and cost per unit.
+
+    A unit is a similarity product of a complete ranking, an image in cells mode (whose products grow as N).
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .selection.cells import cell_count, make_cells, rank_in_process
+    from .selection.greedy import DEFAULT_POOL, choose_seeds, exact_greedy
+
+    cells = mode == "cells"
+
+    def one(n: int, seed: int) -> float:
+        x = _vectors(n, dim, seed=seed)
+        seeds = choose_seeds(n, max(1, round(SELECT_SEED_SHARE * n)), np.random.default_rng(seed))
+        with threadpool_limits(limits=1 if cells else cpus):
+            start = time.perf_counter()
+            if cells:
+                rank_in_process(x, make_cells(x, cell_count(n, 1024), seed=0, threads=1), seeds, DEFAULT_POOL)
+            else:
+                exact_greedy(x, seeds)
+            return time.perf_counter() - start
+
+    one(WARM_UP_SIZE, seed=99)  # loads BLAS and FAISS before anything is timed
+    runs = []
+    for i, n in enumerate(sizes or SELECT_CALIBRATION["cells" if cells else "exact"]):
+        runs.append((n, one(n, seed=10 + i)))
+        log.info("calibration (select %s): %d images in %.2f s", mode, n, runs[-1][1])
+    (n1, t1), (n2, t2) = runs
+    w1, w2 = (float(n1), float(n2)) if cells else (n1 * (n1 - 1) / 2, n2 * (n2 - 1) / 2)
+    per_unit = max((t2 - t1) / (w2 - w1), 1e-15)
+    cpu_seconds = per_unit * (1 if cells else cpus)  # cells ran on one thread; the complete ranking on ``cpus``
+    return Calibration(f"select-{mode}", max(0.0, t1 - w1 * per_unit), cpu_seconds, cpus, tuple(runs))
+
+
+def project_select(plan: dict, cluster: Cluster, calibration: Calibration | None) -> dict:
+    """Projected wall seconds of one ranking and of all replicates on ``cluster``'s CPUs (None without calibration)."""
+    if calibration is None:
+        return {}
+    units = float(plan["images"]) if plan["mode"] == "cells" else plan["products_per_replicate"]
+    one = calibration.seconds(plan["images"], cluster.total_cpus, units=units)
+    what = "image" if plan["mode"] == "cells" else "product"
+    return {
+        "cpu_seconds_per_replicate": one,
+        "cpu_seconds": one * plan["replicates"],
+        "cpu_basis": (
+            "the ranking timed now in this process: "
+            + ", ".join(f"{n:,} images {t:.2f} s" for n, t in calibration.runs)
+            + f"; {calibration.per_unit_cpu:.3g} CPU-s per {what}, assuming the work spreads over every CPU"
+        ),
+    }
+
+
+def describe_select(plan: dict, projection: dict) -> str:
+    """The selection plan as lines for a terminal."""
+    rule = {"cells": "farthest-first within k-means cells", "exact": "a complete farthest-first ranking",
+            "batch": "a complete ranking in the paper's batches"}[plan["mode"]]
+    lines = [
+        f"select, {plan['mode']} mode ({rule}): {plan['images']:,} images, {plan['replicates']} replicate(s)",
+        f"  products: about {plan['products_per_replicate']:.2g} per replicate "
+        f"({_share(plan['share_of_complete'])} of a complete ranking's N^2/2; computed)",
+        f"  memory: the {_size(plan['vectors_bytes'])} of vectors in {plan['vectors_held_in']} (computed)",
+    ]
+    if plan["cells"]:
+        lines.append(f"  cells: {plan['cells']:,}; a cell task about {_size(plan['task_memory'])} (computed)")
+    if "cpu_seconds" in projection:
+        lines.append(
+            f"  projected wall time on the CPUs: {_duration(projection['cpu_seconds_per_replicate'])} per replicate, "
+            f"{_duration(projection['cpu_seconds'])} for {plan['replicates']} (projected; {projection['cpu_basis']})"
+        )
+    if plan["mode"] != "cells" and plan["images"] > 1_000_000:
+        lines.append("  note: this grows as N^2; --select-mode cells grows as N x cell size")
+    return "\n".join(lines)
+
+
+def _share(fraction: float) -> str:
+    """A share as a percentage that keeps small shares visible (100 %, 0.01 %)."""
+    return f"{100 * fraction:.0f} %" if fraction >= 0.01 else f"{100 * fraction:.2g} %"
 
 
 def _size(value: float) -> str:

@@ -92,3 +92,44 @@ def test_approx_projection_is_a_range_from_the_same_two_runs():
     assert out["cpu_seconds_low"] == pytest.approx(1.0 + 1_000_000 * 2e-5)
     assert out["cpu_seconds"] == pytest.approx(0.5 + plan["pairs_compared"] * 1e-9 / 2)
     assert "if it grew with the images only" in out["cpu_basis"]
+
+
+def test_select_plan_counts_products_and_where_vectors_sit():
+    exact = sizing.select_plan(10_000_000, 128, "exact", 1024, 10)
+    cells = sizing.select_plan(10_000_000, 128, "cells", 1024, 10)
+    assert exact["products_per_replicate"] == 10_000_000 * 9_999_999 / 2 and exact["share_of_complete"] == 1
+    assert cells["products_per_replicate"] == 10_000_000 * 1024 / 2 and cells["cells"] == 9766
+    assert "memory-mapped file in TMPDIR" in cells["vectors_held_in"] and cells["vectors_bytes"] == 10_000_000 * 512
+    assert "driver's memory" in sizing.select_plan(10_000, 128, "cells", 1024, 1)["vectors_held_in"]
+    text = sizing.describe_select(exact, {})
+    assert "a complete farthest-first ranking" in text and "grows as N^2" in text
+    assert "0.01 % of a complete ranking" in sizing.describe_select(cells, {})
+    timed = sizing.describe_select(cells, {"cpu_seconds_per_replicate": 60, "cpu_seconds": 600, "cpu_basis": "b"})
+    assert "projected wall time on the CPUs: 1.0 min per replicate, 10.0 min for 10 (projected; b)" in timed
+
+
+@pytest.mark.parametrize("mode", ["exact", "cells"])
+def test_select_calibration_times_the_ranking(mode):
+    cal = sizing.calibrate_select(2, mode, sizes=(1_200, 2_400))
+    assert [n for n, _ in cal.runs] == [1_200, 2_400] and all(t > 0 for _, t in cal.runs)
+    plan = sizing.select_plan(100_000, 128, mode, 1024, 3)
+    projection = sizing.project_select(plan, sizing.Cluster(cpus=2), cal)
+    assert projection["cpu_seconds"] == pytest.approx(3 * projection["cpu_seconds_per_replicate"])
+    per = "image" if mode == "cells" else "product"
+    assert f"CPU-s per {per}" in projection["cpu_basis"] and "1,200 images" in projection["cpu_basis"]
+    more = sizing.project_select(plan, sizing.Cluster(cpus=8), cal)
+    assert more["cpu_seconds"] <= projection["cpu_seconds"]  # more CPUs, less time
+
+
+def test_plan_command_prints_the_selection(capsys):
+    from enrich_dist.cli import main
+
+    assert main(["plan", "--images", "2000000", "--select-mode", "cells", "--cell-size", "2048", "--replicates", "2",
+                 "--no-calibrate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["select"]["cells"] == 977 and out["select"]["replicates"] == 2 and out["select_projection"] == {}
+    assert main(["plan", "--images", "2000000", "--no-calibrate"]) == 0
+    assert "select, exact mode (a complete farthest-first ranking): 2,000,000 images, 10 replicate(s)" in (
+        capsys.readouterr().out
+    )
+    assert main(["plan", "--images", "100", "--replicates", "0", "--no-calibrate"]) == 2
