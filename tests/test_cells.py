@@ -195,3 +195,18 @@ def test_stage_cells_mode_resumes_finished_rankings(ray_local, tmp_path, monkeyp
     assert len(calls) == 1 and caplog.text.count("ranking resumed whole from its checkpoint") == 2
     assert run.read_table("selection/ranking.parquet").equals(whole.read_table("selection/ranking.parquet"))
     assert not run.exists("selection/checkpoints")
+
+
+def test_a_full_temp_disk_is_named_with_the_fix(ray_local, run_dir, monkeypatch, tmp_path) -> None:
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    write_inputs(run_dir, 40)
+    monkeypatch.setattr(cells_mod, "IN_MEMORY_BYTES", 0)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
+    with pytest.raises(OSError, match="could not write it .*No space left.*point TMPDIR at a disk"):
+        run_select(run_dir, SelectConfig(mode="cells", cell_size=10, replicates=1))
+    assert not run_dir.is_done("selection") and os.listdir(scratch) == []

@@ -303,10 +303,16 @@ def vectors_of(run: RunDir, parts: list[Part], ids: np.ndarray, dim: int) -> Ite
     with tempfile.TemporaryDirectory(prefix="enrich-cells-") as scratch:
         path = os.path.join(scratch, "vectors.f32")
         log.info("cells mode: %d x %d embeddings mapped from %s (%.1f GB)", n, dim, path, n * dim * 4 / 1e9)
-        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-        _fill(mapped, run, parts, ids)
-        mapped.flush()
-        del mapped
+        try:
+            mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+            _fill(mapped, run, parts, ids)
+            mapped.flush()
+            del mapped
+        except OSError as exc:
+            raise OSError(
+                f"cells mode maps the {n * dim * 4 / 1e9:.1f} GB of embeddings from a file in {scratch} and could "
+                f"not write it ({exc}): point TMPDIR at a disk with that much free space"
+            ) from exc
         yield np.load(path, mmap_mode="r")
 
 
