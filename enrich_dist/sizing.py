@@ -34,7 +34,7 @@ from .similarity.plan import GPU_BLOCK, approx_driver_bytes, choose_block, drive
 
 log = logging.getLogger("enrich_dist.sizing")
 
-SELECT_CALIBRATION = {"exact": (10_000, 20_000), "cells": (40_000, 80_000)}
+SELECT_CALIBRATION = {"exact": (20_000, 40_000), "cells": (40_000, 80_000)}
 SELECT_SEED_SHARE = 0.022  # the select stage's default seed set
 H200_PAIRS_PER_SECOND = 5.0e11 / 33.7  # all pairs of 10^6 images, fp32, fused pass incl. reduction (2026-11-30)
 CALIBRATION_SIZES = {"exact": (30_000, 60_000), "approx": (100_000, 200_000)}
