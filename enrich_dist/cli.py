@@ -283,9 +283,7 @@ def _plan(args: argparse.Namespace) -> int:
 
             with ray_session(args.ray_address) as res:
                 calibration = sizing.calibrate(res.cpus, args.similarity_mode)
-            select_calibration = sizing.calibrate_select(
-                sizing.Cluster().cpus, "cells" if args.select_mode == "cells" else "exact"
-            )
+            select_calibration = sizing.calibrate_select(sizing.Cluster().cpus, args.select_mode)
         projection = sizing.project(plan, cluster, calibration)
         select_projection = sizing.project_select(select, cluster, select_calibration)
     except Exception as exc:  # noqa: BLE001 - every failure leaves with its documented exit status

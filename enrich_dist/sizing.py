@@ -36,6 +36,7 @@ log = logging.getLogger("enrich_dist.sizing")
 
 SELECT_CALIBRATION = {"exact": (20_000, 40_000), "cells": (40_000, 80_000)}
 SELECT_SEED_SHARE = 0.022  # the select stage's default seed set
+SELECT_BATCH_SHARE = 0.11  # and its default batch
 H200_PAIRS_PER_SECOND = 5.0e11 / 33.7  # all pairs of 10^6 images, fp32, fused pass incl. reduction (2026-11-30)
 CALIBRATION_SIZES = {"exact": (30_000, 60_000), "approx": (100_000, 200_000)}
 WARM_UP_SIZE = 3_000  # compiles the kernels and starts the workers before anything is timed
@@ -241,7 +242,7 @@ def calibrate_select(cpus: int, mode: str, sizes: tuple[int, int] | None = None,
     from threadpoolctl import threadpool_limits
 
     from .selection.cells import cell_count, make_cells, rank_in_process
-    from .selection.greedy import DEFAULT_POOL, choose_seeds, exact_greedy
+    from .selection.greedy import DEFAULT_POOL, batch_greedy, choose_seeds, exact_greedy
 
     cells = mode == "cells"
 
@@ -252,13 +253,15 @@ def calibrate_select(cpus: int, mode: str, sizes: tuple[int, int] | None = None,
             start = time.perf_counter()
             if cells:
                 rank_in_process(x, make_cells(x, cell_count(n, 1024), seed=0, threads=1), seeds, DEFAULT_POOL)
+            elif mode == "batch":
+                batch_greedy(x, seeds, max(1, round(SELECT_BATCH_SHARE * n)))
             else:
                 exact_greedy(x, seeds)
             return time.perf_counter() - start
 
     one(WARM_UP_SIZE, seed=99)  # loads BLAS and FAISS before anything is timed
     runs = []
-    for i, n in enumerate(sizes or SELECT_CALIBRATION["cells" if cells else "exact"]):
+    for i, n in enumerate(sizes or SELECT_CALIBRATION["cells" if cells else "exact"]):  # batch: as exact
         runs.append((n, one(n, seed=10 + i)))
         log.info("calibration (select %s): %d images in %.2f s", mode, n, runs[-1][1])
     (n1, t1), (n2, t2) = runs

@@ -108,7 +108,7 @@ def test_select_plan_counts_products_and_where_vectors_sit():
     assert "projected wall time on the CPUs: 1.0 min per replicate, 10.0 min for 10 (projected; b)" in timed
 
 
-@pytest.mark.parametrize("mode", ["exact", "cells"])
+@pytest.mark.parametrize("mode", ["exact", "batch", "cells"])
 def test_select_calibration_times_the_ranking(mode):
     cal = sizing.calibrate_select(2, mode, sizes=(1_200, 2_400))
     assert [n for n, _ in cal.runs] == [1_200, 2_400] and all(t > 0 for _, t in cal.runs)
