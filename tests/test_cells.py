@@ -210,3 +210,12 @@ def test_a_full_temp_disk_is_named_with_the_fix(ray_local, run_dir, monkeypatch,
     with pytest.raises(OSError, match="could not write it .*No space left.*point TMPDIR at a disk"):
         run_select(run_dir, SelectConfig(mode="cells", cell_size=10, replicates=1))
     assert not run_dir.is_done("selection") and os.listdir(scratch) == []
+
+
+def test_the_log_says_once_why_the_ranking_is_not_pruned(ray_local, run_dir, caplog) -> None:
+    import logging
+
+    write_inputs(run_dir, 30, annotated=False)  # no clip ids: the repeat measures look for neighbor lists
+    with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
+        run_select(run_dir, SelectConfig(mode="exact", seed_size=3, replicates=1))
+    assert caplog.text.count("without neighbor pruning") == 1  # the repeat measures ask too, at DEBUG

@@ -145,14 +145,18 @@ def edge_list(run: RunDir, ids: np.ndarray) -> EdgeList | None:
     return EdgeList(np.searchsorted(ids, a[keep]), np.searchsorted(ids, b[keep]), float(edges["threshold"]))
 
 
-def neighbor_parts(run: RunDir, n: int) -> list[Part] | None:
-    """The neighbor shards when the similarity stage made exact top-k lists of these ``n`` images, else None."""
+def neighbor_parts(run: RunDir, n: int, quiet: bool = False) -> list[Part] | None:
+    """The neighbor shards when the similarity stage made exact top-k lists of these ``n`` images, else None.
+
+    Why there are none is logged for the ranking's pruning; ``quiet`` callers (the repeat measures) say it at DEBUG.
+    """
+    level = logging.DEBUG if quiet else logging.INFO
     if not run.is_done(SIMILARITY_DIR) or not run.exists(SUMMARY_PATH):
-        log.info("no similarity stage in %s: selection runs without neighbor pruning", run.uri)
+        log.log(level, "no similarity stage in %s: selection runs without neighbor pruning", run.uri)
         return None
     summary = run.read_json(SUMMARY_PATH)
     if not summary.get("exact") or summary.get("n_images") != n or not summary.get("top_k"):
-        log.info("the similarity lists in %s are approximate, empty or for another set: no pruning", run.uri)
+        log.log(level, "the similarity lists in %s are approximate, empty or for another set: no pruning", run.uri)
         return None
     return part_index(run, NEIGHBORS_DIR)[0] or None
 

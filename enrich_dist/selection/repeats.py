@@ -53,7 +53,7 @@ def repeat_measure(
     """(description, order -> repeat flags) for this run's images, or (None, None) when nothing can tell."""
     if (clip_codes >= 0).any():
         return "clip", lambda order: repeats_by_group(order, clip_codes)
-    parts = neighbor_parts(run, len(ids))
+    parts = neighbor_parts(run, len(ids), quiet=True)
     lists = read_neighbors(run, parts, ids, ids) if parts else None
     if lists is None:
         log.info("no clip ids and no exact neighbor lists: repeats in the subsets are not measured")
@@ -90,7 +90,7 @@ def redundancy_concentration(run: RunDir, ids: np.ndarray, clip_codes: np.ndarra
         counts = np.bincount(clip_codes[clip_codes >= 0])
         size = np.where(clip_codes >= 0, counts[np.maximum(clip_codes, 0)], 1)
         return {"measure": "clip", **concentration(size)}
-    parts = neighbor_parts(run, len(ids))
+    parts = neighbor_parts(run, len(ids), quiet=True)
     column = f"n_above_{REPEAT_THRESHOLD:g}"
     if not parts:
         return None
