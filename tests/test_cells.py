@@ -13,7 +13,7 @@ from enrich_dist.config import SelectConfig
 from enrich_dist.errors import ConfigError
 from enrich_dist.selection import cells as cells_mod
 from enrich_dist.selection.cells import Cells, make_cells, merge, rank_by_cells, seed_reach
-from enrich_dist.selection.greedy import choose_seeds, exact_greedy
+from enrich_dist.selection.greedy import exact_greedy
 from enrich_dist.selection.sims import exact_sims
 from enrich_dist.selection.stage import run_select
 
@@ -145,12 +145,6 @@ def test_cells_mode_refuses_what_it_cannot_honour(run_dir, change: dict) -> None
     with pytest.raises(ConfigError, match="cell_size"):
         run_select(run_dir, SelectConfig(mode="cells", cell_size=0))
 
-
-def test_choose_seeds_is_what_the_stage_uses() -> None:
-    # the oracle tests above draw seeds with the stage's own helper
-    assert choose_seeds(10, 3, np.random.default_rng(0)).tolist() == sorted(
-        choose_seeds(10, 3, np.random.default_rng(0)).tolist()
-    )
 
 
 def test_in_process_equals_tasks(ray_local) -> None:
