@@ -220,6 +220,28 @@ def _scatter(bins_buf, m, hist, nbins):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _count_row(row, limits, row_counts, i, col_counts, c0):  # pragma: no cover - compiled
+    """Count a row's entries above each limit (ascending) into row ``i`` and columns ``c0`` on, vectorised.
+
+    One pass per limit (int32 counters, so LLVM packs twice as many per instruction as for int64),
+    stopping after the first limit nothing exceeds: the cost does not grow with the number of entries
+    that pass, so a dense archive (most pairs above the lowest threshold) costs what a sparse one does.
+    """
+    m = row.shape[0]
+    for t in range(limits.shape[0]):
+        lim = limits[t]
+        cols = col_counts[t, c0 : c0 + m]
+        c = 0
+        for q in range(m):
+            hit = np.int32(row[q] > lim)
+            c += hit
+            cols[q] += hit
+        row_counts[t, i] += c
+        if c == 0:
+            break
+
+
+@njit(cache=True, nogil=True)
 def _raise_floor(keys, gate, line, bound, scratch_f, scratch_i):  # pragma: no cover - compiled
     """Refill a heap that holds only floor sentinels with sentinels of a higher ``bound``."""
     if bound > gate[line]:
@@ -248,6 +270,9 @@ def _sweep(
 ):  # pragma: no cover - compiled
     """Histogram, threshold counts and heap offers for one chunk ``s`` (rows from ``r``, columns from ``lo``).
 
+    Entries are visited one by one only where they reach their row's or column's heap gate or
+    ``edge_lim``; the threshold counts are vectorised passes (:func:`_count_row`).
+
     Rows without a floor are binned first, through per-row histograms that give their heaps a floor
     near their k-th best (on a diagonal tile the floors are shared with the same images' columns
     before the sweep). Row heaps take offers as entries come; column candidates are buffered and
@@ -256,8 +281,7 @@ def _sweep(
     they have room; ``n_edge[0]`` counts them all, so the caller sees an overflow.
     """
     h, w = s.shape
-    nt = limits.shape[0]
-    lim0 = limits[0] if nt else np.float32(np.inf)
+    lim0 = edge_lim  # only heap offers and edges are visited one by one; threshold counts are vectorised
     if estimate_cols and k > 0 and h >= k:
         j0 = h if diagonal else 0
         bound = _column_bounds(s, j0, k)
@@ -282,7 +306,6 @@ def _sweep(
         row_check[ii] = min(row_gate[i], lim0)
     if diagonal and k > 0:
         _share_row_floors(r, h, row_gate, col_gate, col_floor, col_check, lim0)
-    counts = np.zeros(nt, np.int64)
     n_cand = 0
     flags = np.zeros((w + WORD - 1) // WORD * WORD, np.uint8)
     words = flags.view(np.uint64)
@@ -293,8 +316,8 @@ def _sweep(
             _flag_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], flags)
         else:
             _bin_row(s[ii, j0:], col_check[lo + j0 : lo + w], row_check[ii], half, top, bins_buf, flags, hist, nbins)
+        _count_row(s[ii, j0:], limits, row_counts, i, col_counts, lo + j0)
         check = row_check[ii]
-        counts[:] = 0
         for word in range((w - j0 + WORD - 1) // WORD):
             if words[word] == 0:
                 continue
@@ -303,20 +326,13 @@ def _sweep(
                 j = lo + jj
                 if v < min(check, col_check[j]):
                     continue
-                if v > lim0:
-                    for t in range(nt):
-                        if v > limits[t]:
-                            counts[t] += 1
-                            col_counts[t, j] += 1
-                        else:
-                            break
-                    if v > edge_lim:
-                        e = n_edge[0]
-                        if e < edge_i.shape[0]:
-                            edge_i[e] = i
-                            edge_j[e] = j
-                            edge_v[e] = v
-                        n_edge[0] = e + 1
+                if v > edge_lim:
+                    e = n_edge[0]
+                    if e < edge_i.shape[0]:
+                        edge_i[e] = i
+                        edge_j[e] = j
+                        edge_v[e] = v
+                    n_edge[0] = e + 1
                 if v >= row_gate[i]:
                     key = _key(bits[ii, jj], j)
                     if key < row_keys[i, 0]:
@@ -332,8 +348,6 @@ def _sweep(
                             scratch_f, scratch_i,
                         )
                         n_cand = 0
-        for t in range(nt):
-            row_counts[t, i] += counts[t]
     _offer_columns(
         cand_key, cand_col, n_cand, lo, w, col_keys, col_gate, col_floor, col_check, lim0, k, scratch_f, scratch_i
     )
@@ -485,18 +499,18 @@ def tile_stats(
         raise ValueError(f"tile of {nr} x {nc} is too large: blocks must hold fewer than {EMPTY_INDEX} rows")
     bins = len(edges) - 1
     order, limits = sorted_limits(thresholds)
-    row_counts = np.zeros((len(limits), nr), np.int64)
-    col_counts = np.zeros((len(limits), nc), np.int64)
+    row_counts = np.zeros((len(limits), nr), np.int32)  # a tile has fewer than 2^20 rows and columns
+    col_counts = np.zeros((len(limits), nc), np.int32)
     hist = np.zeros(HIST_COPIES * bins, np.int64)
     bins_buf = np.empty(nc, np.uint8 if bins <= 256 else np.int32)
     row_keys, row_gate = _heaps(row_floor, nr, k)
     col_keys, col_gate = _heaps(col_floor, nc, k)
     col_floor = col_gate.copy()
-    col_check = np.minimum(col_gate, limits[0] if len(limits) else _INF)
+    edge_lim = edge_limit(edge_threshold, thresholds)
+    col_check = np.minimum(col_gate, edge_lim)
     estimate_cols = not diagonal and bool(np.any(col_gate == -_INF))
     scratch_f = np.zeros(1, np.float32)
     cand_key, cand_col = np.empty(CANDIDATES, np.int64), np.empty(CANDIDATES, np.int32)
-    edge_lim = edge_limit(edge_threshold, thresholds)
     buf_i, buf_j = np.empty(EDGE_BUFFER, np.int64), np.empty(EDGE_BUFFER, np.int64)
     buf_v, n_edge = np.empty(EDGE_BUFFER, np.float32), np.zeros(1, np.int64)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -518,7 +532,7 @@ def tile_stats(
     row_vals, row_idx = _heap_result(row_keys, col_offset)
     col_vals, col_idx = _heap_result(col_keys, row_offset)
     stats = TileStats(
-        row_counts[inverse], col_counts[inverse], row_vals, row_idx, col_vals, col_idx,
+        row_counts[inverse].astype(np.int64), col_counts[inverse].astype(np.int64), row_vals, row_idx, col_vals, col_idx,
         hist.reshape(HIST_COPIES, bins).sum(axis=0),
     )
     if found:
