@@ -289,6 +289,7 @@ class SelectConfig:
     the duplicate guard on: no second image of a near-duplicate group (pairs above it) before every
     group has one. ``workers`` None picks one process for archives up to
     2e8 embedding floats and one shard actor per CPU above; 0 forces one process, k > 0 k actors.
+    ``device`` "cuda" computes the exact and batch rankings' products on GPUs (``selection/device.py``).
     """
 
     mode: str = option(
@@ -331,6 +332,11 @@ class SelectConfig:
     workers: int | None = option(
         None, "--select-workers",
         "0: one process; k: k shard actors (default: by archive size)",
+    )
+    device: str = option(
+        "cpu", "--select-device",
+        "where exact and batch rankings compute their products: cpu, or cuda (one GPU per ranking task or "
+        "shard actor; the rankings equal the CPU's bit for bit)",
     )
     checkpoint_seconds: float = 60.0
     delta: float | None = option(
@@ -521,6 +527,7 @@ CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("similarity", "keep"): ("lowest_id", "central"),
     ("select", "mode"): ("batch", "exact", "coverage", "herding", "cells"),
     ("select", "aggregate"): ("max", "mean"),
+    ("select", "device"): ("cpu", "cuda"),
     ("evaluate", "task"): ("classification", "segmentation"),
     ("evaluate", "model"): ("auto", "linear", "cnn", "resnet", "unet"),
     ("report", "images"): ("thumbnails", "none"),
@@ -673,6 +680,16 @@ def _evaluate_dependent(ev: EvaluateConfig) -> list[str]:
 
 
 def _select_dependent(sel: SelectConfig) -> list[str]:
+    errors = []
+    if sel.device != "cpu" and (sel.mode not in ("exact", "batch") or sel.aggregate != "max"):
+        errors.append(
+            f"select.device {sel.device!r} runs the exact and batch rankings with max scores only, not "
+            f"--mode {sel.mode} --aggregate {sel.aggregate}: use --select-device cpu"
+        )
+    return errors + _cells_dependent(sel)
+
+
+def _cells_dependent(sel: SelectConfig) -> list[str]:
     if sel.mode != "cells":
         return []
     unsupported = [

@@ -3,7 +3,6 @@
 from .greedy import Ranking, Settings, batch_greedy, choose_seeds, exact_greedy, rank
 from .rules import Rules
 from .shard import Shard
-from .stage import run_select
 
 __all__ = [
     "Ranking",
@@ -16,3 +15,12 @@ __all__ = [
     "rank",
     "run_select",
 ]
+
+
+def __getattr__(name: str):
+    """``run_select`` on first use: the stage needs Ray and pyarrow, the rankings themselves only numpy."""
+    if name == "run_select":
+        from .stage import run_select
+
+        return run_select
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

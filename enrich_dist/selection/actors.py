@@ -29,10 +29,11 @@ class ShardActor:
         aggregate: str,
         groups: np.ndarray | None,
         n_groups: int,
+        device: str | None = None,
     ):
         self.ids, self.low, self.high = ids, low, high
         vectors = read_vectors(run, parts, ids[low:high])
-        self.shard = Shard(np.arange(low, high), vectors, aggregate, groups, n_groups)
+        self.shard = Shard(np.arange(low, high), vectors, aggregate, groups, n_groups, device)
 
     def describe(self) -> tuple[float, int]:
         """Largest row norm and checksum of this shard."""
@@ -134,18 +135,20 @@ def start_actors(
     groups: np.ndarray | None,
     n_groups: int,
     lists: list[Part] | None,
+    device: str | None = None,
+    gpus: float = 0,
 ) -> tuple[ActorStore, bool, int]:
     """Shard actors over ``workers`` row ranges of ``ids``: the store, whether it prunes, the embeddings checksum.
 
     ``groups`` (one balance group per row, or None) and ``lists`` (the neighbor shards, or None)
-    are read by each actor for its own rows.
+    are read by each actor for its own rows. With ``device`` each actor folds on it, holding ``gpus``.
     """
     n = len(ids)
     bounds = np.linspace(0, n, workers + 1).round().astype(np.int64)
     per_actor = min(1.0, max(1, cluster_resources().cpus) / workers)
     ids_ref = ray.put(ids)
     actors = [
-        ShardActor.options(num_cpus=per_actor).remote(
+        ShardActor.options(num_cpus=per_actor, num_gpus=gpus).remote(
             run,
             parts,
             ids_ref,
@@ -154,6 +157,7 @@ def start_actors(
             aggregate,
             None if groups is None else groups[low:high],
             n_groups,
+            device,
         )
         for low, high in zip(bounds[:-1], bounds[1:], strict=True)
     ]

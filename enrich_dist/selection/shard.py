@@ -8,7 +8,8 @@ indices into the id-sorted embeddings; ties between equal scores go to the lower
 Max scores are folded in with float32 GEMMs whose few decisive entries are recomputed exactly
 (``sims.py``). With the similarity stage's top-k lists, a candidate whose score has reached its k-th
 neighbor similarity (plus the float32 error bound) can only be raised by its listed neighbors, so
-it leaves the GEMM and its updates become O(k) (pruning).
+it leaves the GEMM and its updates become O(k) (pruning). With ``device`` the fold's GEMM runs
+there (``device.py``); the scores, picks and exact rechecks stay on the host.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .device import DEVICES, DeviceFold
 from .sims import error_scale, exact_sims, max_raises
 
 GEMM_ELEMENTS = 1 << 22
+DEVICE_GEMM_ELEMENTS = 1 << 28  # 1 GiB of float32 products per device GEMM
 COMPACT_FRACTION = 16
 AGGREGATES = ("max", "mean")
 CHECK_COLUMNS = (0, -1)
@@ -94,9 +97,12 @@ class Shard:
         aggregate: str = "max",
         groups: np.ndarray | None = None,
         n_groups: int = 1,
+        device: str | None = None,
     ):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if device is not None and (device not in DEVICES or aggregate != "max"):
+            raise ValueError(f"the fold runs on a device ({DEVICES}) for max scores only, got {device!r}, {aggregate!r}")
         self.rows = np.asarray(rows, dtype=np.int64)
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.rows):
@@ -109,6 +115,11 @@ class Shard:
         self.tau = np.full(len(self.rows), np.inf, dtype=np.float32)
         self.reverse: tuple[np.ndarray, np.ndarray] | None = None
         self.dense_pairs = 0
+        self.device = device
+        self.fold: DeviceFold | None = None  # made where the ranking runs (a task or actor), never pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "fold": None}
 
     @property
     def max_norm(self) -> float:
@@ -167,6 +178,8 @@ class Shard:
     ) -> None:
         """Begin a ranking: every row a candidate, or the candidates ``rows`` with their saved state."""
         n = len(self.rows)
+        if self.device is not None and self.fold is None:
+            self.fold = DeviceFold(self.vectors, self.norms, self.device)
         self.alive = np.ones(n, dtype=bool)
         self.scores = np.full(n, -np.inf, dtype=np.float32)
         self.sums = np.zeros(n, dtype=np.float64) if self.aggregate == "mean" else None
@@ -244,11 +257,19 @@ class Shard:
             pos, pick = pos[keep], pick[keep]
             np.maximum.at(self.scores, pos, exact_sims(self.vectors[pos], vectors[pick]))
         err = self.err_scale * float(np.linalg.norm(vectors.astype(np.float64), axis=1).max())
-        step = max(1, GEMM_ELEMENTS // len(vectors))
+        if self.fold is not None:
+            picks = self.fold.picks(vectors)
+            step = max(1, DEVICE_GEMM_ELEMENTS // len(vectors))
+        else:
+            step = max(1, GEMM_ELEMENTS // len(vectors))
         for start in range(0, len(self.active), step):
             pos = self.active[start : start + step]
-            a = self.active_vectors[start : start + step]
-            hit, values = max_raises(self.scores[pos], a @ vectors.T, a, vectors, self.norms[pos], err)
+            if self.fold is not None:
+                hit, col = self.fold.raises(start, start + len(pos), picks, self.scores[pos], err)
+                values = exact_sims(self.vectors[pos[hit]], vectors[col])
+            else:
+                a = self.active_vectors[start : start + step]
+                hit, values = max_raises(self.scores[pos], a @ vectors.T, a, vectors, self.norms[pos], err)
             np.maximum.at(self.scores, pos[hit], values)
         self.dense_pairs += len(self.active) * len(vectors)
 
@@ -267,7 +288,11 @@ class Shard:
         self.in_active = self.alive & ~self.pruned
         self.active = np.flatnonzero(self.in_active)
         dtype = np.float64 if self.aggregate == "mean" else np.float32
-        if len(self.active) == len(self.rows) and dtype == np.float32:
+        whole = len(self.active) == len(self.rows) and dtype == np.float32
+        if self.fold is not None:  # the operand lives on the device only
+            self.fold.reset(self.active, whole)
+            self.active_vectors = None
+        elif whole:
             self.active_vectors = self.vectors
         else:
             self.active_vectors = self.vectors[self.active].astype(dtype)

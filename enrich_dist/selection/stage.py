@@ -121,6 +121,7 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     settings = Settings("batch" if cfg.mode == "batch" else "exact", cfg.aggregate, batch_size if cfg.mode == "batch" else 1)
     rules_args = _rules_args(cfg, groups, n)
     workers = 0 if covering or by_cells else _workers(cfg, n, dim)
+    device = _device(cfg)
     lists = neighbor_parts(run, n) if cfg.aggregate == "max" and not (covering or by_cells) else None
     log.info(
         "selecting: %d images, dim %d, mode %s, aggregate %s, %d seeds%s, %d replicates, %s",
@@ -134,6 +135,8 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         f"cells of about {cfg.cell_size} images" if by_cells else
         f"{workers} shard actors" if workers else "one process per replicate",
     )
+    if device is not None:
+        log.info("selecting: the rankings' products run on %s (exact float32 GEMMs, decisive entries rechecked)", device)
 
     if cfg.mode in ("exact", "batch") and n > LARGE_RANKING:
         log.warning(
@@ -158,10 +161,12 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
         pruning = False
     elif workers:
         rankings, seconds, pruning = _rank_with_actors(
-            run, parts, ids, dim, workers, lists, seeds, settings, rules_args, cfg
+            run, parts, ids, dim, workers, lists, seeds, settings, rules_args, cfg, device
         )
     else:
-        rankings, seconds, pruning = _rank_in_tasks(run, parts, ids, lists, seeds, settings, rules_args, cfg)
+        rankings, seconds, pruning = _rank_in_tasks(
+            run, parts, ids, lists, seeds, settings, rules_args, cfg, device
+        )
     if cfg.duplicate_threshold is not None and not covering:
         guard = guard_groups(read_vectors(run, parts, ids), cfg, edge_list(run, ids))
         no_rules = Rules(n)
@@ -196,6 +201,15 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     run.remove(CHECKPOINT_DIR)
     log.info("selection written to %s in %.1f s", run.uri_of(SELECTION_DIR), stats["seconds"])
     return stats
+
+
+def _device(cfg: SelectConfig) -> str | None:
+    """Where the rankings' fold runs: None on the CPU (numpy), ``cuda`` where the cluster has GPUs."""
+    if cfg.device == "cpu":
+        return None
+    if cluster_resources().gpus == 0:
+        raise ValueError("select device cuda asked for, but the Ray cluster has no GPU: use --select-device cpu")
+    return cfg.device
 
 
 def _workers(cfg: SelectConfig, n: int, dim: int) -> int:
@@ -280,13 +294,14 @@ def _rank_in_tasks(
     settings: Settings,
     rules_args: dict,
     cfg: SelectConfig,
+    device: str | None = None,
 ) -> tuple[list[Ranking], list[float], bool]:
-    """Every distinct ranking as a Ray task over one shared in-memory shard."""
+    """Every distinct ranking as a Ray task over one shared in-memory shard (each task a GPU with ``device``)."""
     n = len(ids)
     x = read_vectors(run, parts, ids)
     probe = Rules(**rules_args)
     shard = Shard(
-        np.arange(n), x, settings.aggregate, probe.groups if probe.balance else None, probe.n_groups
+        np.arange(n), x, settings.aggregate, probe.groups if probe.balance else None, probe.n_groups, device
     )
     pruning = False
     if lists is not None:
@@ -299,7 +314,7 @@ def _rank_in_tasks(
     per_task = max(1, cpus // len(jobs))
     shard_ref = ray.put(shard)
     refs = [
-        _rank_task.options(num_cpus=per_task).remote(
+        _rank_task.options(num_cpus=per_task, num_gpus=_gpus_each(device, len(jobs))).remote(
             shard_ref, n, job.seeds, settings, rules_args, job.checkpoint
         )
         for job in jobs
@@ -322,13 +337,15 @@ def _rank_with_actors(
     settings: Settings,
     rules_args: dict,
     cfg: SelectConfig,
+    device: str | None = None,
 ) -> tuple[list[Ranking], list[float], bool]:
-    """Every distinct ranking in turn over shard actors that read their own rows."""
+    """Every distinct ranking in turn over shard actors that read their own rows (on GPUs with ``device``)."""
     n = len(ids)
     probe = Rules(**rules_args)
     groups = probe.groups if probe.balance else None
     store, pruning, checksum = start_actors(
-        run, parts, ids, workers, settings.aggregate, groups, probe.n_groups, lists
+        run, parts, ids, workers, settings.aggregate, groups, probe.n_groups, lists,
+        device, _gpus_each(device, workers),
     )
     try:
         if lists is not None:
@@ -343,6 +360,13 @@ def _rank_with_actors(
     finally:
         store.close()
     return (*_spread(jobs, rankings, seconds, len(seeds)), pruning)
+
+
+def _gpus_each(device: str | None, tasks: int) -> float:
+    """GPUs per ranking task or shard actor: a share of the cluster's, at most one each."""
+    if device is None:
+        return 0
+    return min(1.0, cluster_resources().gpus / max(1, tasks))
 
 
 def _rank_in_cells(
