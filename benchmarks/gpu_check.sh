@@ -4,8 +4,8 @@
 # mode's check also needs a GPU build of FAISS (the gpu extra's faiss-gpu, built for CUDA 12); where the
 # machine has none, the log says "approx: NOT RUN" with the reason and the other checks still count.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# Writes $OUT/gpu_similarity.json, $OUT/gpu_embed.json, $OUT/gpu_approx.json (when run), $OUT/gpu_check.log
-# and $OUT/env.txt; exits non-zero when any check that ran fails (the others still run).
+# Writes $OUT/gpu_similarity.json, $OUT/gpu_embed.json, $OUT/gpu_select.json, $OUT/gpu_approx.json (when run),
+# $OUT/gpu_check.log and $OUT/env.txt; exits non-zero when any check that ran fails (the others still run).
 set -u -o pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
@@ -31,6 +31,7 @@ run() {
 {
   run similarity "$PY" benchmarks/gpu_check_similarity.py --out "$OUT" ${GPU_SIMILARITY_ARGS:---budget-seconds 170}
   run embed "$PY" benchmarks/gpu_check_embed.py --out "$OUT" ${GPU_EMBED_ARGS:---long-epochs 150}
+  run select "$PY" benchmarks/gpu_check_select.py --out "$OUT" ${GPU_SELECT_ARGS:---budget-seconds 60}
   if why=$("$PY" -c "from enrich_dist.similarity.approx import faiss_gpus; n, why = faiss_gpus(); print(why); raise SystemExit(n == 0)" 2>&1); then
     run approx "$PY" benchmarks/gpu_check_approx.py --out "$OUT" ${GPU_APPROX_ARGS:---budget-seconds 150}
   else
