@@ -12,10 +12,13 @@ the removal list in ranking order); pure functions of pair lists, no artifact I/
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
 from numba import njit
-from scipy.sparse.csgraph import connected_components
+
+if TYPE_CHECKING:  # scipy is imported where a graph is built: tile workers import this module for float32_below
+    import scipy.sparse as sp
 
 KEEP_POLICIES = ("lowest_id", "central")
 
@@ -28,6 +31,8 @@ def float32_below(t: float) -> np.float32:
 
 def component_labels(graph: sp.spmatrix) -> np.ndarray:
     """Connected component of each row of a graph, ids ascending with each component's lowest row."""
+    from scipy.sparse.csgraph import connected_components
+
     _, labels = connected_components(graph, directed=False)
     _, first = np.unique(labels, return_index=True)
     rank = np.empty(len(first), np.int64)
@@ -37,6 +42,8 @@ def component_labels(graph: sp.spmatrix) -> np.ndarray:
 
 def symmetric(n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray) -> sp.csr_matrix:
     """The symmetric CSR graph of pairs (a, b) weighted by ``sims``, indices sorted."""
+    import scipy.sparse as sp
+
     graph = sp.csr_matrix(
         (np.concatenate([sims, sims]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n)
     )
