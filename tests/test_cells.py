@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -103,7 +104,9 @@ def test_merge_orders_picks_by_score_then_row() -> None:
     assert ranking.round.tolist() == [0, 0, 1, 2, 3, 4]
 
 
-def test_stage_cells_mode_memory_mapped_equals_in_memory(ray_local, tmp_path, monkeypatch) -> None:
+def test_stage_cells_mode_memory_mapped_equals_in_memory(ray_local, tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
     from enrich_dist.storage import RunDir
 
     cfg = SelectConfig(mode="cells", cell_size=20, seed_size=5, budgets=(0.25, 1.0), replicates=2, seed=4)
@@ -114,12 +117,15 @@ def test_stage_cells_mode_memory_mapped_equals_in_memory(ray_local, tmp_path, mo
         if spill:
             monkeypatch.setattr(cells_mod, "IN_MEMORY_BYTES", 0)
             monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+            monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
             os.makedirs(tmp_path / "tmp")
-        stats = run_select(run, cfg)
+        with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
+            stats = run_select(run, cfg)
         tables[spill] = run.read_table("selection/ranking.parquet")
         assert stats["cells"]["n_cells"] == 4 and stats["cells"]["products_complete"] == 90 * 89 / 2
         assert stats["cells"]["products_per_replicate"] < stats["cells"]["products_complete"]
     assert tables[False].equals(tables[True])
+    assert f"embeddings mapped from {tmp_path / 'tmp'}" in caplog.text
     assert os.listdir(tmp_path / "tmp") == [], "the mapped file is removed"
 
 
@@ -200,8 +206,9 @@ def test_a_full_temp_disk_is_named_with_the_fix(ray_local, run_dir, monkeypatch,
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
-    with pytest.raises(OSError, match="could not write it .*No space left.*point TMPDIR at a disk"):
+    with pytest.raises(OSError, match=f"from a file in {scratch}.*could not write it .*No space left.*point TMPDIR"):
         run_select(run_dir, SelectConfig(mode="cells", cell_size=10, replicates=1))
     assert not run_dir.is_done("selection") and os.listdir(scratch) == []
 

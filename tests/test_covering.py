@@ -111,12 +111,26 @@ def test_stage_chooses_delta_without_labels_and_honours_caps(ray_local, run_dir)
             assert counts[clip] <= 3
 
 
-def test_duplicate_guard_in_exact_mode(ray_local, tmp_path) -> None:
-    """With the guard on, no second near-duplicate comes before every group has one; off, the ranking is the rule's."""
+@pytest.mark.parametrize("mapped", [False, True])
+def test_duplicate_guard_in_exact_mode(ray_local, tmp_path, monkeypatch, caplog, mapped: bool) -> None:
+    """With the guard on, no second near-duplicate comes before every group has one; off, the ranking is the rule's.
+
+    ``mapped``: the guard reads the embeddings from a mapped file, as it does above 1 GiB.
+    """
+    import logging
+    import tempfile
+
     from test_selection import write_inputs
 
+    from enrich_dist.selection import cells
     from enrich_dist.storage import RunDir
 
+    if mapped:
+        monkeypatch.setattr(cells, "IN_MEMORY_BYTES", 0)
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+        (tmp_path / "tmp").mkdir()
+    caplog.set_level(logging.INFO, logger="enrich_dist.selection")
     run = RunDir(str(tmp_path / "run"))
     ids = write_inputs(run, 50, dim=5)
     table = run.read_table("embeddings")
@@ -136,6 +150,9 @@ def test_duplicate_guard_in_exact_mode(ray_local, tmp_path) -> None:
     for g in ranked[2:].tolist():
         assert g not in seen or len(seen) == n_groups, "a second member came before every group had one"
         seen.add(g)
+    assert (f"embeddings mapped from {tmp_path / 'tmp'}" in caplog.text) == mapped
+    if mapped:
+        assert not list((tmp_path / "tmp").iterdir()), "the mapped file is removed"
 
 
 def test_bad_coverage_settings_are_named(ray_local, run_dir) -> None:

@@ -300,9 +300,9 @@ def vectors_of(run: RunDir, parts: list[Part], ids: np.ndarray, dim: int) -> Ite
     if n * dim * 4 <= IN_MEMORY_BYTES:
         yield _fill(np.empty((n, dim), dtype=np.float32), run, parts, ids)
         return
-    with tempfile.TemporaryDirectory(prefix="enrich-cells-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="enrich-select-") as scratch:
         path = os.path.join(scratch, "vectors.f32")
-        log.info("cells mode: %d x %d embeddings mapped from %s (%.1f GB)", n, dim, path, n * dim * 4 / 1e9)
+        log.info("selection: %d x %d embeddings mapped from %s (%.1f GB)", n, dim, path, n * dim * 4 / 1e9)
         try:
             mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
             _fill(mapped, run, parts, ids)
@@ -310,7 +310,7 @@ def vectors_of(run: RunDir, parts: list[Part], ids: np.ndarray, dim: int) -> Ite
             del mapped
         except OSError as exc:
             raise OSError(
-                f"cells mode maps the {n * dim * 4 / 1e9:.1f} GB of embeddings from a file in {scratch} and could "
+                f"the selection maps the {n * dim * 4 / 1e9:.1f} GB of embeddings from a file in {scratch} and could "
                 f"not write it ({exc}): point TMPDIR at a disk with that much free space"
             ) from exc
         yield np.load(path, mmap_mode="r")

@@ -74,7 +74,7 @@ def neighbor_graph(
         raise ValueError(f"block must be >= 1, got {block}")
     if not math.isfinite(delta):
         raise ValueError(f"delta must be finite, got {delta}")
-    norm = float(np.linalg.norm(x.astype(np.float64), axis=1).max()) if n else 0.0
+    norm = max_norm(x)
     floor = delta - error_scale(dim) * norm * norm
     index = np.int32 if n < 2**31 else np.int64
     rows, cols, sims = [np.empty(0, index)], [np.empty(0, index)], [np.empty(0, np.float32)]
@@ -114,7 +114,7 @@ def graph_from_pairs(
     """
     x = _matrix(x)
     n, dim = x.shape
-    norm = float(np.linalg.norm(x.astype(np.float64), axis=1).max()) if n else 0.0
+    norm = max_norm(x)
     if delta - error_scale(dim) * norm * norm <= found_above:
         return None
     index = np.int32 if n < 2**31 else np.int64
@@ -463,6 +463,12 @@ def duplicate_guard(order: np.ndarray, groups: np.ndarray, n_seeds: int = 0) -> 
     first[np.unique(ids, return_index=True)[1]] = True
     first &= ~np.isin(ids, groups[head])
     return np.concatenate([head, tail[first], tail[~first]])
+
+
+def max_norm(x: np.ndarray, rows: int = 1 << 16) -> float:
+    """Largest row norm (float64), ``rows`` at a time: ``x`` may be a mapped file larger than memory."""
+    norms = (np.linalg.norm(x[i : i + rows].astype(np.float64), axis=1).max() for i in range(0, len(x), rows))
+    return float(max(norms, default=0.0))
 
 
 def _matrix(x: np.ndarray) -> np.ndarray:

@@ -168,7 +168,8 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
             run, parts, ids, lists, seeds, settings, rules_args, cfg, device
         )
     if cfg.duplicate_threshold is not None and not covering:
-        guard = guard_groups(read_vectors(run, parts, ids), cfg, edge_list(run, ids))
+        with vectors_of(run, parts, ids, dim) as x:  # mapped from a file above 1 GiB: the driver never holds N x d
+            guard = guard_groups(x, cfg, edge_list(run, ids))
         no_rules = Rules(n)
         rankings = [finish(r, int(r.is_seed.sum()), no_rules, guard) for r in rankings]
 
