@@ -686,6 +686,11 @@ def _select_dependent(sel: SelectConfig) -> list[str]:
             f"select.device {sel.device!r} runs the exact and batch rankings with max scores only, not "
             f"--mode {sel.mode} --aggregate {sel.aggregate}: use --select-device cpu"
         )
+    if sel.workers and sel.mode not in ("exact", "batch"):
+        errors.append(
+            f"select.workers (--select-workers) shards the exact and batch rankings; --mode {sel.mode} does not "
+            "use it (cells: Ray tasks over groups of cells; coverage, herding: one process): leave it unset"
+        )
     return errors + _cells_dependent(sel)
 
 

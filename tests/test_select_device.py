@@ -143,9 +143,11 @@ def test_stage_rankings_equal_with_the_device_fold(ray_local, tmp_path, monkeypa
         ({"device": "cuda", "mode": "cells"}, r"max scores only, not --mode cells .*use --select-device cpu"),
         ({"device": "cuda", "aggregate": "mean"}, r"--aggregate mean: use --select-device cpu"),
         ({"device": "gpu"}, r"select.device \(--select-device\) must be one of cpu, cuda, got 'gpu'"),
+        ({"workers": 2, "mode": "cells"}, r"--mode cells does not use it .*leave it unset"),
+        ({"workers": 2, "mode": "coverage"}, r"--mode coverage does not use it"),
     ],
 )
-def test_stage_refuses_a_device_it_cannot_use(ray_local, run_dir, change: dict, message: str) -> None:
+def test_stage_refuses_a_device_or_workers_the_mode_cannot_use(ray_local, run_dir, change: dict, message: str) -> None:
     write_inputs(run_dir, 20)
     with pytest.raises(ValueError, match=message):
         run_select(run_dir, SelectConfig(**change))
