@@ -23,7 +23,6 @@ import time
 START = time.perf_counter()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -31,6 +30,7 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.gpu_sizes import begin, run_sizes, size_arguments, write_json  # noqa: E402
 from enrich_dist.pairgraph import float32_below  # noqa: E402
 from enrich_dist.similarity import approx, kernel, torch_kernel  # noqa: E402
 from enrich_dist.similarity.plan import histogram_edges, partition_tile_plan, schedule  # noqa: E402
@@ -122,33 +122,18 @@ def one_size(n: int, args: argparse.Namespace, device: str) -> dict:
 
 
 def write_result(out_dir: str, result: dict) -> None:
-    """``gpu_approx.json``, replaced whole (a cut-short run leaves what it measured)."""
-    path = os.path.join(out_dir, "gpu_approx.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "gpu_approx.json"), result)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, help="folder for gpu_approx.json")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--images-per-cluster", type=int, default=500)
-    parser.add_argument("--spread", type=float, default=0.5)
+    parser = size_arguments(__doc__, "gpu_approx.json", SIZES, 150.0)
     parser.add_argument("--nprobe", type=int, default=8)
     parser.add_argument("--sample", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-seconds", type=float, default=150.0)
     parser.add_argument("--dry-run", action="store_true", help="torch and FAISS on the CPU at small sizes")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    sizes = DRY_RUN["sizes"] if args.dry_run else tuple(int(s) for s in args.sizes.split(","))
+    sizes, result = begin(args, DRY_RUN["sizes"])
     if args.dry_run:
         args.sample = DRY_RUN["sample"]
-    result: dict = {"dry_run": args.dry_run, "sizes": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     gpus, why = approx.faiss_gpus()
     if not args.dry_run and (not torch.cuda.is_available() or not gpus):
         result["error"] = why or "torch sees no CUDA device"
@@ -156,25 +141,15 @@ def main() -> int:
         print(f"gpu_check_approx: cannot run: {result['error']}", file=sys.stderr)
         return 1
     device = "cpu" if args.dry_run else "cuda"
-    last: dict | None = None
-    for n in sizes:
-        if last is not None:
-            projected = last["seconds"] * n / last["n"] * SAFETY
-            if time.perf_counter() - START + projected > args.budget_seconds:
-                result["sizes"].append(
-                    {
-                        "n": n,
-                        "not_run": "projected past --budget-seconds",
-                        "projected_seconds": round(projected, 1),
-                        "projection": "extrapolated, linear in N, +30 %",
-                    }
-                )
-                write_result(args.out, result)
-                continue
-        last = one_size(n, args, device)
-        result["sizes"].append(last)
-        print(json.dumps(last), flush=True)
+
+    def record(entry: dict) -> None:
+        result["sizes"].append(entry)
         write_result(args.out, result)
+
+    run_sizes(
+        sizes, lambda n: one_size(n, args, device), lambda last, n: last["seconds"] * n / last["n"] * SAFETY,
+        "extrapolated, linear in N, +30 %", START, args.budget_seconds, record,
+    )
     result["seconds_total"] = round(time.perf_counter() - START, 3)
     write_result(args.out, result)
     return 0

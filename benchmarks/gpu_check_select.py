@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.gpu_check_approx import clustered  # noqa: E402
+from benchmarks.gpu_sizes import begin, run_sizes, size_arguments, write_json  # noqa: E402
 from enrich_dist.selection.greedy import Settings, choose_seeds, rank  # noqa: E402
 from enrich_dist.selection.shard import Shard  # noqa: E402
 
@@ -94,30 +95,17 @@ def timed(n: int, args: argparse.Namespace, device: str | None, make_device: str
 
 
 def write_result(out_dir: str, result: dict) -> None:
-    """``gpu_select.json``, replaced whole (a cut-short run leaves what it measured)."""
-    path = os.path.join(out_dir, "gpu_select.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "gpu_select.json"), result)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for gpu_select.json")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser = size_arguments(__doc__, "gpu_select.json", SIZES, 90.0)
     parser.add_argument("--cpu-size", type=int, default=CPU_SIZE, help="the numpy fold's ranking, for a ratio")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--images-per-cluster", type=int, default=500)
-    parser.add_argument("--spread", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-seconds", type=float, default=90.0)
     parser.add_argument("--dry-run", action="store_true", help="torch on the CPU at small sizes")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    sizes = DRY_RUN["sizes"] if args.dry_run else tuple(int(s) for s in args.sizes.split(","))
+    sizes, result = begin(args, DRY_RUN["sizes"])
     if args.dry_run:
         args.cpu_size = DRY_RUN["cpu_size"]
-    result: dict = {"dry_run": args.dry_run, "sizes": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not args.dry_run and not torch.cuda.is_available():
         result["error"] = "torch sees no CUDA device"
         write_result(args.out, result)
@@ -130,28 +118,21 @@ def main() -> int:
     result["numpy_fold"] = timed(args.cpu_size, args, None, device)
     print(json.dumps(result["numpy_fold"]), flush=True)
     write_result(args.out, result)
-    last: dict | None = None
-    for n in sizes:
-        if last is not None:
-            projected = last["seconds"] * (n / last["n"]) ** 2 * SAFETY
-            if time.perf_counter() - START + projected > args.budget_seconds:
-                result["sizes"].append(
-                    {
-                        "n": n,
-                        "not_run": "projected past --budget-seconds",
-                        "projected_seconds": round(projected, 1),
-                        "projection": "extrapolated, quadratic in N, +30 %",
-                    }
-                )
-                write_result(args.out, result)
-                continue
-        last = timed(n, args, device, device)
-        same = result["numpy_fold"]["n"] == n
-        if same:
-            last["speedup_over_numpy_fold"] = result["numpy_fold"]["seconds"] / max(last["seconds"], 1e-9)
-        result["sizes"].append(last)
-        print(json.dumps(last), flush=True)
+
+    def measure(n: int) -> dict:
+        entry = timed(n, args, device, device)
+        if result["numpy_fold"]["n"] == n:
+            entry["speedup_over_numpy_fold"] = result["numpy_fold"]["seconds"] / max(entry["seconds"], 1e-9)
+        return entry
+
+    def record(entry: dict) -> None:
+        result["sizes"].append(entry)
         write_result(args.out, result)
+
+    run_sizes(
+        sizes, measure, lambda last, n: last["seconds"] * (n / last["n"]) ** 2 * SAFETY,
+        "extrapolated, quadratic in N, +30 %", START, args.budget_seconds, record,
+    )
     result["seconds_total"] = round(time.perf_counter() - START, 3)
     write_result(args.out, result)
     return 0 if result["exactness"]["all_equal"] else 1

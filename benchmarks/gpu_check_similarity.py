@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.gpu_sizes import write_json  # noqa: E402
 from enrich_dist.similarity import kernel, torch_kernel, triton_kernel  # noqa: E402
 from enrich_dist.similarity.plan import histogram_edges, schedule, tile_plan  # noqa: E402
 from enrich_dist.similarity.reduce import Reduction  # noqa: E402
@@ -362,10 +363,7 @@ def profile_parts(x: torch.Tensor, device: str, k: int = K) -> dict:
 def write_result(out_dir: str, result: dict) -> None:
     """Commit ``gpu_similarity.json`` by rename, so the file on disk is always a whole record."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_similarity.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "gpu_similarity.json"), result)
 
 
 def check_gpu(
