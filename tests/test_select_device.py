@@ -80,8 +80,9 @@ def test_raises_keeps_every_entry_that_can_be_the_max() -> None:
     err = error_scale(dim) * float(np.linalg.norm(picks.astype(np.float64), axis=1).max())
     scores = np.full(len(rows), -np.inf, np.float32)
     scores[::3] = exact_sims(rows[::3], rows[::3]) * np.float32(0.5)
-    fold = DeviceFold(rows, norms, "cpu")
-    r_dev, c_dev = fold.raises(0, len(rows), fold.picks(picks), scores, err)
+    fold = DeviceFold(rows, norms, [np.arange(len(rows))], "cpu")
+    fold.load(scores, np.ones(len(rows), bool))
+    r_dev, c_dev = fold.raises(0, len(rows), fold.picks(picks), err)
     r_np, v_np = max_raises(scores, rows @ picks.T, rows, picks, norms, err)
     by_device, by_numpy = scores.copy(), scores.copy()
     np.maximum.at(by_device, r_dev, exact_sims(rows[r_dev], picks[c_dev]))
@@ -152,3 +153,30 @@ def test_stage_refuses_a_device_or_workers_the_mode_cannot_use(ray_local, run_di
     with pytest.raises(ValueError, match=message):
         run_select(run_dir, SelectConfig(**change))
     assert not run_dir.is_done("selection")
+
+
+def test_device_lowest_matches_the_host_rule() -> None:
+    """Ties, ineligible rows, -inf scores, groups, m above the eligible count: the host's rows, in its order."""
+    from enrich_dist.selection.shard import lowest_positions
+
+    rng = np.random.default_rng(11)
+    n = 500
+    scores = rng.integers(-3, 4, n).astype(np.float32) / 4  # many exact ties
+    scores[rng.choice(n, 20, replace=False)] = -np.inf
+    eligible = rng.random(n) < 0.7
+    groups = [np.flatnonzero(np.arange(n) % 3 == g) for g in range(3)] + [np.arange(n), np.empty(0, np.int64)]
+    fold = DeviceFold(np.ones((n, 2), np.float32), np.ones(n), groups, "cpu")
+    fold.load(scores, eligible)
+    for g, positions in enumerate(groups):
+        keys = np.where(eligible, scores, np.float32(np.inf))[positions]
+        n_eligible = int(np.count_nonzero(keys < np.inf))
+        for m in (0, 1, 5, 37, n_eligible, n_eligible + 3):
+            local, count = fold.lowest(g, m)
+            assert count == n_eligible
+            got = local[np.lexsort((local, keys[local]))]
+            np.testing.assert_array_equal(got, lowest_positions(keys, min(m, n_eligible)))
+    before = (eligible.copy(), scores.copy())
+    fold.drop(np.arange(10))
+    fold.set_scores(np.arange(5), np.full(5, 9.0, np.float32))
+    assert np.array_equal(eligible, before[0]) and np.array_equal(scores, before[1]), "the mirrors alias the host's"
+    assert fold.lowest(3, n)[1] == int(np.count_nonzero(eligible[10:]))

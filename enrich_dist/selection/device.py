@@ -27,28 +27,73 @@ def torch_device(device: str):
 
 
 class DeviceFold:
-    """A shard's candidate vectors on ``device``; :meth:`raises` is the fold's GEMM and candidate filter."""
+    """A shard's candidates on ``device``: vectors, norms, and mirrors of the scores and of which rows are eligible.
 
-    def __init__(self, vectors: np.ndarray, norms: np.ndarray, device: str):
+    The host keeps the authoritative scores; every change to them (picks, raises, blocks) is pushed here,
+    so a round's lowest candidates (:meth:`lowest`) and the fold's floors are found without a pass over
+    N on the host.
+    """
+
+    def __init__(self, vectors: np.ndarray, norms: np.ndarray, groups: list[np.ndarray], device: str):
         self.torch = torch_device(device)
         self.device = device
-        self.all = self.torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
-        self.all_norms = self.torch.from_numpy(np.asarray(norms, np.float64)).to(device)
-        self.active, self.norms = self.all, self.all_norms
+        self.all = self._put(np.ascontiguousarray(vectors, np.float32))
+        self.all_norms = self._put(np.asarray(norms, np.float64))
+        self.groups = [self._put(np.asarray(g, np.int64)) for g in groups]
+        self.active, self.norms, self.at = self.all, self.all_norms, None
+        self.scores = self._put(np.zeros(len(vectors), np.float32))
+        self.eligible = self._put(np.zeros(len(vectors), bool))
+
+    def _put(self, array: np.ndarray):
+        """A device copy of ``array`` (a copy on the CPU too: the mirrors must never alias the host's arrays)."""
+        return self.torch.from_numpy(array).to(self.device, copy=True)
+
+    def load(self, scores: np.ndarray, eligible: np.ndarray) -> None:
+        """Every row's score and eligibility (a ranking starts, or caps are lifted)."""
+        self.scores = self._put(np.ascontiguousarray(scores, np.float32))
+        self.eligible = self._put(np.ascontiguousarray(eligible, bool))
+
+    def set_scores(self, positions: np.ndarray, scores: np.ndarray) -> None:
+        """The host's new scores of the rows at ``positions`` (distinct)."""
+        if len(positions):
+            self.scores[self._put(np.asarray(positions, np.int64))] = self._put(np.asarray(scores, np.float32))
+
+    def drop(self, positions: np.ndarray) -> None:
+        """The rows at ``positions`` are no longer eligible (chosen or blocked)."""
+        if len(positions):
+            self.eligible[self._put(np.asarray(positions, np.int64))] = False
+
+    def lowest(self, group: int, m: int) -> tuple[np.ndarray, int]:
+        """Positions (in the group's order) of its ``m`` lowest eligible rows by (score, position), and how many are eligible.
+
+        The same rows as :func:`~.shard.lowest_positions` on the host: everything below the m-th
+        smallest key, then the ties at it in position order; the host sorts these few.
+        """
+        torch = self.torch
+        positions = self.groups[group]
+        keys = torch.where(self.eligible[positions], self.scores[positions], float("inf"))
+        n_eligible = int(torch.count_nonzero(keys < float("inf")))
+        m = min(m, n_eligible)
+        if m <= 0:
+            return np.empty(0, np.int64), n_eligible
+        kth = torch.topk(keys, m, largest=False, sorted=False).values.max()
+        below = torch.nonzero(keys < kth).flatten()
+        tied = torch.nonzero(keys == kth).flatten()[: m - len(below)]
+        return torch.cat([below, tied]).cpu().numpy(), n_eligible
 
     def reset(self, positions: np.ndarray, whole: bool) -> None:
         """The GEMM operand becomes the rows at ``positions`` (``whole``: every row, in order)."""
         if whole:
-            self.active, self.norms = self.all, self.all_norms
+            self.active, self.norms, self.at = self.all, self.all_norms, None
         else:
-            at = self.torch.from_numpy(np.asarray(positions, np.int64)).to(self.device)
-            self.active, self.norms = self.all[at], self.all_norms[at]
+            self.at = self._put(np.asarray(positions, np.int64))
+            self.active, self.norms = self.all[self.at], self.all_norms[self.at]
 
     def picks(self, vectors: np.ndarray):
         """The new picks' vectors on the device (once per fold)."""
-        return self.torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device)
+        return self._put(np.ascontiguousarray(vectors, np.float32))
 
-    def raises(self, start: int, stop: int, picks, scores: np.ndarray, err: float) -> tuple[np.ndarray, np.ndarray]:
+    def raises(self, start: int, stop: int, picks, err: float) -> tuple[np.ndarray, np.ndarray]:
         """Entries of ``active[start:stop] @ picks.T`` that can raise a row's max: (rows from ``start``, pick columns).
 
         The rule of :func:`~.sims.max_raises`: a row whose float32 best can exceed its score less the
@@ -57,7 +102,8 @@ class DeviceFold:
         torch = self.torch
         g = self.active[start:stop] @ picks.T
         bound = self.norms[start:stop] * err
-        floor = torch.from_numpy(np.asarray(scores, np.float64)).to(self.device) - bound
+        scores = self.scores[start:stop] if self.at is None else self.scores[self.at[start:stop]]
+        floor = scores.double() - bound
         top, best = g.max(dim=1)
         flagged = torch.nonzero(top.double() > floor).flatten()
         if len(flagged) == 0:

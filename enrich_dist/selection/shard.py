@@ -179,7 +179,7 @@ class Shard:
         """Begin a ranking: every row a candidate, or the candidates ``rows`` with their saved state."""
         n = len(self.rows)
         if self.device is not None and self.fold is None:
-            self.fold = DeviceFold(self.vectors, self.norms, self.device)
+            self.fold = DeviceFold(self.vectors, self.norms, self.group_positions, self.device)
         self.alive = np.ones(n, dtype=bool)
         self.scores = np.full(n, -np.inf, dtype=np.float32)
         self.sums = np.zeros(n, dtype=np.float64) if self.aggregate == "mean" else None
@@ -196,17 +196,26 @@ class Shard:
         self.pruned = self.alive & (self.scores >= self.tau) if self.aggregate == "max" else np.zeros(n, bool)
         self.dense_pairs = 0
         self._reset_active()
+        if self.fold is not None:
+            self.fold.load(self.scores, self.alive)
 
     def lowest(self, m: int, with_vectors: bool = False, block: np.ndarray | None = None) -> list[Fetch]:
         """Per group, the ``m`` lowest eligible candidates (after blocking the rows ``block``)."""
         if block is not None and len(block):
-            self.blocked[self._find(block, local_only=True)] = True
-        keys = np.where(self.alive & ~self.blocked, self.scores, np.float32(np.inf))
+            newly = self._find(block, local_only=True)
+            self.blocked[newly] = True
+            if self.fold is not None:
+                self.fold.drop(newly)
+        keys = None if self.fold is not None else np.where(self.alive & ~self.blocked, self.scores, np.float32(np.inf))
         out = []
-        for positions in self.group_positions:
-            sub = keys[positions]
-            n_eligible = int(np.count_nonzero(sub < np.inf))
-            pos = positions[lowest_positions(sub, min(m, n_eligible))]
+        for g, positions in enumerate(self.group_positions):
+            if self.fold is not None:  # the device finds the few lowest; they are ordered here, as on the host
+                local, n_eligible = self.fold.lowest(g, m)
+                pos = positions[local[np.lexsort((local, self.scores[positions[local]]))]]
+            else:
+                sub = keys[positions]
+                n_eligible = int(np.count_nonzero(sub < np.inf))
+                pos = positions[lowest_positions(sub, min(m, n_eligible))]
             vectors = self.vectors[pos] if with_vectors else None
             out.append(Fetch(self.scores[pos], self.rows[pos], vectors, n_eligible))
         return out
@@ -214,6 +223,8 @@ class Shard:
     def lift(self) -> None:
         """Unblock every candidate (caps lifted)."""
         self.blocked[:] = False
+        if self.fold is not None:
+            self.fold.load(self.scores, self.alive)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Mark ``rows`` (all in this shard, still candidates) chosen; returns their vectors."""
@@ -223,6 +234,9 @@ class Shard:
         self.alive[pos] = False
         self.scores[pos] = np.inf
         self._drop_active(pos)
+        if self.fold is not None:
+            self.fold.drop(pos)
+            self.fold.set_scores(pos, self.scores[pos])
         return self.vectors[pos]
 
     def update(self, rows: np.ndarray, vectors: np.ndarray) -> None:
@@ -235,10 +249,9 @@ class Shard:
         if self.aggregate == "mean":
             self._fold_mean(vectors)
         else:
-            self._fold_max(rows, vectors)
-            newly = self.active[
-                self.in_active[self.active] & (self.scores[self.active] >= self.tau[self.active])
-            ]
+            # only a raised score can reach its row's pruning bound: the other rows stay as they were
+            raised = self._fold_max(rows, vectors)
+            newly = raised[self.in_active[raised] & (self.scores[raised] >= self.tau[raised])]
             self.pruned[newly] = True
             self._drop_active(newly)
         self._compact()
@@ -249,13 +262,15 @@ class Shard:
         sums = self.sums[pos] if self.sums is not None else None
         return CandidateState(self.rows[pos], self.scores[pos], sums)
 
-    def _fold_max(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Raise max scores: pruned candidates from their listed neighbors, the others by GEMM."""
+    def _fold_max(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Raise max scores: pruned candidates from their listed neighbors, the others by GEMM; the positions raised."""
+        raised = []
         if self.reverse is not None:
             pos, pick = self._listing(rows)
             keep = self.alive[pos] & self.pruned[pos]
             pos, pick = pos[keep], pick[keep]
             np.maximum.at(self.scores, pos, exact_sims(self.vectors[pos], vectors[pick]))
+            raised.append(pos)
         err = self.err_scale * float(np.linalg.norm(vectors.astype(np.float64), axis=1).max())
         if self.fold is not None:
             picks = self.fold.picks(vectors)
@@ -265,13 +280,18 @@ class Shard:
         for start in range(0, len(self.active), step):
             pos = self.active[start : start + step]
             if self.fold is not None:
-                hit, col = self.fold.raises(start, start + len(pos), picks, self.scores[pos], err)
+                hit, col = self.fold.raises(start, start + len(pos), picks, err)
                 values = exact_sims(self.vectors[pos[hit]], vectors[col])
             else:
                 a = self.active_vectors[start : start + step]
                 hit, values = max_raises(self.scores[pos], a @ vectors.T, a, vectors, self.norms[pos], err)
             np.maximum.at(self.scores, pos[hit], values)
+            raised.append(pos[hit])
         self.dense_pairs += len(self.active) * len(vectors)
+        raised = np.unique(np.concatenate(raised)) if raised else np.empty(0, np.int64)
+        if self.fold is not None:
+            self.fold.set_scores(raised, self.scores[raised])
+        return raised
 
     def _fold_mean(self, vectors: np.ndarray) -> None:
         """Add the similarities to ``vectors`` to every candidate's sum (float64) and rescore."""
