@@ -8,8 +8,9 @@ indices into the id-sorted embeddings; ties between equal scores go to the lower
 Max scores are folded in with float32 GEMMs whose few decisive entries are recomputed exactly
 (``sims.py``). With the similarity stage's top-k lists, a candidate whose score has reached its k-th
 neighbor similarity (plus the float32 error bound) can only be raised by its listed neighbors, so
-it leaves the GEMM and its updates become O(k) (pruning). With ``device`` the fold's GEMM runs
-there (``device.py``); the scores, picks and exact rechecks stay on the host.
+it leaves the GEMM and its updates become O(k) (pruning). With ``device`` the fold's GEMM and the
+search for each round's lowest candidates run there (``device.py``); the host keeps the
+authoritative scores, mirrored on the device after every change, and does the exact rechecks.
 """
 
 from __future__ import annotations
