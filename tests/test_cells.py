@@ -220,3 +220,16 @@ def test_the_log_says_once_why_the_ranking_is_not_pruned(ray_local, run_dir, cap
     with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
         run_select(run_dir, SelectConfig(mode="exact", seed_size=3, replicates=1))
     assert caplog.text.count("without neighbor pruning") == 1  # the repeat measures ask too, at DEBUG
+
+
+def test_large_complete_ranking_warns_and_names_the_alternatives(ray_local, run_dir, monkeypatch, caplog) -> None:
+    import logging
+
+    from enrich_dist.selection import stage
+
+    write_inputs(run_dir, 40)
+    monkeypatch.setattr(stage, "LARGE_RANKING", 30)
+    with caplog.at_level(logging.WARNING, logger="enrich_dist.selection"):
+        run_select(run_dir, SelectConfig(mode="exact", replicates=1))
+    assert "a complete exact ranking of 40 images" in caplog.text and "--mode cells" in caplog.text
+    assert "--select-device cuda" not in caplog.text, "the test cluster has no GPU to suggest"

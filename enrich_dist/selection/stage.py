@@ -141,8 +141,10 @@ def compute_selection(run: RunDir, ctx: Context) -> dict:
     if cfg.mode in ("exact", "batch") and n > LARGE_RANKING:
         log.warning(
             "a complete %s ranking of %d images folds every pick into every candidate: about %.1e similarity "
-            "products per replicate, growing as N^2; --mode cells ranks within k-means cells instead (about %.1e)",
+            "products per replicate, growing as N^2; --mode cells ranks within k-means cells instead (about %.1e)%s",
             cfg.mode, n, n * (n - 1) / 2, n * cfg.cell_size / 2,
+            "; this cluster has GPUs: --select-device cuda computes the products there"
+            if device is None and cluster_resources().gpus else "",
         )
     seeds, randoms = [], []
     for r in range(cfg.replicates):
