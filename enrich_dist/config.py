@@ -338,6 +338,12 @@ class SelectConfig:
         "where exact and batch rankings compute their products: cpu, or cuda (one GPU per ranking task or "
         "shard actor; the rankings equal the CPU's bit for bit)",
     )
+    bound_cells: int = option(
+        256, "--bound-cells",
+        "exact and batch rankings (max scores, on CPUs): k-means cells of about this many images; a fold skips "
+        "every cell none of its picks can raise (exact bounds: the ranking is unchanged); 0: off; used from "
+        "64 cells up",
+    )
     checkpoint_seconds: float = 60.0
     delta: float | None = option(
         None, "--delta",
@@ -551,7 +557,7 @@ _RANGES: dict[str, tuple[str, ...]] = {
     _NON_NEGATIVE: (
         "encoder.beta", "encoder.gamma", "encoder.clip_window", "encoder.seed", "similarity.seed", "similarity.max_edges",
         "similarity.checkpoint_seconds", "select.checkpoint_seconds",  # 0: a checkpoint after every unit of work
-        "select.seed", "select.workers", "evaluate.min_steps", "evaluate.weight_decay", "evaluate.seed",
+        "select.seed", "select.workers", "select.bound_cells", "evaluate.min_steps", "evaluate.weight_decay", "evaluate.seed",
     ),
     _SIMILARITY: (
         "similarity.thresholds", "similarity.edge_threshold", "similarity.duplicate_thresholds", "select.delta",

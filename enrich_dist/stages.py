@@ -31,7 +31,7 @@ SIMILARITY = Stage(
 )
 SELECT = Stage(
     "select", schema.SELECTION_DIR, "select", compute=_M + "selection.stage:compute_selection",
-    check=_M + "selection.stage:check_select", operational=frozenset({"workers", "device", "checkpoint_seconds"}),
+    check=_M + "selection.stage:check_select", operational=frozenset({"workers", "device", "bound_cells", "checkpoint_seconds"}),
     needs=("embed",),
 )
 EVALUATE = Stage(

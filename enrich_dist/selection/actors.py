@@ -65,6 +65,15 @@ class ActorStore:
         for actor in self.actors:
             ray.kill(actor)
 
+    def enable_bounds(self, cell_size: int, seed: int) -> int:
+        """Cell bounds in every shard (each over its own rows); the cells in all."""
+        return sum(self._all("enable_bounds", cell_size, seed))
+
+    def products(self) -> tuple[int, int]:
+        """Products the folds computed and skipped, over every shard, in the current ranking."""
+        counts = self._all("products")
+        return sum(c for c, _ in counts), sum(s for _, s in counts)
+
     def _all(self, method: str, *args: object) -> list:
         """Call ``method`` on every shard (array arguments shipped once) and wait."""
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]

@@ -8,7 +8,8 @@ indices into the id-sorted embeddings; ties between equal scores go to the lower
 Max scores are folded in with float32 GEMMs whose few decisive entries are recomputed exactly
 (``sims.py``). With the similarity stage's top-k lists, a candidate whose score has reached its k-th
 neighbor similarity (plus the float32 error bound) can only be raised by its listed neighbors, so
-it leaves the GEMM and its updates become O(k) (pruning). With ``device`` the fold's GEMM and the
+it leaves the GEMM and its updates become O(k) (pruning). With cell bounds (``bounds.py``) a fold
+skips the k-means cells that none of the new picks can reach. With ``device`` the fold's GEMM and the
 search for each round's lowest candidates run there (``device.py``); the host keeps the
 authoritative scores, mirrored on the device after every change, and does the exact rechecks.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bounds import BOUNDED_SHARE, CellBounds, cell_minima, fold_pairs, pick_norm_range, refine
 from .device import DEVICES, DeviceFold
 from .sims import error_scale, exact_sims, max_raises
 
@@ -118,6 +120,8 @@ class Shard:
         self.dense_pairs = 0
         self.device = device
         self.fold: DeviceFold | None = None  # made where the ranking runs (a task or actor), never pickled
+        self.bounds: CellBounds | None = None
+        self.skipped_pairs = 0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "fold": None}
@@ -165,6 +169,27 @@ class Shard:
         self.reverse = (pairs[keep][order], owner[keep][order])
         return True
 
+    def enable_bounds(self, cell_size: int, seed: int, threads: int = 1) -> int:
+        """Group the rows in k-means cells of about ``cell_size`` whose bounds let folds skip them; the cell count.
+
+        Max scores on the host only (0 and no bounds otherwise, or with fewer than two cells).
+        """
+        from .cells import cell_count, make_cells
+
+        n_cells = cell_count(len(self.rows), cell_size)
+        if self.aggregate != "max" or self.device is not None or n_cells < 2:
+            return 0
+        cells = make_cells(self.vectors, n_cells, seed, threads)
+        labels, _, self.bounds = refine(self.vectors, cells.assignment, cells.centroids)
+        self.cell_order = np.argsort(labels, kind="stable")
+        if hasattr(self, "alive"):
+            self._reset_active()
+        return len(self.bounds.centres)
+
+    def products(self) -> tuple[int, int]:
+        """Products the folds of the current ranking computed, and those the cell bounds skipped."""
+        return self.dense_pairs, self.skipped_pairs
+
     def disable_pruning(self) -> None:
         """Update every candidate by GEMM again."""
         self.tau = np.full(len(self.rows), np.inf, dtype=np.float32)
@@ -196,6 +221,7 @@ class Shard:
         self.n_chosen = n_chosen
         self.pruned = self.alive & (self.scores >= self.tau) if self.aggregate == "max" else np.zeros(n, bool)
         self.dense_pairs = 0
+        self.skipped_pairs = 0
         self._reset_active()
         if self.fold is not None:
             self.fold.load(self.scores, self.alive)
@@ -273,6 +299,9 @@ class Shard:
             np.maximum.at(self.scores, pos, exact_sims(self.vectors[pos], vectors[pick]))
             raised.append(pos)
         err = self.err_scale * float(np.linalg.norm(vectors.astype(np.float64), axis=1).max())
+        if self.bounds is not None:
+            raised.append(self._fold_bounded(vectors, err))
+            return np.unique(np.concatenate(raised))
         if self.fold is not None:
             picks = self.fold.picks(vectors)
             step = max(1, DEVICE_GEMM_ELEMENTS // len(vectors))
@@ -294,6 +323,33 @@ class Shard:
             self.fold.set_scores(raised, self.scores[raised])
         return raised
 
+    def _fold_bounded(self, vectors: np.ndarray, err: float) -> np.ndarray:
+        """:meth:`_fold_max` over the cells some pick can reach (one GEMM where most can); positions raised."""
+        b = self.bounds
+        limits = b.thresholds(self.cell_min, *pick_norm_range(vectors), self.err_scale)
+        cells, picks = np.nonzero(b.centres @ vectors.T >= limits[:, None])
+        work = int(np.sum(self.cell_starts[cells + 1] - self.cell_starts[cells]))
+        full = len(self.active) * len(vectors)
+        if work > BOUNDED_SHARE * full:
+            raised = []
+            step = max(1, GEMM_ELEMENTS // len(vectors))
+            for start in range(0, len(self.active), step):
+                pos = self.active[start : start + step]
+                a = self.active_vectors[start : start + step]
+                hit, values = max_raises(self.scores[pos], a @ vectors.T, a, vectors, self.norms[pos], err)
+                np.maximum.at(self.scores, pos[hit], values)
+                raised.append(pos[hit])
+            cell_minima(np.arange(len(b.centres)), self.cell_starts, self.active, self.scores, self.cell_min)
+            self.dense_pairs += full
+            return np.concatenate(raised) if raised else np.empty(0, np.int64)
+        raised, touched = fold_pairs(
+            cells, picks, self.cell_starts, self.active, self.active_vectors, vectors, self.scores, self.norms, err
+        )
+        cell_minima(touched, self.cell_starts, self.active, self.scores, self.cell_min)
+        self.dense_pairs += work
+        self.skipped_pairs += full - work
+        return raised
+
     def _fold_mean(self, vectors: np.ndarray) -> None:
         """Add the similarities to ``vectors`` to every candidate's sum (float64) and rescore."""
         new = vectors.astype(np.float64)
@@ -310,7 +366,14 @@ class Shard:
         self.active = np.flatnonzero(self.in_active)
         dtype = np.float64 if self.aggregate == "mean" else np.float32
         whole = len(self.active) == len(self.rows) and dtype == np.float32
-        if self.fold is not None:  # the operand lives on the device only
+        if self.bounds is not None:  # candidates in cell order: each cell's are one slice of the operand
+            labels = self.bounds.labels
+            self.active = self.cell_order[self.in_active[self.cell_order]]
+            self.active_vectors = self.vectors[self.active]
+            self.cell_starts = np.searchsorted(labels[self.active], np.arange(len(self.bounds.centres) + 1))
+            self.cell_min = np.full(len(self.bounds.centres), np.inf, dtype=np.float32)
+            cell_minima(np.arange(len(self.cell_min)), self.cell_starts, self.active, self.scores, self.cell_min)
+        elif self.fold is not None:  # the operand lives on the device only
             self.fold.reset(self.active, whole)
             self.active_vectors = None
         elif whole:

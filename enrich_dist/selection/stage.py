@@ -76,6 +76,7 @@ log = logging.getLogger("enrich_dist.selection")
 
 STATS_PATH = SELECTION_STATS
 LOCAL_FLOATS = 2e8
+BOUND_MIN_CELLS = 64  # cell bounds only for archives of at least this many cells
 LARGE_RANKING = 1_000_000  # above this a complete ranking takes hours on a few CPUs: the log says so
 
 
@@ -97,6 +98,7 @@ def _rank_task(
     start = time.perf_counter()
     with threadpool_limits(limits=threads):
         ranking = rank(shard, n, seeds, settings, Rules(**rules_args), checkpoint)
+    _log_products(*shard.products())
     return ranking, time.perf_counter() - start
 
 
@@ -314,6 +316,10 @@ def _rank_in_tasks(
     fingerprint = _fingerprint(settings, cfg, n, x.shape[1], shard.checksum())
     jobs = _jobs(run, ids, seeds, fingerprint, cfg)
     cpus = max(1, cluster_resources().cpus)
+    if _bounded(cfg, settings, n, device):
+        started = time.perf_counter()
+        cells = shard.enable_bounds(cfg.bound_cells, cfg.seed, cpus)
+        log.info("cell bounds: %d cells of about %d images in %.1f s", cells, cfg.bound_cells, time.perf_counter() - started)
     per_task = max(1, cpus // len(jobs))
     shard_ref = ray.put(shard)
     refs = [
@@ -353,12 +359,20 @@ def _rank_with_actors(
     try:
         if lists is not None:
             _log_pruning(pruning, True)
+        if _bounded(cfg, settings, n, device):
+            started = time.perf_counter()
+            cells = store.enable_bounds(cfg.bound_cells, cfg.seed)
+            log.info(
+                "cell bounds: %d cells of about %d images over %d shards in %.1f s",
+                cells, cfg.bound_cells, workers, time.perf_counter() - started,
+            )
         jobs = _jobs(run, ids, seeds, _fingerprint(settings, cfg, n, dim, checksum), cfg)
         rankings, seconds = {}, {}
         for j, job in enumerate(jobs):
             start = time.perf_counter()
             rankings[j] = rank(store, n, job.seeds, settings, Rules(**rules_args), job.checkpoint)
             seconds[j] = time.perf_counter() - start
+            _log_products(*store.products())
             log.info("replicate %d ranked %d images in %.2f s", job.replicates[0], n, seconds[j])
     finally:
         store.close()
@@ -416,6 +430,23 @@ def _rank_in_cells(
         "products_complete": n * (n - 1) / 2,
     }
     return (*_spread(jobs, rankings, seconds, len(seeds)), record)
+
+
+def _bounded(cfg: SelectConfig, settings: Settings, n: int, device: str | None) -> bool:
+    """Whether folds skip cells by their bounds: max scores on the host, with enough images for many cells."""
+    return (
+        cfg.bound_cells > 0 and settings.aggregate == "max" and device is None
+        and n >= BOUND_MIN_CELLS * cfg.bound_cells
+    )
+
+
+def _log_products(computed: int, skipped: int) -> None:
+    """Log the folds' products and the share the cell bounds skipped (nothing without bounds)."""
+    if skipped:
+        log.info(
+            "folds computed %d products; cell bounds skipped %d (%.1f %%)",
+            computed, skipped, 100.0 * skipped / (computed + skipped),
+        )
 
 
 def _log_pruning(pruning: bool, readable: bool) -> None:
