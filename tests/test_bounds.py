@@ -55,8 +55,14 @@ def test_bounded_fold_matches_the_oracle(kind: str, n: int, cell_size: int, sett
 
 @pytest.mark.parametrize("spread", [0.05, 0.3, 1.0])
 @pytest.mark.parametrize("pool", [1, 64])
-def test_bounded_fold_equals_the_full_fold_bit_for_bit(spread: float, pool: int) -> None:
-    """Tight, loose and diffuse clusters in awkward sizes: the same rows, rounds and scores."""
+def test_bounded_fold_equals_the_full_fold_bit_for_bit(spread: float, pool: int, monkeypatch) -> None:
+    """Tight, loose and diffuse clusters in awkward sizes: the same rows, rounds and scores.
+
+    Picks are folded in chunks of 5 (the seeds in three), as a large seed set is.
+    """
+    from enrich_dist.selection import shard as shard_module
+
+    monkeypatch.setattr(shard_module, "PICK_CHUNK", 5)
     x = clustered(1013, 37, spread)
     seeds = choose_seeds(len(x), 11, np.random.default_rng(3))
     expected = rank(Shard(np.arange(len(x)), x), len(x), seeds, Settings("exact", pool=pool))
@@ -202,10 +208,16 @@ def test_bound_cells_must_not_be_negative() -> None:
         check_section("select", SelectConfig(bound_cells=-1))
 
 
-def test_fold_pairs_recomputes_products_within_the_float32_error() -> None:
-    """Scores one float32 step below the exact product: every one is raised, whatever the float32 sum said."""
+def test_fold_pairs_recomputes_products_within_the_float32_error(monkeypatch) -> None:
+    """Scores one float32 step below the exact product: every one is raised, whatever the float32 sum said.
+
+    The flag buffer is made small, so the second pass with room for every entry runs too.
+    """
+    from enrich_dist.selection import bounds
     from enrich_dist.selection.bounds import fold_pairs
     from enrich_dist.selection.sims import exact_sims
+
+    monkeypatch.setattr(bounds, "FLAG_BUFFER", 7)
 
     rng = np.random.default_rng(0)
     n, dim = 2000, 128

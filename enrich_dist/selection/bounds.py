@@ -24,9 +24,11 @@ from numba import njit
 from .sims import error_scale, exact_sims
 
 WIDE = 1.25  # a cell wider than this times the median cell is split in two (k-means may join two clusters)
+STRAYS = 1.5  # ... and one whose widest member is this many times its mean member's angle (a few strays)
 SPLIT_ROUNDS = 6
 LLOYD_STEPS = 5
 MARGIN = 2.0**-20  # relative slack on each bound: float64 rounding and the float32 rounding of exact values
+FLAG_BUFFER = 1 << 16  # flagged entries per fold before a second pass with room for all
 BOUNDED_SHARE = 0.25  # above this share of the full fold's products, the fold runs as one GEMM instead
 
 
@@ -41,21 +43,20 @@ class CellBounds:
         centre_norms = np.linalg.norm(self.centres.astype(np.float64), axis=1)
         self.centre_norms = centre_norms
         # largest member angle from its centre (float64 from the float32 vectors), and largest member norm
+        angle, norms = member_angles(vectors, labels, self.centres)
         self.radius = np.zeros(k, dtype=np.float64)
         self.top = np.zeros(k, dtype=np.float64)
-        step = max(1, (1 << 20) // max(1, vectors.shape[1]))
-        for start in range(0, len(labels), step):
-            lab = labels[start : start + step]
-            v = vectors[start : start + step].astype(np.float64)
-            norms = np.linalg.norm(v, axis=1)
-            c = self.centres[lab].astype(np.float64)
-            along = np.einsum("ij,ij->i", v, c)
-            denom = norms * centre_norms[lab]
-            cosine = np.where(denom > 0, along / np.where(denom > 0, denom, 1.0), -1.0)
-            np.maximum.at(self.radius, lab, np.arccos(np.clip(cosine, -1.0, 1.0)))
-            np.maximum.at(self.top, lab, norms)
+        np.maximum.at(self.radius, labels, angle)
+        np.maximum.at(self.top, labels, norms)
+        angle_sum = np.bincount(labels, weights=angle, minlength=k)
+        self.mean_angle = angle_sum / np.maximum(np.bincount(labels, minlength=k), 1)
         self.radius = np.where(centre_norms > 0, self.radius * (1 + MARGIN) + MARGIN, math.pi)
         self.top *= 1 + MARGIN
+
+    def strays(self, vectors: np.ndarray) -> np.ndarray:
+        """Members much farther from their centre than their cell's mean member (by ``STRAYS``)."""
+        angle, _ = member_angles(vectors, self.labels, self.centres)
+        return np.flatnonzero(angle > STRAYS * self.mean_angle[self.labels])
 
     def thresholds(self, cell_min: np.ndarray, q_low: float, q_high: float, err: float) -> np.ndarray:
         """Per cell, the float32 pick . centre below which a pick (norm in [q_low, q_high]) cannot raise it.
@@ -76,21 +77,48 @@ class CellBounds:
         return out
 
 
+def member_angles(vectors: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's angle from its cell's centre (pi for a zero row or centre) and its norm, in float64."""
+    angle = np.empty(len(labels), dtype=np.float64)
+    norms = np.empty(len(labels), dtype=np.float64)
+    centre_norms = np.linalg.norm(centres.astype(np.float64), axis=1)
+    step = max(1, (1 << 20) // max(1, vectors.shape[1]))
+    for start in range(0, len(labels), step):
+        part = slice(start, start + step)
+        lab = labels[part]
+        v = vectors[part].astype(np.float64)
+        norms[part] = np.linalg.norm(v, axis=1)
+        along = np.einsum("ij,ij->i", v, centres[lab].astype(np.float64))
+        denom = norms[part] * centre_norms[lab]
+        cosine = np.where(denom > 0, along / np.where(denom > 0, denom, 1.0), -1.0)
+        angle[part] = np.arccos(np.clip(cosine, -1.0, 1.0))
+    return angle, norms
+
+
 def refine(vectors: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, CellBounds]:
     """Split wide cells in two (spherical 2-means) until none is much wider than the median cell.
 
-    k-means leaves some cells over two clusters, or with one far outlier; such a cell's bound reaches
-    every pick. Returns the labels, centres and bounds of the refined cells.
+    k-means leaves some cells over two clusters, or with a few strays; such a cell's bound reaches
+    every pick. Strays first move to their nearest centre of all; then wide cells are halved, a few
+    rounds. Returns the labels, centres and bounds of the refined cells.
     """
     labels = np.array(labels, dtype=np.int64)
     centres = np.array(centres, dtype=np.float32)
     bounds = CellBounds(vectors, labels, centres)
+    strays = bounds.strays(vectors)
+    if len(strays):  # a two-level k-means assigns a row only among its coarse cell's centres: try them all
+        unit = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), np.float32(1e-30))
+        for start in range(0, len(strays), 1 << 14):
+            rows = strays[start : start + (1 << 14)]
+            labels[rows] = np.argmax(vectors[rows] @ unit.T, axis=1)
+        bounds = CellBounds(vectors, labels, centres)
     for _ in range(SPLIT_ROUNDS):
         sizes = np.bincount(labels, minlength=len(centres))
         spread = bounds.radius[sizes >= 2]
         if len(spread) == 0:
             break
-        wide = np.flatnonzero((bounds.radius > WIDE * np.median(spread)) & (sizes >= 4))
+        wide = (bounds.radius > WIDE * np.median(spread)) | (bounds.radius > STRAYS * bounds.mean_angle)
+        wide = np.flatnonzero(wide & (sizes >= 4))
         if len(wide) == 0:
             break
         order = np.argsort(labels, kind="stable")
@@ -138,40 +166,77 @@ def fold_pairs(
     A float32 product that comes within the error bound of its candidate's score is recomputed
     exactly, so the scores end as a full fold would leave them.
     """
-    member, pick = _flag(cells, picks, starts, active, active_vectors, vectors, scores, norms, err)
+    size = FLAG_BUFFER
+    while True:
+        member, pick = np.empty(size, np.int64), np.empty(size, np.int64)
+        n = _flag(cells, picks, starts, active, active_vectors, vectors, scores, norms, err, member, pick)
+        if n <= size:
+            member, pick = member[:n], pick[:n]
+            break
+        size = n
     pos = active[member]
     np.maximum.at(scores, pos, exact_sims(active_vectors[member], vectors[pick]))
     return np.unique(pos), np.unique(cells)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _flag(cells, picks, starts, active, active_vectors, vectors, scores, norms, err):  # pragma: no cover - compiled
-    """(active index, pick) of every block entry whose float32 product may exceed its candidate's score.
+def _flag(cells, picks, starts, active, active_vectors, vectors, scores, norms, err, member, pick):  # pragma: no cover
+    """Write (active index, pick) of every block entry whose float32 product may exceed its candidate's score.
 
-    Any order of summation (and fused multiply-adds) stays within the float32 error bound.
+    Returns how many there are; only the first ``len(member)`` are written (the caller retries with
+    room for all). Blocks come sorted by cell: each member is read once for all the picks that reach
+    its cell. Any order of summation (and fused multiply-adds) stays within the float32 error bound.
     """
-    cap = 1024
-    member = np.empty(cap, np.int64)
-    pick = np.empty(cap, np.int64)
+    cap = member.shape[0]
     n = 0
     dim = active_vectors.shape[1]
-    for b in range(cells.shape[0]):
+    b = 0
+    while b < cells.shape[0]:
         c = cells[b]
-        j = picks[b]
+        e = b
+        while e < cells.shape[0] and cells[e] == c:
+            e += 1
         for i in range(starts[c], starts[c + 1]):
-            pos = active[i]
-            total = np.float32(0.0)
-            for d in range(dim):
-                total += active_vectors[i, d] * vectors[j, d]
-            if total > scores[pos] - norms[pos] * err:
-                if n == cap:
-                    cap *= 2
-                    member = np.concatenate((member, np.empty(cap - n, np.int64)))
-                    pick = np.concatenate((pick, np.empty(cap - n, np.int64)))
-                member[n] = i
-                pick[n] = j
-                n += 1
-    return member[:n], pick[:n]
+            floor = scores[active[i]] - norms[active[i]] * err
+            for q in range(b, e):
+                j = picks[q]
+                total = np.float32(0.0)
+                for d in range(dim):
+                    total += active_vectors[i, d] * vectors[j, d]
+                if total > floor:
+                    if n < cap:
+                        member[n] = i
+                        pick[n] = j
+                    n += 1
+        b = e
+    return n
+
+
+@njit(cache=True, nogil=True)
+def reach(products, limits, starts):  # pragma: no cover - compiled
+    """(cell, pick) blocks where ``products`` (cells x picks, pick . centre) reach the cell's limit; their rows in all."""
+    k, m = products.shape
+    n = 0
+    for c in range(k):
+        lim = limits[c]
+        if starts[c + 1] > starts[c] and lim != np.inf:
+            for j in range(m):
+                n += products[c, j] >= lim
+    cells = np.empty(n, np.int64)
+    picks = np.empty(n, np.int64)
+    n = 0
+    work = 0
+    for c in range(k):
+        lim = limits[c]
+        size = starts[c + 1] - starts[c]
+        if size > 0 and lim != np.inf:
+            for j in range(m):
+                if products[c, j] >= lim:
+                    cells[n] = c
+                    picks[n] = j
+                    n += 1
+                    work += size
+    return cells, picks, work
 
 
 @njit(cache=True, nogil=True)
@@ -193,4 +258,4 @@ def pick_norm_range(vectors: np.ndarray) -> tuple[float, float]:
     return float(norms.min()), float(norms.max())
 
 
-__all__ = ["CellBounds", "cell_minima", "error_scale", "fold_pairs", "pick_norm_range"]
+__all__ = ["CellBounds", "cell_minima", "error_scale", "fold_pairs", "pick_norm_range", "reach", "refine"]

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import BOUNDED_SHARE, CellBounds, cell_minima, fold_pairs, pick_norm_range, refine
+from .bounds import BOUNDED_SHARE, CellBounds, cell_minima, fold_pairs, pick_norm_range, reach, refine
 from .device import DEVICES, DeviceFold
 from .sims import error_scale, exact_sims, max_raises
 
 GEMM_ELEMENTS = 1 << 22
 DEVICE_GEMM_ELEMENTS = 1 << 28  # 1 GiB of float32 products per device GEMM
 COMPACT_FRACTION = 16
+PICK_CHUNK = 1024  # picks per bounded fold step
 AGGREGATES = ("max", "mean")
 CHECK_COLUMNS = (0, -1)
 
@@ -324,11 +325,21 @@ class Shard:
         return raised
 
     def _fold_bounded(self, vectors: np.ndarray, err: float) -> np.ndarray:
-        """:meth:`_fold_max` over the cells some pick can reach (one GEMM where most can); positions raised."""
+        """:meth:`_fold_max` over the cells some pick can reach; positions raised.
+
+        Picks go in chunks, so that the scores the first ones raise already bound the rest (a seed set
+        of thousands starts with every score at -inf). A chunk that reaches most cells is one GEMM.
+        """
+        raised = []
+        for start in range(0, len(vectors), PICK_CHUNK):
+            raised.append(self._fold_chunk(vectors[start : start + PICK_CHUNK], err))
+        return np.concatenate(raised)
+
+    def _fold_chunk(self, vectors: np.ndarray, err: float) -> np.ndarray:
+        """One chunk of :meth:`_fold_bounded`."""
         b = self.bounds
         limits = b.thresholds(self.cell_min, *pick_norm_range(vectors), self.err_scale)
-        cells, picks = np.nonzero(b.centres @ vectors.T >= limits[:, None])
-        work = int(np.sum(self.cell_starts[cells + 1] - self.cell_starts[cells]))
+        cells, picks, work = reach(b.centres @ vectors.T, limits, self.cell_starts)
         full = len(self.active) * len(vectors)
         if work > BOUNDED_SHARE * full:
             raised = []
