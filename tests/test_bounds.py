@@ -230,3 +230,13 @@ def test_fold_pairs_recomputes_products_within_the_float32_error(monkeypatch) ->
     starts = np.array([0, n])
     fold_pairs(np.array([0]), np.array([0]), starts, np.arange(n), members, pick, scores, norms, err)
     assert np.array_equal(scores, exact)
+
+
+def test_a_long_ranking_logs_its_progress(monkeypatch, caplog) -> None:
+    from enrich_dist.selection import greedy
+
+    monkeypatch.setattr(greedy, "PROGRESS_SECONDS", 0.0)
+    x = clustered(60, 10, 0.1)
+    with caplog.at_level(logging.INFO, logger="enrich_dist.selection"):
+        rank(bounded_shard(x, 4), len(x), np.array([0, 1]), Settings("exact", pool=4))
+    assert "ranked 60 of 60 images (100.0 %)" in caplog.text

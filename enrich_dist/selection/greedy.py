@@ -28,6 +28,7 @@ from .shard import AGGREGATES, CandidateState, Fetch, Shard
 from .sims import error_scale, pool_sims
 
 log = logging.getLogger("enrich_dist.selection")
+PROGRESS_SECONDS = 60.0  # a long ranking logs how far it is this often
 
 MODES = ("batch", "exact")
 DEFAULT_POOL = 512
@@ -175,6 +176,7 @@ def rank(
             rules.lift()
         log.info("resuming a ranking at %d of %d images (round %d)", builder.size, n, builder.last_round)
     rounds, started = 0, time.perf_counter()
+    reported = started
     complete = builder.size == n
     while builder.size < n:
         if settings.mode == "batch":
@@ -193,6 +195,9 @@ def rank(
         store.update(rows, vectors)
         builder.add(rows, round_, scores)
         rounds += 1
+        if time.perf_counter() - reported >= PROGRESS_SECONDS:
+            reported = time.perf_counter()
+            log.info("ranked %d of %d images (%.1f %%) in %.0f s", builder.size, n, 100.0 * builder.size / n, reported - started)
         if checkpoint is not None and builder.size < n and checkpoint.due():
             checkpoint.save(State(builder.build(), store.state(), rules.capped))
     ranking = builder.build()
