@@ -25,11 +25,30 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow.dataset as ds
 
-from benchmarks.cells import archive
 from benchmarks.similarity import source_version
 from enrich_dist.selection import Settings, Shard, choose_seeds, rank
 
 log = logging.getLogger("benchmarks.bounds")
+PART_ROWS = 1 << 20
+
+
+def archive(n: int, dim: int, per_cluster: int, spread: float, uneven: bool, seed: int) -> np.ndarray:
+    """``benchmarks/cells.py``'s archive (the same rows for the same arguments), its noise drawn in parts.
+
+    One draw of N x dim float64 noise would need 10 GB at 10^7 images; the generator gives the same
+    numbers drawn part by part.
+    """
+    rng = np.random.default_rng(seed)
+    k = max(1, n // per_cluster)
+    centres = rng.standard_normal((k, dim)).astype(np.float32)
+    weights = 1.0 / np.arange(1, k + 1) if uneven else np.ones(k)
+    members = rng.choice(k, size=n, p=weights / weights.sum())
+    x = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, PART_ROWS):
+        part = slice(start, start + PART_ROWS)
+        rows = centres[members[part]] + spread * rng.standard_normal((len(members[part]), dim)).astype(np.float32)
+        x[part] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return x
 
 
 def read_embeddings(folder: str) -> np.ndarray:
