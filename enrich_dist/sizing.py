@@ -306,6 +306,11 @@ def describe_select(plan: dict, projection: dict) -> str:
             f"  projected wall time on the CPUs: {_duration(projection['cpu_seconds_per_replicate'])} per replicate, "
             f"{_duration(projection['cpu_seconds'])} for {plan['replicates']} (projected; {projection['cpu_basis']})"
         )
+    if plan["mode"] != "cells":
+        lines.append(
+            "  note: an upper bound: cell bounds (--bound-cells, from 64 cells up) skip the products no pick can use,"
+            " as many as the embeddings are clustered (none on diffuse ones); the log reports the share skipped"
+        )
     if plan["mode"] != "cells" and plan["images"] > 1_000_000:
         lines.append("  note: this grows as N^2; --select-mode cells grows as N x cell size")
     return "\n".join(lines)

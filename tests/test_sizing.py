@@ -103,6 +103,7 @@ def test_select_plan_counts_products_and_where_vectors_sit():
     assert "driver's memory" in sizing.select_plan(10_000, 128, "cells", 1024, 1)["vectors_held_in"]
     text = sizing.describe_select(exact, {})
     assert "a complete farthest-first ranking" in text and "grows as N^2" in text
+    assert "an upper bound: cell bounds (--bound-cells" in text
     assert "0.01 % of a complete ranking" in sizing.describe_select(cells, {})
     timed = sizing.describe_select(cells, {"cpu_seconds_per_replicate": 60, "cpu_seconds": 600, "cpu_basis": "b"})
     assert "projected wall time on the CPUs: 1.0 min per replicate, 10.0 min for 10 (projected; b)" in timed

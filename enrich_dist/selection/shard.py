@@ -76,6 +76,15 @@ def merge_fetches(parts: list[list[Fetch]], m: int) -> list[Fetch]:
     return out
 
 
+def row_norms(vectors: np.ndarray) -> np.ndarray:
+    """Each row's norm in float64, a part at a time (a float64 copy of 10^7 rows would be 10 GB)."""
+    out = np.empty(len(vectors), dtype=np.float64)
+    step = max(1, GEMM_ELEMENTS // max(1, vectors.shape[1]))
+    for start in range(0, len(vectors), step):
+        out[start : start + step] = np.linalg.norm(vectors[start : start + step].astype(np.float64), axis=1)
+    return out
+
+
 def vectors_checksum(rows: np.ndarray, vectors: np.ndarray) -> int:
     """Order-free checksum of rows and their float32 bits (sums over shards combine modulo 2**64)."""
     total = np.uint64(0)
@@ -112,7 +121,7 @@ class Shard:
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.rows):
             raise ValueError(f"need one vector per row, got {self.vectors.shape} for {len(self.rows)} rows")
         self.aggregate = aggregate
-        self.norms = np.linalg.norm(self.vectors.astype(np.float64), axis=1)
+        self.norms = row_norms(self.vectors)
         self.err_scale = error_scale(self.vectors.shape[1])
         groups = np.zeros(len(self.rows), dtype=np.int64) if groups is None else np.asarray(groups)
         self.group_positions = [np.flatnonzero(groups == g) for g in range(n_groups)]
